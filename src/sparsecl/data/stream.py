@@ -1,0 +1,81 @@
+"""Task streams: the shared data types every benchmark produces and the engine consumes.
+
+A benchmark yields a :class:`TaskStream`: ``n_tasks`` :class:`Task` objects whose images are
+uint8 tensors ``[N, C, H, W]`` (kept as uint8 on the training device; augmentation and
+normalisation happen batched on the device, see :mod:`sparsecl.data.augment`). Labels are
+*remapped* so that task ``t`` owns a contiguous label range ``task.classes`` (class order
+position, not the dataset's raw label); this keeps Task-IL masking a slice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """Batched training-time augmentation: random crop with zero padding, horizontal flip,
+    then normalisation with per-channel ``mean``/``std`` (applied at evaluation too)."""
+
+    crop_padding: int = 0
+    hflip: bool = False
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+
+@dataclass
+class Split:
+    """One split (train or test) of one task."""
+
+    x: torch.Tensor  # uint8 [N, C, H, W]
+    y: torch.Tensor  # int64 [N], remapped global labels
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def to(self, device: torch.device | str) -> "Split":
+        return Split(self.x.to(device), self.y.to(device))
+
+
+@dataclass
+class Task:
+    index: int
+    classes: list[int]  # remapped labels of this task, contiguous
+    train: Split
+    test: Split
+
+    def to(self, device: torch.device | str) -> "Task":
+        return Task(self.index, list(self.classes), self.train.to(device), self.test.to(device))
+
+
+@dataclass
+class TaskStream:
+    """A continual benchmark, ready to train on."""
+
+    name: str
+    tasks: list[Task]
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    n_classes: int
+    augment: AugmentSpec
+    default_backbone: str
+    class_names: list[str]  # indexed by remapped label
+    class_order: list[int]  # raw dataset label of each remapped label
+    settings: frozenset[str] = field(default_factory=lambda: frozenset({"class-il", "task-il"}))
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.tasks)
+
+    def task_of_class(self) -> torch.Tensor:
+        """int64 [n_classes]: the task index owning each remapped label."""
+        out = torch.empty(self.n_classes, dtype=torch.long)
+        for t in self.tasks:
+            out[t.classes] = t.index
+        return out
+
+    def to(self, device: torch.device | str) -> "TaskStream":
+        return TaskStream(
+            self.name, [t.to(device) for t in self.tasks], self.input_shape, self.n_classes,
+            self.augment, self.default_backbone, self.class_names, self.class_order, self.settings,
+        )
