@@ -1,0 +1,5 @@
+import sys
+
+from sparsecl.cli import main
+
+sys.exit(main())

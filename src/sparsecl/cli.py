@@ -1,0 +1,228 @@
+"""Command-line interface: ``sparsecl run | list | report``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from sparsecl import SparseCLError
+
+DEFAULT_PRESET = "default"
+
+
+def _key_values(items: Sequence[str] | None, flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SparseCLError(f"{flag} expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="train and evaluate one configuration (no arguments: the embedded default)")
+    p.add_argument("--method", help="method name (see `sparsecl list`)")
+    p.add_argument("--benchmark", help="benchmark name (see `sparsecl list`)")
+    p.add_argument("--preset", help="named preset of best-known hyper-parameters")
+    p.add_argument("--config", help="YAML file with run options (CLI flags override it)")
+    p.add_argument("--setting", choices=["class-il", "task-il"])
+    p.add_argument("--backbone")
+    p.add_argument("--backbone-opt", action="append", metavar="KEY=VALUE", help="backbone option, e.g. nf=32")
+    p.add_argument("--data-dir", help="where datasets live (default: $SPARSECL_DATA or ./data)")
+    p.add_argument("--data-root", help="root of an image-folder benchmark")
+    p.add_argument("--class-order", help="seed:N to permute classes, or a comma-separated list")
+    p.add_argument("--n-tasks", type=int)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--no-download", action="store_true", help="never try to download missing data")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--buffer", type=int, help="replay buffer size (methods with a buffer)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="method option, e.g. alpha=0.2")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--out", help="run directory (default: runs/<benchmark>-<method>-s<seed>-<time>)")
+    p.add_argument("--keep-checkpoints", choices=["last", "all"])
+    p.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CUDA), fp32 master weights")
+    p.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed task")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_config(args: argparse.Namespace):
+    from sparsecl.config import load_preset, load_yaml, merge_config
+
+    layers: list[dict[str, Any]] = []
+    if not any([args.method, args.benchmark, args.preset, args.config]):
+        layers.append(load_preset(DEFAULT_PRESET))
+    if args.preset:
+        layers.append(load_preset(args.preset))
+    if args.config:
+        layers.append(load_yaml(args.config))
+    flags: dict[str, Any] = {}
+    for name in ("method", "benchmark", "setting", "backbone", "data_dir", "data_root", "class_order", "n_tasks",
+                 "image_size", "epochs", "batch_size", "seed", "device", "out", "keep_checkpoints", "amp",
+                 "channels_last"):
+        value = getattr(args, name)
+        if value is not None:
+            flags[name] = value
+    if args.no_download:
+        flags["download"] = False
+    method_opts: dict[str, Any] = _key_values(args.option, "--option")
+    if args.buffer is not None:
+        if args.buffer < 0:
+            raise SparseCLError(f"--buffer must be >= 0, got {args.buffer}")
+        method_opts["buffer_size"] = args.buffer
+    if args.lr is not None:
+        method_opts["lr"] = args.lr
+    if method_opts:
+        flags["method_options"] = method_opts
+    if args.backbone_opt:
+        flags["backbone_options"] = {k: _yaml_scalar(v) for k, v in _key_values(args.backbone_opt, "--backbone-opt").items()}
+    # A preset's method options belong to its method: switching method on the CLI drops them.
+    if args.method and layers:
+        for layer in layers:
+            if layer.get("method") not in (None, args.method):
+                layer.pop("method_options", None)
+    return merge_config(*layers, flags)
+
+
+def _yaml_scalar(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from sparsecl.engine.trainer import resume, run
+
+    progress = not args.quiet and sys.stderr.isatty()
+    if args.resume:
+        result, run_dir = resume(args.resume, device=args.device, progress=progress)
+    else:
+        cfg = build_config(args)
+        result, run_dir = run(cfg, progress=progress)
+    print_result(result, run_dir, console)
+    return 0
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _flops(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3e}"
+
+
+def print_result(result: dict[str, Any], run_dir: Path, console: Console) -> None:
+    cfg = result["config"]
+    table = Table(title=f"{cfg['method']} on {cfg['benchmark']} (seed {cfg['seed']}, {result['device']})")
+    for col in ("setting", "ACC", "BWT", "FWT", "forgetting"):
+        table.add_column(col, justify="right")
+    for key, label in (("class_il", "Class-IL"), ("task_il", "Task-IL")):
+        if key in result["accuracy"]:
+            a = result["accuracy"][key]
+            table.add_row(label, _fmt(a.get("acc")), _fmt(a.get("bwt")), _fmt(a.get("fwt")), _fmt(a.get("forgetting")))
+    console.print(table)
+    f, t = result["flops"], result["timing"]
+    ratio = f"{f['ratio']:.3f}" if f["ratio"] is not None else "-"
+    sps = [s for s in t["samples_per_second"] if s]
+    console.print(
+        f"training FLOPs {_flops(f['train'])} (dense-equivalent {_flops(f['dense_equivalent'])}, ratio {ratio}); "
+        f"wall time {t['train_seconds']:.1f} s training + {sum(t['eval_seconds_per_task']):.1f} s evaluation; "
+        f"{(sum(sps) / len(sps)) if sps else 0:.0f} samples/s"
+    )
+    console.print(f"results: {run_dir / 'result.json'}")
+
+
+def cmd_list(args: argparse.Namespace, console: Console) -> int:
+    from sparsecl.config import preset_description, preset_names
+    from sparsecl.data.benchmarks import benchmark_names
+    from sparsecl.methods import METHODS
+    from sparsecl.models import backbone_names
+
+    console.print("[bold]methods[/bold]")
+    for name, cls in METHODS.items():
+        settings = "/".join(sorted(cls.settings))
+        console.print(f"  {name:<14} {cls.description} [{settings}]", highlight=False)
+    console.print("[bold]benchmarks[/bold]")
+    for name, desc in _named(benchmark_names()):
+        console.print(f"  {name:<22} {desc}", highlight=False)
+    console.print("[bold]backbones[/bold]")
+    for name, desc in _named(backbone_names()):
+        console.print(f"  {name:<14} {desc}", highlight=False)
+    console.print("[bold]presets[/bold]")
+    for name in preset_names():
+        console.print(f"  {name:<28} {preset_description(name)}", highlight=False)
+    return 0
+
+
+def _named(items) -> list[tuple[str, str]]:
+    if isinstance(items, dict):
+        return sorted(items.items())
+    return [(i, "") if isinstance(i, str) else tuple(i) for i in items]
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from sparsecl.report import collect_results, render_table
+
+    results = collect_results(args.runs)
+    text = render_table(results, fmt=args.format, aggregate=args.aggregate)
+    if args.output:
+        from sparsecl.engine.io import atomic_write_text
+
+        atomic_write_text(Path(args.output), text)
+        console.print(f"wrote {args.output}")
+    else:
+        print(text, end="")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but bad usage is one clear line on stderr (exit 2), not a usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sparsecl", description="Efficient continual learning of sparse networks.")
+    sub = parser.add_subparsers(dest="command")
+    _run_parser(sub)
+    sub.add_parser("list", help="methods, benchmarks, backbones and presets, one line each")
+    rp = sub.add_parser("report", help="one table of final metrics over run directories")
+    rp.add_argument("runs", nargs="+", help="run directories (or folders containing them)")
+    rp.add_argument("--format", choices=["md", "csv"], default="md")
+    rp.add_argument("--aggregate", action="store_true", help="mean +- std over seeds of the same configuration")
+    rp.add_argument("--output", help="write the table to this file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = ["run"]
+    parser = make_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors (already printed as one line) and --help
+        return int(e.code or 0)
+    console = Console()
+    handlers = {"run": cmd_run, "list": cmd_list, "report": cmd_report}
+    try:
+        return handlers[args.command](args, console)
+    except SparseCLError as e:
+        print(f"sparsecl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparsecl: interrupted; completed tasks are checkpointed (continue with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

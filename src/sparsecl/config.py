@@ -1,0 +1,174 @@
+"""Run configuration: one dataclass filled, in increasing priority, from defaults, a preset, a YAML
+file and command-line flags. Method options are validated against the method's own dataclass."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sparsecl import SparseCLError
+
+SETTINGS = ("class-il", "task-il")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run (the method's own options live in ``method_options``)."""
+
+    method: str = "der++"
+    benchmark: str = "digits"
+    setting: str = "class-il"  # class-il (reports Class-IL and Task-IL) | task-il
+    backbone: str | None = None  # None = the benchmark's default
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    data_dir: str | None = None
+    data_root: str | None = None  # root of an `image-folder` benchmark
+    class_order: str | None = None  # None | seed:N | comma-separated raw labels
+    n_tasks: int | None = None
+    image_size: int | None = None
+    download: bool = True
+    epochs: int = 1
+    batch_size: int = 32
+    eval_batch_size: int = 512
+    drop_last: bool = False
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None
+    keep_checkpoints: str = "last"  # last | all
+    # Speed options (CUDA): bf16 autocast with fp32 master weights; channels_last activations.
+    amp: bool = False
+    channels_last: bool = False
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.setting not in SETTINGS:
+            raise SparseCLError(f"unknown setting {self.setting!r} (known: {', '.join(SETTINGS)})")
+        if self.epochs < 1:
+            raise SparseCLError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise SparseCLError("batch sizes must be >= 1")
+        if self.keep_checkpoints not in ("last", "all"):
+            raise SparseCLError("keep_checkpoints must be 'last' or 'all'")
+        if self.n_tasks is not None and self.n_tasks < 1:
+            raise SparseCLError(f"n_tasks must be >= 1, got {self.n_tasks}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert ``value`` (often a string from the CLI) to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], name)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise SparseCLError(f"option {name} expects true/false, got {value!r}")
+    if tp in (int, float, str):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(value)
+        except (TypeError, ValueError):
+            raise SparseCLError(f"option {name} expects {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def _resolve_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def build_options(options_cls: type, values: dict[str, Any], owner: str) -> Any:
+    """Instantiate ``options_cls`` from ``values``; unknown keys and bad types are one-line errors."""
+    hints = _resolve_hints(options_cls)
+    known = {f.name for f in fields(options_cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SparseCLError(
+            f"{owner} has no option {', '.join(unknown)} (its options: {', '.join(sorted(known))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], k) for k, v in values.items()}
+    opts = options_cls(**kwargs)
+    if hasattr(opts, "validate"):
+        opts.validate()
+    return opts
+
+
+def preset_dir() -> Path:
+    return Path(str(resources.files("sparsecl") / "presets"))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise SparseCLError(f"config file not found: {p}") from None
+    except yaml.YAMLError as e:
+        raise SparseCLError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SparseCLError(f"config file {p} must hold a mapping of options")
+    return data
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = preset_dir() / f"{name}.yaml"
+    if not path.exists():
+        raise SparseCLError(f"unknown preset {name!r} (see `sparsecl list`)")
+    data = load_yaml(path)
+    data.pop("description", None)
+    data.pop("source", None)
+    return data
+
+
+def preset_description(name: str) -> str:
+    return str(load_yaml(preset_dir() / f"{name}.yaml").get("description", ""))
+
+
+def merge_config(*layers: dict[str, Any]) -> RunConfig:
+    """Merge partial configs (later wins; ``method_options``/``backbone_options`` merge by key)."""
+    known = {f.name for f in fields(RunConfig)}
+    hints = _resolve_hints(RunConfig)
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            key = key.replace("-", "_")
+            if key not in known:
+                raise SparseCLError(f"unknown run option {key!r} (known: {', '.join(sorted(known))})")
+            if key in ("method_options", "backbone_options"):
+                if not isinstance(value, dict):
+                    raise SparseCLError(f"{key} must be a mapping")
+                merged.setdefault(key, {}).update(value)
+            else:
+                merged[key] = value
+    kwargs = {k: v if k in ("method_options", "backbone_options") else _coerce(v, hints[k], k) for k, v in merged.items()}
+    cfg = RunConfig(**kwargs)
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    from sparsecl.engine.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_from_file(path: Path) -> RunConfig:
+    return merge_config(load_yaml(path))

@@ -1,0 +1,1 @@
+"""The task loop, evaluation, checkpoints and results."""

@@ -1,0 +1,332 @@
+"""The continual-learning loop: tasks -> epochs -> batches -> method hooks, with evaluation after
+every task, efficiency accounting, atomic results and resumable checkpoints."""
+from __future__ import annotations
+
+import math
+import platform
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import sparsecl
+from sparsecl import SparseCLError
+from sparsecl.config import RunConfig, build_options, config_from_file, save_config
+from sparsecl.data.augment import DeviceAugment
+from sparsecl.data.benchmarks import load_benchmark
+from sparsecl.data.stream import TaskStream
+from sparsecl.engine.evaluate import evaluate_all
+from sparsecl.engine.io import atomic_torch_save, atomic_write_json
+from sparsecl.engine.progress import RunProgress
+from sparsecl.engine.seeding import rng_state, seed_everything, set_rng_state
+from sparsecl.methods import METHODS, Batch, ContinualMethod, MethodContext
+from sparsecl.metrics.accuracy import summarize
+from sparsecl.metrics.efficiency import memory_footprint, peak_memory_bytes, reset_peak_memory
+from sparsecl.models import build_model
+from sparsecl.sparse.flops import FlopCounter, profile_layers
+
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+CONFIG = "config.yaml"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SparseCLError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SparseCLError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class SampleCounter:
+    """Counts every sample that goes through the model while training, via one forward pre-hook.
+
+    A forward with autograd enabled is a training sample (forward + backward); without autograd it
+    is forward-only (e.g. a teacher's logits). Methods therefore need no bookkeeping of their own,
+    and buffer samples, second passes and skipped data are all reflected automatically.
+    """
+
+    def __init__(self, model: nn.Module, flops: FlopCounter) -> None:
+        self.flops = flops
+        self.active = False
+        self.train_samples = 0
+        self.forward_samples = 0
+        self.step_samples = 0  # samples of the current step (for the memory formula's batch size)
+        self._handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        if not self.active or not args:
+            return
+        n = int(args[0].shape[0])
+        if torch.is_grad_enabled():
+            self.train_samples += n
+            self.step_samples += n
+            self.flops.train_samples(n)
+        else:
+            self.forward_samples += n
+            self.flops.forward_samples(n)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"train_samples": self.train_samples, "forward_samples": self.forward_samples}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.train_samples = int(state["train_samples"])
+        self.forward_samples = int(state["forward_samples"])
+
+
+def build_method(cfg: RunConfig, stream: TaskStream, device: torch.device, augment: DeviceAugment) -> ContinualMethod:
+    """Model + method for ``cfg`` (checks that the method and benchmark support the setting)."""
+    cls = METHODS.get(cfg.method)
+    if cfg.setting not in cls.settings:
+        raise SparseCLError(
+            f"method {cfg.method!r} supports only {', '.join(sorted(cls.settings))}, not {cfg.setting} "
+            f"(pass --setting {sorted(cls.settings)[0]})"
+        )
+    if cfg.setting not in stream.settings:
+        raise SparseCLError(f"benchmark {cfg.benchmark!r} supports only {', '.join(sorted(stream.settings))}")
+    options = build_options(cls.options_cls, dict(cfg.method_options), f"method {cfg.method!r}")
+    task_classes = [t.classes for t in stream.tasks] if cfg.setting == "task-il" else None
+    model = build_model(
+        cfg.backbone or stream.default_backbone, stream.input_shape, stream.n_classes,
+        task_classes=task_classes, **cfg.backbone_options,
+    ).to(device)
+    ctx = MethodContext(stream=stream, device=device, augment=augment, setting=cfg.setting,
+                        batch_size=cfg.batch_size, epochs=cfg.epochs)
+    return cls(model, options, ctx)
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.benchmark}-{cfg.method}-s{cfg.seed}-{stamp}"
+
+
+class Trainer:
+    """Runs (or resumes) one configuration end to end. See :func:`run` for the simple entry point."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, *, progress: bool = False, resume: bool = False) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        stream = load_benchmark(
+            cfg.benchmark, cfg.data_dir, class_order=cfg.class_order, n_tasks=cfg.n_tasks,
+            root=cfg.data_root, image_size=cfg.image_size, download=cfg.download,
+        )
+        self.stream = stream.to(self.device)
+        if cfg.amp and self.device.type != "cuda":
+            raise SparseCLError("--amp (bf16 autocast) is supported on CUDA devices only")
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.augment = DeviceAugment(stream.augment, stream.input_shape, memory_format=memory_format)
+        self.method = build_method(cfg, self.stream, self.device, self.augment)
+        self.model = self.method.model
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+        self.layers = profile_layers(self.model, stream.input_shape)
+        self.flops = FlopCounter(self.layers)
+        self.counter = SampleCounter(self.model, self.flops)
+        T = self.stream.n_tasks
+        self.state: dict[str, Any] = {
+            "completed": 0,
+            "class_il": [[None] * T for _ in range(T)],
+            "task_il": [[None] * T for _ in range(T)],
+            "random_init": None,
+            "train_seconds": [], "eval_seconds": [], "samples": [], "flops": [], "dense_flops": [],
+            "epoch_loss": [], "peak_memory": [], "footprint": None, "max_step_samples": 0,
+        }
+        if resume:
+            self._load_checkpoint()
+
+    # ------------------------------------------------------------ training
+    def _train_task(self, task_index: int, bar: RunProgress) -> None:
+        cfg, method = self.cfg, self.method
+        task = self.stream.tasks[task_index]
+        method.begin_task(task)
+        split = method.train_split(task)
+        n = len(split)
+        bs = cfg.batch_size
+        n_batches = n // bs if cfg.drop_last else math.ceil(n / bs)
+        losses = []
+        bar.start_task(task_index, cfg.epochs)
+        self.model.train()
+        self.counter.active = True
+        for epoch in range(cfg.epochs):
+            bar.start_epoch(n_batches)
+            perm = torch.randperm(n, device=self.device)
+            loss_sum = torch.zeros((), device=self.device)
+            for b in range(n_batches):
+                idx = perm[b * bs : (b + 1) * bs]
+                x_raw, y = split.x[idx], split.y[idx]
+                self.counter.step_samples = 0
+                with self.autocast:
+                    loss_sum += method.observe(Batch(self.augment.train(x_raw), y, x_raw, idx, task_index))
+                self.state["max_step_samples"] = max(self.state["max_step_samples"], self.counter.step_samples)
+                bar.batch_done()
+            mean_loss = loss_sum.item() / max(n_batches, 1)  # one host sync per epoch
+            if not math.isfinite(mean_loss):
+                raise SparseCLError(
+                    f"loss became {mean_loss} in task {task_index + 1}, epoch {epoch + 1} "
+                    f"(method {cfg.method}, lr {method.opt.lr}): lower the learning rate"
+                )
+            losses.append(mean_loss)
+            method.end_epoch(task, epoch)
+            bar.epoch_done()
+        method.end_task(task)
+        self.counter.active = False
+        self.state["epoch_loss"].append(losses)
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / CONFIG)
+        if self.state["random_init"] is None:
+            # The model before any training is the random-init reference b_j of forward transfer.
+            cil, til = evaluate_all(self.method, self.stream, self.augment, 0, cfg.eval_batch_size)
+            self.state["random_init"] = {"class_il": cil, "task_il": til}
+        with RunProgress(self.stream.n_tasks, self.progress) as bar:
+            for t in range(self.state["completed"], self.stream.n_tasks):
+                reset_peak_memory(self.device)
+                flops0, dense0, samples0 = self.flops.total, self.flops.dense_total, self.counter.train_samples
+                t0 = time.perf_counter()
+                self._train_task(t, bar)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t1 = time.perf_counter()
+                cil, til = evaluate_all(self.method, self.stream, self.augment, t, cfg.eval_batch_size)
+                t2 = time.perf_counter()
+                s = self.state
+                s["class_il"][t], s["task_il"][t] = cil, til
+                s["train_seconds"].append(t1 - t0)
+                s["eval_seconds"].append(t2 - t1)
+                s["samples"].append(self.counter.train_samples - samples0)
+                s["flops"].append(self.flops.total - flops0)
+                s["dense_flops"].append(self.flops.dense_total - dense0)
+                s["peak_memory"].append(peak_memory_bytes(self.device))
+                s["footprint"] = memory_footprint(
+                    self.layers, self.model, max(s["max_step_samples"], 1),
+                    buffer_bytes=self._buffer_bytes(),
+                )
+                s["completed"] = t + 1
+                self._save_checkpoint(t)
+                atomic_write_json(self.run_dir / RESULT, self.result())
+                bar.task_done()
+        atomic_torch_save(self.run_dir / "model.pt", self.model.state_dict())
+        result = self.result()
+        atomic_write_json(self.run_dir / RESULT, result)
+        return result
+
+    def _buffer_bytes(self) -> int:
+        buffer = getattr(self.method, "buffer", None)
+        return buffer.nbytes() if buffer is not None else 0
+
+    # ---------------------------------------------------------- checkpoint
+    def _save_checkpoint(self, task_index: int) -> None:
+        ckpt = {
+            "format": 1,
+            "task": task_index,
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "flops": self.flops.state_dict(),
+            "counter": self.counter.state_dict(),
+            "state": self.state,
+            "rng": rng_state(),
+        }
+        atomic_torch_save(self.run_dir / CHECKPOINT, ckpt)
+        if self.cfg.keep_checkpoints == "all":
+            atomic_torch_save(self.run_dir / f"checkpoint-task{task_index + 1}.pt", ckpt)
+
+    def _load_checkpoint(self) -> None:
+        path = self.run_dir / CHECKPOINT
+        if not path.exists():
+            raise SparseCLError(f"cannot resume: no checkpoint in {self.run_dir} (no task was completed)")
+        try:
+            ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:  # a truncated or foreign file
+            raise SparseCLError(f"cannot resume: checkpoint {path} is unreadable ({type(e).__name__})") from None
+        self.model.load_state_dict(ckpt["model"])
+        self.method.load_state_dict(ckpt["method"])
+        self.method.task = int(ckpt["task"])
+        self.flops.load_state_dict(ckpt["flops"])
+        self.counter.load_state_dict(ckpt["counter"])
+        self.state = ckpt["state"]
+        set_rng_state(ckpt["rng"])
+
+    # -------------------------------------------------------------- result
+    def result(self) -> dict[str, Any]:
+        s, cfg = self.state, self.cfg
+        done = s["completed"]
+        accuracy = {}
+        settings = ["class_il", "task_il"] if cfg.setting == "class-il" else ["task_il"]
+        for key in settings:
+            R = [row[:done] for row in s[key][:done]]
+            metrics = summarize(R, s["random_init"][key][:done]) if done else {}
+            accuracy[key] = {"matrix": s[key], "random_init": s["random_init"][key] if s["random_init"] else None, **metrics}
+        train_s = sum(s["train_seconds"])
+        return {
+            "complete": done == self.stream.n_tasks,
+            "tasks_completed": done,
+            "n_tasks": self.stream.n_tasks,
+            "config": cfg.to_dict(),
+            "seed": cfg.seed,
+            "versions": {"sparsecl": sparsecl.__version__, "torch": torch.__version__, "numpy": np.__version__,
+                         "python": sys.version.split()[0]},
+            "device": describe_device(self.device),
+            "benchmark": {"name": self.stream.name, "classes_per_task": [len(t.classes) for t in self.stream.tasks],
+                          "train_sizes": [len(t.train) for t in self.stream.tasks],
+                          "class_order": self.stream.class_order},
+            "accuracy": accuracy,
+            "timing": {
+                "train_seconds_per_task": s["train_seconds"], "eval_seconds_per_task": s["eval_seconds"],
+                "train_seconds": train_s,
+                "samples_per_second": [n / t if t > 0 else None for n, t in zip(s["samples"], s["train_seconds"])],
+            },
+            "samples": {"trained_per_task": s["samples"], "trained": sum(s["samples"]),
+                        "forward_only": self.counter.forward_samples},
+            "flops": {"train": sum(s["flops"]), "dense_equivalent": sum(s["dense_flops"]),
+                      "ratio": (sum(s["flops"]) / sum(s["dense_flops"])) if sum(s["dense_flops"]) else None,
+                      "per_task": s["flops"], "per_layer": self.flops.per_layer(),
+                      "note": "2 FLOPs per MAC of conv/linear layers, backward = 2x forward; BN, activations and selection overheads omitted"},
+            "memory": {"footprint_bytes": s["footprint"], "peak_bytes_per_task": s["peak_memory"],
+                       "peak_kind": "cuda max allocated" if self.device.type == "cuda" else "process peak RSS"},
+            "loss_per_epoch": s["epoch_loss"],
+        }
+
+
+def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = False) -> tuple[dict[str, Any], Path]:
+    """Train and evaluate ``cfg``; returns (result dict, run directory)."""
+    run_dir = Path(out or cfg.out or default_run_dir(cfg))
+    if (run_dir / CHECKPOINT).exists() or (run_dir / RESULT).exists():
+        raise SparseCLError(f"run directory {run_dir} already holds a run: use --resume {run_dir} or another --out")
+    trainer = Trainer(cfg, run_dir, progress=progress)
+    return trainer.run(), run_dir
+
+
+def resume(run_dir: str | Path, *, device: str | None = None, progress: bool = False) -> tuple[dict[str, Any], Path]:
+    """Continue the run in ``run_dir`` after its last completed task."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).exists():
+        raise SparseCLError(f"cannot resume: {run_dir} holds no {CONFIG}")
+    cfg = config_from_file(run_dir / CONFIG)
+    if device is not None:
+        cfg.device = device
+    trainer = Trainer(cfg, run_dir, progress=progress, resume=True)
+    return trainer.run(), run_dir

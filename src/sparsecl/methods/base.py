@@ -1,0 +1,156 @@
+"""The continual-learning method interface.
+
+A method is a small class with hooks that the engine calls (Mammoth's ``ContinualModel`` without
+global state or argparse): ``begin_task`` -> ``observe`` for every batch -> ``end_epoch`` ->
+``end_task``; evaluation goes through ``eval_logits``. Its options are a typed dataclass (a subclass
+of :class:`MethodOptions`) filled from presets, YAML files and CLI flags.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsecl import SparseCLError
+from sparsecl.data.augment import DeviceAugment
+from sparsecl.data.stream import Split, Task, TaskStream
+from sparsecl.registry import Registry
+
+CLASS_IL = "class-il"
+TASK_IL = "task-il"
+
+
+@dataclass
+class MethodOptions:
+    """Options every method has. Subclasses add their own fields."""
+
+    lr: float = 0.1
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise SparseCLError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise SparseCLError(f"unknown optimizer {self.optimizer!r} (known: sgd, adam, adamw)")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise SparseCLError("momentum and weight_decay must be >= 0")
+
+
+@dataclass
+class Batch:
+    """One training batch as the engine hands it to :meth:`ContinualMethod.observe`."""
+
+    x: torch.Tensor  # augmented, normalised float inputs
+    y: torch.Tensor  # int64 labels (global label space)
+    x_raw: torch.Tensor  # the same examples as stored uint8 (non-augmented), e.g. for replay buffers
+    index: torch.Tensor  # int64 position of each example in the task's training split
+    task_id: int
+
+
+@dataclass
+class MethodContext:
+    """What a method may know about the run, handed over at construction."""
+
+    stream: TaskStream
+    device: torch.device
+    augment: DeviceAugment
+    setting: str  # class-il | task-il
+    batch_size: int
+    epochs: int
+
+
+class ContinualMethod:
+    """Base class: fine-tuning with cross-entropy on the current batch.
+
+    Subclasses override hooks; each hook's default is the behaviour a plain learner needs.
+    """
+
+    name: ClassVar[str] = "base"
+    description: ClassVar[str] = ""
+    options_cls: ClassVar[type[MethodOptions]] = MethodOptions
+    settings: ClassVar[frozenset[str]] = frozenset({CLASS_IL, TASK_IL})
+
+    def __init__(self, model: nn.Module, options: MethodOptions, ctx: MethodContext) -> None:
+        self.model = model
+        self.opt = options
+        self.ctx = ctx
+        self.device = ctx.device
+        self.task = -1
+        self.optimizer: torch.optim.Optimizer | None = None
+        # [n_tasks, n_classes] bool: which logits belong to which task (for Task-IL masking).
+        self.class_task = ctx.stream.task_of_class().to(ctx.device)  # task index of each label
+        tasks = torch.arange(ctx.stream.n_tasks, device=ctx.device)
+        self._task_class_mask = self.class_task.unsqueeze(0) == tasks.unsqueeze(1)
+
+    # ------------------------------------------------------------------ hooks
+    def begin_task(self, task: Task) -> None:
+        """Called before the first epoch of ``task``; SPEC: the optimizer is re-created per task."""
+        self.task = task.index
+        self.optimizer = self.make_optimizer()
+
+    def train_split(self, task: Task) -> Split:
+        """The data the engine iterates over for ``task`` (Joint overrides this)."""
+        return task.train
+
+    def observe(self, batch: Batch) -> torch.Tensor:
+        """One training step; returns the detached loss as a device tensor (no host sync)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(self.model(batch.x), batch.y, batch.task_id)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def end_epoch(self, task: Task, epoch: int) -> None:
+        """Called after each epoch of ``task``."""
+
+    def end_task(self, task: Task) -> None:
+        """Called after the last epoch of ``task``, before evaluation."""
+
+    def eval_logits(self, x: torch.Tensor, task_id: int) -> torch.Tensor:
+        """Logits over the global label space used for evaluation of task ``task_id``'s data."""
+        return self.model(x)
+
+    # ------------------------------------------------------------- utilities
+    def make_optimizer(self, params: Any = None) -> torch.optim.Optimizer:
+        params = self.model.parameters() if params is None else params
+        o = self.opt
+        if o.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        if o.optimizer == "adam":
+            return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+    def mask_logits(self, logits: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
+        """Set logits of classes outside each sample's task to -inf (Task-IL training)."""
+        if isinstance(task_ids, int):
+            keep = self._task_class_mask[task_ids].expand_as(logits)
+        else:
+            keep = self._task_class_mask[task_ids]
+        return logits.masked_fill(~keep, float("-inf"))
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
+        """Cross-entropy; in the Task-IL setting restricted to each sample's task logits."""
+        if self.ctx.setting == TASK_IL:
+            logits = self.mask_logits(logits, task_ids)
+        return F.cross_entropy(logits, y)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra method state to checkpoint after a task (buffers, old models...)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+METHODS: Registry[type[ContinualMethod]] = Registry("method")
+
+
+def register_method(cls: type[ContinualMethod]) -> type[ContinualMethod]:
+    """Class decorator: register a method under ``cls.name``."""
+    METHODS.add(cls.name, cls)
+    return cls

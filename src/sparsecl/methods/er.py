@@ -1,0 +1,74 @@
+"""Experience Replay (``er``): rehearsal of a reservoir buffer mixed into every batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsecl import SparseCLError
+from sparsecl.data.buffer import ReservoirBuffer
+from sparsecl.methods.base import Batch, ContinualMethod, MethodOptions, register_method
+
+
+@dataclass
+class ReplayOptions(MethodOptions):
+    """Options shared by every method with a reservoir replay buffer."""
+
+    buffer_size: int = 500
+    minibatch_size: int | None = None  # buffer samples drawn per step; None = the batch size
+
+    def validate(self) -> None:
+        super().validate()
+        if self.buffer_size < 0:
+            raise SparseCLError(f"buffer size must be >= 0, got {self.buffer_size}")
+        if self.minibatch_size is not None and self.minibatch_size <= 0:
+            raise SparseCLError(f"minibatch_size must be > 0, got {self.minibatch_size}")
+
+
+class ReplayMethod(ContinualMethod):
+    """Base for rehearsal methods: owns the buffer and its checkpointing."""
+
+    options_cls = ReplayOptions
+
+    def __init__(self, model, options, ctx) -> None:
+        super().__init__(model, options, ctx)
+        self.buffer = ReservoirBuffer(options.buffer_size, ctx.device)
+        self.minibatch = options.minibatch_size or ctx.batch_size
+
+    def draw(self, *fields: str) -> tuple[torch.Tensor, ...]:
+        """A buffer minibatch: augmented inputs first, then the requested extra fields."""
+        _, x_raw, *rest = self.buffer.sample(self.minibatch, "x", *fields)
+        return (self.ctx.augment.train(x_raw), *rest)
+
+    def remember(self, batch: Batch, **extra: torch.Tensor) -> None:
+        """Offer the batch's non-augmented examples to the reservoir."""
+        task = torch.full_like(batch.y, batch.task_id)
+        self.buffer.add(x=batch.x_raw, y=batch.y, task=task, **extra)
+
+    def state_dict(self) -> dict:
+        return {"buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer.load_state_dict(state["buffer"])
+
+
+@register_method
+class ER(ReplayMethod):
+    """Each step trains on the current batch concatenated with a buffer minibatch (Mammoth's ER)."""
+
+    name = "er"
+    description = "experience replay: current batch + reservoir-buffer minibatch, one forward"
+
+    def observe(self, batch: Batch) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        x, y = batch.x, batch.y
+        tasks: torch.Tensor | int = batch.task_id
+        if not self.buffer.is_empty:
+            bx, by, bt = self.draw("y", "task")
+            x, y = torch.cat([x, bx]), torch.cat([y, by])
+            tasks = torch.cat([torch.full_like(batch.y, batch.task_id), bt])
+        loss = self.loss(self.model(x), y, tasks)
+        loss.backward()
+        self.optimizer.step()
+        self.remember(batch)
+        return loss.detach()

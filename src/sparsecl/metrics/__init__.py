@@ -1,0 +1,1 @@
+"""Metrics: accuracy-matrix summaries (:mod:`.accuracy`) and efficiency (:mod:`.efficiency`)."""

@@ -1,0 +1,114 @@
+"""Tables of final metrics over run directories (markdown or CSV), optionally aggregated over seeds."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from sparsecl import SparseCLError
+
+COLUMNS = [
+    ("method", "method"), ("benchmark", "benchmark"), ("buffer", "buffer"), ("seed", "seed"),
+    ("cil_acc", "Class-IL ACC"), ("til_acc", "Task-IL ACC"), ("cil_bwt", "Class-IL BWT"), ("cil_fwt", "Class-IL FWT"),
+    ("cil_forgetting", "Class-IL forgetting"), ("til_bwt", "Task-IL BWT"), ("flops", "train FLOPs"),
+    ("flops_ratio", "FLOPs / dense"), ("train_s", "train time (s)"),
+]
+NUMERIC = {"cil_acc", "til_acc", "cil_bwt", "cil_fwt", "cil_forgetting", "til_bwt", "flops", "flops_ratio", "train_s"}
+
+
+def collect_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Load ``result.json`` of each run directory (folders of run directories are searched)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "result.json").exists():
+            found.append(p / "result.json")
+        elif p.is_dir():
+            found.extend(sorted(p.rglob("result.json")))
+        else:
+            raise SparseCLError(f"no run directory at {p}")
+    if not found:
+        raise SparseCLError(f"no result.json under {', '.join(map(str, paths))}")
+    results = []
+    for f in found:
+        try:
+            r = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            raise SparseCLError(f"{f} is not valid JSON (interrupted write of an old version?)") from None
+        r["_path"] = str(f.parent)
+        results.append(r)
+    return results
+
+
+def row_of(r: dict[str, Any]) -> dict[str, Any]:
+    cfg = r["config"]
+    acc = r["accuracy"]
+    cil, til = acc.get("class_il", {}), acc.get("task_il", {})
+    return {
+        "run": r["_path"], "method": cfg["method"], "benchmark": cfg["benchmark"],
+        "buffer": cfg["method_options"].get("buffer_size", ""), "seed": cfg["seed"],
+        "cil_acc": cil.get("acc"), "til_acc": til.get("acc"), "cil_bwt": cil.get("bwt"), "cil_fwt": cil.get("fwt"),
+        "cil_forgetting": cil.get("forgetting"), "til_bwt": til.get("bwt"),
+        "flops": r["flops"]["train"], "flops_ratio": r["flops"]["ratio"], "train_s": r["timing"]["train_seconds"],
+        "complete": r.get("complete", False),
+        "_key": json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "out", "device")}, sort_keys=True),
+    }
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def aggregate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Group rows of the same configuration (all but the seed) into mean +- std cells."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["_key"], []).append(row)
+    out = []
+    for members in groups.values():
+        agg = dict(members[0])
+        agg["seed"] = ",".join(str(m["seed"]) for m in members)
+        for key in NUMERIC:
+            vals = [m[key] for m in members if m[key] is not None]
+            agg[key] = _mean_std(vals) if vals else None
+        out.append(agg)
+    return out
+
+
+def _cell(key: str, v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, tuple):
+        m, sd = v
+        return f"{_cell(key, m)} ± {_cell(key, sd)}"
+    if key == "flops":
+        return f"{v:.3e}"
+    if key == "flops_ratio":
+        return f"{v:.3f}"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def render_table(results: list[dict[str, Any]], fmt: str = "md", aggregate: bool = False) -> str:
+    """Markdown or CSV table, one row per run (or per configuration with ``aggregate``)."""
+    rows = [row_of(r) for r in results]
+    if aggregate:
+        rows = aggregate_rows(rows)
+    rows.sort(key=lambda r: (r["benchmark"], r["method"], str(r["buffer"]), str(r["seed"])))
+    headers = [h for _, h in COLUMNS]
+    cells = [[_cell(k, r[k]) + ("" if r.get("complete", True) or k != "method" else " (incomplete)") for k, _ in COLUMNS] for r in rows]
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(headers)
+        w.writerows(cells)
+        return buf.getvalue()
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Sparse core: masks, density allocation and the FLOP accounting (:mod:`sparsecl.sparse.flops`)."""

@@ -1,0 +1,94 @@
+"""The command line: bad input is one clear line and a non-zero exit; list and report work."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sparsecl.cli import main
+from sparsecl.methods import METHODS, ContinualMethod
+
+FAST = ["--epochs", "1", "--device", "cpu", "--quiet"]
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # exactly one line, no traceback
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["run", "--method", "nope"], "unknown method 'nope'"),
+        (["run", "--benchmark", "nope"], "unknown benchmark 'nope'"),
+        (["run", "--method", "er", "--buffer", "-1"], "--buffer must be >= 0"),
+        (["run", "--epochs", "0"], "epochs must be >= 1"),
+        (["run", "--method", "sgd", "--buffer", "10"], "has no option buffer_size"),
+        (["run", "--method", "der++", "-o", "alpha=abc"], "alpha expects float"),
+        (["run", "--preset", "nope"], "unknown preset 'nope'"),
+        (["run", "--benchmark", "seq-mnist", "--data-dir", "/nonexistent/dir", "--no-download"], "/nonexistent/dir"),
+        (["run", "--resume", "/nonexistent/run"], "cannot resume"),
+        (["report", "/nonexistent/run"], "no run directory"),
+        (["run", "--bogus-flag"], "unrecognized arguments"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_line(argv, expected, capsys):
+    code = main(argv + (FAST if argv[0] == "run" and "--epochs" not in argv else []))
+    assert code != 0
+    assert expected in error_line(capsys)
+
+
+def test_argparse_errors_are_one_line_too(capsys):
+    assert main(["run", "--epochs", "two"]) == 2
+    assert "invalid int value" in error_line(capsys)
+
+
+def test_task_il_only_method_asked_for_class_il(capsys):
+    class TaskOnly(ContinualMethod):
+        name = "test-task-only-cli"
+        settings = frozenset({"task-il"})
+
+    METHODS.add(TaskOnly.name, TaskOnly)
+    try:
+        assert main(["run", "--method", TaskOnly.name, "--setting", "class-il", *FAST]) == 2
+        assert "supports only task-il" in error_line(capsys)
+    finally:
+        METHODS.remove(TaskOnly.name)
+
+
+def test_list_shows_methods_benchmarks_presets(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("der++", "er", "sgd", "joint", "seq-cifar10", "seq-mnist", "digits", "seq-cifar10-der++-500"):
+        assert name in out
+
+
+def test_run_then_report_markdown_and_csv(tmp_path, capsys):
+    for seed in (0, 1):
+        assert main(["run", "--method", "er", "--buffer", "50", "--seed", str(seed), "--out", str(tmp_path / f"er{seed}"), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "Class-IL" in out and "Task-IL" in out and "FLOPs" in out
+    assert main(["report", str(tmp_path), "--format", "csv"]) == 0
+    csv_lines = capsys.readouterr().out.strip().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("method,")
+    assert main(["report", str(tmp_path), "--aggregate"]) == 0
+    md = capsys.readouterr().out
+    assert "±" in md and "0,1" in md
+
+
+def test_cli_flags_override_config_file(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: er\nbenchmark: digits\nepochs: 3\nmethod_options: {lr: 0.01, buffer_size: 20}\n")
+    assert main(["run", "--config", str(cfg), "--epochs", "1", "--buffer", "30", "--out", str(tmp_path / "o"), "--device", "cpu", "--quiet"]) == 0
+    r = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert r["config"]["epochs"] == 1
+    assert r["config"]["method_options"] == {"lr": 0.01, "buffer_size": 30}
+
+
+def test_module_entry_point_default_run(tmp_path):
+    # `sparsecl run` with no arguments: the embedded default, printing the metrics table.
+    proc = subprocess.run([sys.executable, "-m", "sparsecl"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for word in ("Class-IL", "Task-IL", "ACC", "BWT", "FWT", "forgetting", "training FLOPs", "wall time"):
+        assert word in proc.stdout

@@ -1,0 +1,118 @@
+"""The task loop end to end on the embedded digits benchmark: determinism, resume, results, errors."""
+import json
+import pytest
+import torch
+
+from sparsecl import SparseCLError
+from sparsecl.config import merge_config
+from sparsecl.engine import trainer as trainer_mod
+from sparsecl.engine.trainer import resume, run
+from sparsecl.methods import METHODS, ContinualMethod
+
+
+def cfg(**kw):
+    base = dict(method="der++", benchmark="digits", epochs=2, batch_size=16, seed=3, device="cpu",
+                method_options={"lr": 0.05, "buffer_size": 50, "alpha": 0.3, "beta": 0.5})
+    base.update(kw)
+    return merge_config(base)
+
+
+def test_result_has_measured_matrices_metrics_flops_and_timings(tmp_path):
+    result, run_dir = run(cfg(), tmp_path / "r")
+    assert result["complete"] and result["tasks_completed"] == 5
+    cil = result["accuracy"]["class_il"]
+    assert len(cil["matrix"]) == 5 and all(v is not None for row in cil["matrix"] for v in row)
+    assert 0 <= cil["acc"] <= 100 and cil["bwt"] is not None and cil["fwt"] is not None
+    til = result["accuracy"]["task_il"]
+    assert til["acc"] >= cil["acc"]  # Task-IL only chooses among the task's own classes
+    # Class-IL after task 1 cannot pick classes of later tasks: before training task j, Class-IL
+    # accuracy on it is measured over classes up to j; after the last task everything is seen.
+    assert result["flops"]["train"] > 0 and result["flops"]["ratio"] == pytest.approx(1.0)
+    assert len(result["timing"]["train_seconds_per_task"]) == 5
+    assert (run_dir / "result.json").exists() and (run_dir / "config.yaml").exists()
+    assert (run_dir / "checkpoint.pt").exists() and (run_dir / "model.pt").exists()
+    on_disk = json.loads((run_dir / "result.json").read_text())
+    assert on_disk["accuracy"]["class_il"]["matrix"] == cil["matrix"]
+    # DER++ trains on current + 2 buffer minibatches once the buffer is non-empty.
+    assert result["samples"]["trained"] > 2 * 2 * sum(result["benchmark"]["train_sizes"])
+
+
+def test_fine_tune_forgets_and_replay_helps():
+    r_sgd, _ = run(cfg(method="sgd", epochs=3, method_options={"lr": 0.05}), "sgd")
+    r_der, _ = run(cfg(epochs=3, method_options={"lr": 0.05, "buffer_size": 200, "alpha": 0.3, "beta": 0.5}), "der")
+    sgd_cil = r_sgd["accuracy"]["class_il"]
+    assert sgd_cil["acc"] < 40 and sgd_cil["forgetting"] > 50  # catastrophic forgetting
+    assert r_der["accuracy"]["class_il"]["acc"] > sgd_cil["acc"] + 20
+
+
+def test_same_seed_same_result_different_seed_different_result():
+    a, _ = run(cfg(), "a")
+    b, _ = run(cfg(), "b")
+    c, _ = run(cfg(seed=4), "c")
+    assert a["accuracy"] == b["accuracy"] and a["loss_per_epoch"] == b["loss_per_epoch"]
+    assert a["loss_per_epoch"] != c["loss_per_epoch"]
+
+
+def test_resume_after_interruption_gives_identical_result(tmp_path, monkeypatch):
+    full, full_dir = run(cfg(), tmp_path / "full")
+
+    original = trainer_mod.Trainer._train_task
+
+    def crash_on_task_3(self, t, bar):
+        if t == 2:
+            raise KeyboardInterrupt
+        return original(self, t, bar)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_train_task", crash_on_task_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg(), tmp_path / "cut")
+    partial = json.loads((tmp_path / "cut" / "result.json").read_text())
+    assert partial["tasks_completed"] == 2 and not partial["complete"]
+    monkeypatch.setattr(trainer_mod.Trainer, "_train_task", original)
+    resumed, _ = resume(tmp_path / "cut")
+    assert resumed["complete"]
+    assert resumed["accuracy"] == full["accuracy"]
+    assert resumed["loss_per_epoch"] == full["loss_per_epoch"]
+    assert resumed["flops"]["train"] == full["flops"]["train"]
+    w_full = torch.load(full_dir / "model.pt", weights_only=True)
+    w_res = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path):
+    run(cfg(epochs=1), tmp_path / "r")
+    with pytest.raises(SparseCLError, match="already holds a run"):
+        run(cfg(epochs=1), tmp_path / "r")
+
+
+def test_nan_loss_is_a_clear_error():
+    with pytest.raises(SparseCLError, match="loss became nan|loss became inf"):
+        run(cfg(method="sgd", method_options={"lr": 1e30}), "nan")
+
+
+def test_task_il_setting_trains_per_task_heads_and_reports_task_il_only():
+    result, _ = run(cfg(method="er", setting="task-il", method_options={"lr": 0.05, "buffer_size": 50}), "til")
+    assert set(result["accuracy"]) == {"task_il"}
+    assert result["accuracy"]["task_il"]["acc"] > 80
+
+
+def test_joint_trains_on_all_seen_data():
+    result, _ = run(cfg(method="joint", epochs=3, method_options={"lr": 0.05}), "joint")
+    sizes = result["benchmark"]["train_sizes"]
+    # Task t trains on the union of tasks 0..t, 3 epochs each.
+    assert result["samples"]["trained_per_task"] == [3 * sum(sizes[: t + 1]) for t in range(5)]
+    assert result["accuracy"]["class_il"]["acc"] > 85
+
+
+class _TaskOnly(ContinualMethod):
+    name = "test-task-only"
+    settings = frozenset({"task-il"})
+
+
+def test_unsupported_setting_is_a_clear_error():
+    METHODS.add(_TaskOnly.name, _TaskOnly)
+    try:
+        with pytest.raises(SparseCLError, match="supports only task-il"):
+            run(cfg(method="test-task-only", method_options={}), "x")
+    finally:
+        METHODS.remove(_TaskOnly.name)
