@@ -43,7 +43,6 @@ class DeviceAugment:
         self.hflip = bool(spec.hflip)
         # Layout of the float output (channels_last feeds NHWC conv kernels without a copy).
         self.memory_format = memory_format
-        self.memory_format = memory_format
         # (x/255 - mean)/std == x*scale + shift: one fused multiply-add per element.
         self._scale = [1.0 / (255.0 * s) for s in std]
         self._shift = [-m / s for m, s in zip(mean, std)]

@@ -230,7 +230,7 @@ def _seq_cifar10(req: LoadRequest) -> TaskStream:
     return _simple(req, data, 10, 5, CIFAR10_AUG, "resnet18")
 
 
-@_register("seq-cifar10-jpeg", "CIFAR-10 JPEGs in <data_dir>/cifar10-jpeg, as seq-cifar10")
+@_register("seq-cifar10-jpeg", "CIFAR-10 JPEG folder <data_dir>/cifar10-jpeg, 5 x 2")
 def _seq_cifar10_jpeg(req: LoadRequest) -> TaskStream:
     root = req.data_dir / "cifar10-jpeg"
     if not (root / "train").is_dir() or not (root / "test").is_dir():
