@@ -22,8 +22,10 @@ import torch
 from sparsecl.config import merge_config
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.stream import AugmentSpec, Split, Task, TaskStream
-from sparsecl.engine.trainer import build_method, describe_device, resolve_device
+from sparsecl.engine.graph import CapturedStep
+from sparsecl.engine.trainer import SampleCounter, build_method, describe_device, resolve_device
 from sparsecl.methods import Batch
+from sparsecl.sparse.flops import FlopCounter, profile_layers
 
 
 def synthetic_cifar10(n_per_task: int) -> TaskStream:
@@ -48,6 +50,7 @@ def main() -> None:
     ap.add_argument("--fused", action="store_true", help="DER++ fused forward (one pass over 3 x batch)")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--cuda-graph", action="store_true", help="replay the whole step from a CUDA graph")
     args = ap.parse_args()
     print("command:", " ".join([sys.executable, *sys.argv]))
     device = resolve_device(args.device)
@@ -58,8 +61,9 @@ def main() -> None:
     cfg = merge_config({"method": "der++", "benchmark": "seq-cifar10", "batch_size": args.batch_size,
                         "backbone_options": {"nf": args.nf}, "device": str(device),
                         "method_options": {"lr": 0.03, "buffer_size": args.buffer, "alpha": 0.2, "beta": 0.5,
-                                           "fused_forward": args.fused}})
-    augment = DeviceAugment(stream.augment, stream.input_shape)
+                                           "fused_forward": args.fused}, "cuda_graph": args.cuda_graph})
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    augment = DeviceAugment(stream.augment, stream.input_shape, memory_format=fmt).prepare(device)
     method = build_method(cfg, stream, device, augment)
     if args.channels_last:
         method.model.to(memory_format=torch.channels_last)
@@ -69,31 +73,45 @@ def main() -> None:
     bs = args.batch_size
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
 
-    def step(i: int) -> torch.Tensor:
-        idx = torch.arange(i * bs % (n - bs), i * bs % (n - bs) + bs, device=device)
+    counter = SampleCounter(method.model, FlopCounter(profile_layers(method.model, stream.input_shape)))
+    counter.active = True
+    loss_sum = torch.zeros((), device=device)
+
+    def run_step(idx: torch.Tensor) -> torch.Tensor:  # what the engine's Trainer._step does
         x_raw, y = task.train.x[idx], task.train.y[idx]
-        x = augment.train(x_raw)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with amp:
-            return method.observe(Batch(x, y, x_raw, idx, 0))
+            return method.observe(Batch(augment.train(x_raw), y, x_raw, idx, 0))
+
+    def indices(i: int) -> torch.Tensor:
+        start = i * bs % (n - bs)
+        return torch.arange(start, start + bs, device=device)
 
     # Fill the buffer first so every timed step replays (the steady state of the protocol).
     i = 0
     while len(method.buffer) < min(args.buffer, n) or i < args.warmup:
-        step(i)
+        loss_sum += run_step(indices(i))
+        i += 1
+    graph = None
+    if args.cuda_graph:
+        torch.cuda.synchronize()
+        graph = CapturedStep(run_step, loss_sum, counter, method)
+        graph.capture(indices(i))
         i += 1
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for k in range(args.steps):
-        step(i + k)
+        if graph is not None:
+            graph.replay(indices(i + k))
+        else:
+            loss_sum += run_step(indices(i + k))
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     per_step = dt / args.steps
     print(f"device: {describe_device(device)}; torch {torch.__version__}")
-    print(f"options: fused={args.fused} amp={args.amp} channels_last={args.channels_last} nf={args.nf}")
+    print(f"options: fused={args.fused} amp={args.amp} channels_last={args.channels_last} "
+          f"cuda_graph={args.cuda_graph} nf={args.nf}; mean loss {loss_sum.item() / (i + args.steps):.3f}")
     print(f"DER++ step (batch {bs} + 2 x {bs} replayed): {per_step * 1e3:.2f} ms/step, "
           f"{bs / per_step:.0f} stream samples/s, {3 * bs / per_step:.0f} trained samples/s")
     steps_protocol = 5 * 50 * -(-10000 // bs)

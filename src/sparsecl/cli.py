@@ -50,6 +50,7 @@ def _run_parser(sub) -> None:
     p.add_argument("--keep-checkpoints", choices=["last", "all"])
     p.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CUDA), fp32 master weights")
     p.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
+    p.add_argument("--cuda-graph", action="store_true", default=None, help="replay each step from a captured CUDA graph")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed task")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -67,7 +68,7 @@ def build_config(args: argparse.Namespace):
     flags: dict[str, Any] = {}
     for name in ("method", "benchmark", "setting", "backbone", "data_dir", "data_root", "class_order", "n_tasks",
                  "image_size", "epochs", "batch_size", "seed", "device", "out", "keep_checkpoints", "amp",
-                 "channels_last"):
+                 "channels_last", "cuda_graph"):
         value = getattr(args, name)
         if value is not None:
             flags[name] = value

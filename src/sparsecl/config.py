@@ -43,6 +43,7 @@ class RunConfig:
     # Speed options (CUDA): bf16 autocast with fp32 master weights; channels_last activations.
     amp: bool = False
     channels_last: bool = False
+    cuda_graph: bool = False  # capture each task's training step once, replay it (CUDA)
     method_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

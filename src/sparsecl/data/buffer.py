@@ -24,7 +24,10 @@ class ReservoirBuffer:
             raise ValueError("buffer capacity must be >= 0")
         self.capacity = int(capacity)
         self.device = torch.device(device)
-        self.seen = 0  # host-side count of examples offered so far
+        self.seen = 0  # host-side count of examples offered so far (sizes, checkpoints)
+        # The same count on the device: reservoir draws read it there, so an insert has no
+        # host-dependent constants and can be replayed inside a captured CUDA graph.
+        self._seen_dev = torch.zeros((), dtype=torch.long, device=self.device)
         self._store: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ state
@@ -50,10 +53,9 @@ class ReservoirBuffer:
         afterwards to a uniform row in ``[0, k]`` that is kept only if it is ``< capacity``. When two
         examples of the same batch pick the same row, the later one wins, as in a sequential loop.
         """
-        k = torch.arange(self.seen, self.seen + n, device=self.device, dtype=torch.float64)
+        k = self._seen_dev + torch.arange(n, device=self.device)
         draw = torch.floor(torch.rand(n, device=self.device, dtype=torch.float64) * (k + 1)).long()
-        filling = k < self.capacity
-        slot = torch.where(filling, k.long(), draw)
+        slot = torch.where(k < self.capacity, k, draw)
         slot = torch.where(slot < self.capacity, slot, torch.full_like(slot, self.capacity))
         # Resolve collisions inside the batch: the last writer of each row wins.
         order = torch.arange(n, device=self.device)
@@ -68,7 +70,9 @@ class ReservoirBuffer:
         The first call fixes the stored fields (e.g. ``x``, ``y``, ``task``, ``logits``).
         """
         if self.capacity == 0:
-            self.seen += int(next(iter(tensors.values())).shape[0])
+            n = int(next(iter(tensors.values())).shape[0])
+            self._seen_dev += n
+            self.seen += n
             return
         if not self._store:
             self._allocate(tensors)
@@ -78,6 +82,12 @@ class ReservoirBuffer:
         slot = self.slots_for(n)
         for name, t in tensors.items():
             self._store[name].index_copy_(0, slot, t.detach().to(self._store[name].dtype))
+        self._seen_dev += n
+        self.seen += n
+
+    def advance_host(self, n: int) -> None:
+        """Count ``n`` examples on the host only, after a replayed CUDA graph ran :meth:`add`
+        (the replay moved the device count and the stored rows, but runs no Python)."""
         self.seen += n
 
     def update(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
@@ -88,7 +98,8 @@ class ReservoirBuffer:
     def sample_indices(self, n: int) -> torch.Tensor:
         """Up to ``n`` distinct stored rows, uniformly at random (without replacement)."""
         size = len(self)
-        return torch.randperm(size, device=self.device)[: min(n, size)]
+        # argsort of uniform keys = a uniform random permutation, and capturable in a CUDA graph.
+        return torch.rand(size, device=self.device).argsort()[: min(n, size)]
 
     def get(self, index: torch.Tensor, *names: str) -> tuple[torch.Tensor, ...]:
         return tuple(self._store[name][index] for name in names)
@@ -114,4 +125,5 @@ class ReservoirBuffer:
         if int(state["capacity"]) != self.capacity:
             raise ValueError("checkpoint buffer capacity differs from the configured one")
         self.seen = int(state["seen"])
+        self._seen_dev.fill_(self.seen)
         self._store = {k: v.to(self.device) for k, v in state["store"].items()}

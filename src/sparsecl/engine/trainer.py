@@ -21,6 +21,7 @@ from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.benchmarks import load_benchmark
 from sparsecl.data.stream import TaskStream
 from sparsecl.engine.evaluate import evaluate_all
+from sparsecl.engine.graph import CapturedStep
 from sparsecl.engine.io import atomic_torch_save, atomic_write_json
 from sparsecl.engine.progress import RunProgress
 from sparsecl.engine.seeding import rng_state, seed_everything, set_rng_state
@@ -81,6 +82,15 @@ class SampleCounter:
             self.forward_samples += n
             self.flops.forward_samples(n)
 
+    def add(self, train: int, forward: int) -> None:
+        """Count a step that ran without Python (a CUDA graph replay)."""
+        if train:
+            self.train_samples += train
+            self.flops.train_samples(train)
+        if forward:
+            self.forward_samples += forward
+            self.flops.forward_samples(forward)
+
     def state_dict(self) -> dict[str, int]:
         return {"train_samples": self.train_samples, "forward_samples": self.forward_samples}
 
@@ -106,7 +116,7 @@ def build_method(cfg: RunConfig, stream: TaskStream, device: torch.device, augme
         task_classes=task_classes, **cfg.backbone_options,
     ).to(device)
     ctx = MethodContext(stream=stream, device=device, augment=augment, setting=cfg.setting,
-                        batch_size=cfg.batch_size, epochs=cfg.epochs)
+                        batch_size=cfg.batch_size, epochs=cfg.epochs, cuda_graph=cfg.cuda_graph)
     return cls(model, options, ctx)
 
 
@@ -132,6 +142,8 @@ class Trainer:
         self.stream = stream.to(self.device)
         if cfg.amp and self.device.type != "cuda":
             raise SparseCLError("--amp (bf16 autocast) is supported on CUDA devices only")
+        if cfg.cuda_graph and self.device.type != "cuda":
+            raise SparseCLError("--cuda-graph is supported on CUDA devices only")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -141,6 +153,10 @@ class Trainer:
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+        if cfg.cuda_graph and not type(self.method).graph_capturable:
+            raise SparseCLError(f"method {cfg.method!r} does not support --cuda-graph yet")
+        if cfg.cuda_graph:
+            self.augment.prepare(self.device)
         self.layers = profile_layers(self.model, stream.input_shape)
         self.flops = FlopCounter(self.layers)
         self.counter = SampleCounter(self.model, self.flops)
@@ -157,6 +173,12 @@ class Trainer:
             self._load_checkpoint()
 
     # ------------------------------------------------------------ training
+    def _step(self, split, idx: torch.Tensor, task_index: int) -> torch.Tensor:
+        """One training step on the examples ``idx`` of ``split``; returns the detached loss."""
+        x_raw, y = split.x[idx], split.y[idx]
+        with self.autocast:
+            return self.method.observe(Batch(self.augment.train(x_raw), y, x_raw, idx, task_index))
+
     def _train_task(self, task_index: int, bar: RunProgress) -> None:
         cfg, method = self.cfg, self.method
         task = self.stream.tasks[task_index]
@@ -169,18 +191,37 @@ class Trainer:
         bar.start_task(task_index, cfg.epochs)
         self.model.train()
         self.counter.active = True
+        loss_sum = torch.zeros((), device=self.device)
+        graph: CapturedStep | None = None
+        # Eager steps before the capture run on a side stream, as CUDA graph capture requires.
+        side = torch.cuda.Stream(self.device) if cfg.cuda_graph else None
+        eager_steps = 0
         for epoch in range(cfg.epochs):
             bar.start_epoch(n_batches)
             perm = torch.randperm(n, device=self.device)
-            loss_sum = torch.zeros((), device=self.device)
+            loss_sum.zero_()
             for b in range(n_batches):
                 idx = perm[b * bs : (b + 1) * bs]
-                x_raw, y = split.x[idx], split.y[idx]
-                self.counter.step_samples = 0
-                with self.autocast:
-                    loss_sum += method.observe(Batch(self.augment.train(x_raw), y, x_raw, idx, task_index))
+                full = idx.shape[0] == bs
+                if graph is not None and full:
+                    graph.replay(idx)
+                elif cfg.cuda_graph and full and eager_steps >= 3 and method.graph_ready():
+                    torch.cuda.current_stream(self.device).wait_stream(side)
+                    graph = CapturedStep(lambda i: self._step(split, i, task_index), loss_sum, self.counter, method)
+                    graph.capture(idx)
+                else:
+                    self.counter.step_samples = 0
+                    if side is not None and graph is None:
+                        side.wait_stream(torch.cuda.current_stream(self.device))
+                        with torch.cuda.stream(side):
+                            loss_sum += self._step(split, idx, task_index)
+                    else:
+                        loss_sum += self._step(split, idx, task_index)
+                    eager_steps += 1
                 self.state["max_step_samples"] = max(self.state["max_step_samples"], self.counter.step_samples)
                 bar.batch_done()
+            if side is not None and graph is None:
+                torch.cuda.current_stream(self.device).wait_stream(side)
             mean_loss = loss_sum.item() / max(n_batches, 1)  # one host sync per epoch
             if not math.isfinite(mean_loss):
                 raise SparseCLError(
@@ -190,6 +231,7 @@ class Trainer:
             losses.append(mean_loss)
             method.end_epoch(task, epoch)
             bar.epoch_done()
+        del graph  # frees the graph's memory pool before the next task captures its own
         method.end_task(task)
         self.counter.active = False
         self.state["epoch_loss"].append(losses)

@@ -62,6 +62,7 @@ class MethodContext:
     setting: str  # class-il | task-il
     batch_size: int
     epochs: int
+    cuda_graph: bool = False  # steps are replayed from a captured CUDA graph
 
 
 class ContinualMethod:
@@ -74,6 +75,9 @@ class ContinualMethod:
     description: ClassVar[str] = ""
     options_cls: ClassVar[type[MethodOptions]] = MethodOptions
     settings: ClassVar[frozenset[str]] = frozenset({CLASS_IL, TASK_IL})
+    # True when observe() is CUDA-graph safe once graph_ready(): fixed shapes, no host syncs,
+    # no Python state that changes from step to step except what after_graph_replay() updates.
+    graph_capturable: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, options: MethodOptions, ctx: MethodContext) -> None:
         self.model = model
@@ -105,6 +109,13 @@ class ContinualMethod:
         self.optimizer.step()
         return loss.detach()
 
+    def graph_ready(self) -> bool:
+        """Whether the next step's control flow is the steady state that a graph can capture."""
+        return True
+
+    def after_graph_replay(self, batch_size: int) -> None:
+        """Host-side bookkeeping for a step that ran as a graph replay (no Python ran)."""
+
     def end_epoch(self, task: Task, epoch: int) -> None:
         """Called after each epoch of ``task``."""
 
@@ -121,9 +132,11 @@ class ContinualMethod:
         o = self.opt
         if o.optimizer == "sgd":
             return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        # Adam's step counter must live on the device when the step is a graph replay.
+        cap = self.ctx.cuda_graph
         if o.optimizer == "adam":
-            return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+            return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, capturable=cap)
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, capturable=cap)
 
     def mask_logits(self, logits: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
         """Set logits of classes outside each sample's task to -inf (Task-IL training)."""

@@ -29,6 +29,7 @@ class ReplayMethod(ContinualMethod):
     """Base for rehearsal methods: owns the buffer and its checkpointing."""
 
     options_cls = ReplayOptions
+    graph_capturable = True
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
@@ -44,6 +45,13 @@ class ReplayMethod(ContinualMethod):
         """Offer the batch's non-augmented examples to the reservoir."""
         task = torch.full_like(batch.y, batch.task_id)
         self.buffer.add(x=batch.x_raw, y=batch.y, task=task, **extra)
+
+    def graph_ready(self) -> bool:
+        # Before the buffer is full, the number of replayable samples still changes per step.
+        return len(self.buffer) == self.buffer.capacity
+
+    def after_graph_replay(self, batch_size: int) -> None:
+        self.buffer.advance_host(batch_size)
 
     def state_dict(self) -> dict:
         return {"buffer": self.buffer.state_dict()}

@@ -28,6 +28,7 @@ class Joint(ContinualMethod):
     name = "joint"
     description = "joint: trains on the union of all tasks seen so far (upper bound)"
     options_cls = JointOptions
+    graph_capturable = True
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
