@@ -45,17 +45,21 @@ def test_graph_replayed_step_equals_eager_step(amp):
         step(torch.arange(16 * i, 16 * i + 16, device="cuda"))
     torch.cuda.synchronize()
     saved = copy.deepcopy(method.model.state_dict())
+    saved_buffer = copy.deepcopy(method.buffer.state_dict())
     idx = torch.arange(100, 116, device="cuda")
     step(idx)
     eager = copy.deepcopy(method.model.state_dict())
     method.model.load_state_dict(saved)
+    method.buffer.load_state_dict(saved_buffer)  # the eager step's reservoir insert changed it
     method.optimizer = method.make_optimizer()
     counter = SampleCounter(method.model, FlopCounter(profile_layers(method.model, stream.input_shape)))
     counter.active = True
     graph = CapturedStep(step, torch.zeros((), device="cuda"), counter, method)
     graph.capture(idx)
     torch.cuda.synchronize()
-    tol = 1e-2 if amp else 1e-4
+    # cuDNN convolutions run in TF32 by default and the replay may pick other kernels and sum the
+    # permuted buffer rows in another order, so "equal" means equal to TF32 (or bf16) precision.
+    tol = 2e-2 if amp else 2e-3
     for k, v in eager.items():
         if v.is_floating_point():
             assert torch.allclose(method.model.state_dict()[k], v, atol=tol, rtol=tol), k
