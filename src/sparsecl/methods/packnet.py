@@ -1,0 +1,180 @@
+"""PackNet (``packnet``, Mallya & Lazebnik, CVPR 2018): iterative pruning packs one task after
+another into a single network, Task-IL only.
+
+For task t:
+
+1. train on the task with every weight no earlier task owns (earlier tasks' weights take part in
+   the forward pass but are frozen bit-exactly by :class:`~sparsecl.sparse.ownership.FrozenGuard`);
+2. prune: in each layer keep, among those free weights, the largest by magnitude — a share
+   ``keep_fraction`` of them (default ``1 / tasks left``, so the capacity is split evenly and the
+   last task takes the rest) — and zero the others;
+3. retrain the kept weights for ``retrain_epochs`` with the pruned ones held at zero;
+4. give the kept weights to task t (:class:`~sparsecl.sparse.ownership.TaskOwnership`) and freeze them.
+
+At test time task j runs with the weights of tasks <= j only, its own head, and the BatchNorm
+statistics, BN affine parameters and biases as they were when task j finished (these small shared
+tensors are not isolated by pruning, so a per-task copy keeps every earlier task's accuracy exact).
+Isolated layers: every convolution and linear weight of the backbone (stem and shortcuts included,
+as PackNet prunes all layers); per-task heads are frozen whole once their task is done.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from sparsecl import SparseCLError
+from sparsecl.data.stream import Task
+from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions, register_method
+from sparsecl.sparse.masks import MaskSet, topk_mask
+from sparsecl.sparse.ownership import FrozenGuard, TaskOwnership
+from sparsecl.sparse.policy import MaskPolicy
+
+
+@dataclass
+class PackNetOptions(MethodOptions):
+    lr: float = 0.1
+    keep_fraction: float | None = None  # share of the free weights each task keeps; None = 1 / tasks left
+    retrain_epochs: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if self.keep_fraction is not None and not 0 < self.keep_fraction <= 1:
+            raise SparseCLError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        if self.retrain_epochs < 0:
+            raise SparseCLError(f"retrain_epochs must be >= 0, got {self.retrain_epochs}")
+
+
+@register_method
+class PackNet(ContinualMethod):
+    """Prune-and-freeze parameter isolation with per-task heads (Task-IL only)."""
+
+    name = "packnet"
+    description = "PackNet: per-task magnitude pruning of free weights, retrain, freeze (Task-IL)"
+    options_cls = PackNetOptions
+    settings = frozenset({TASK_IL})
+
+    def __init__(self, model, options, ctx) -> None:
+        super().__init__(model, options, ctx)
+        self.mask_policy = "conv-linear+first+shortcuts"
+        names = MaskPolicy("conv-linear", include_first=True, include_shortcuts=True).select(model)
+        self.ownership = TaskOwnership(model, names)
+        self.isolated = set(names)
+        params = dict(model.named_parameters())
+        heads = getattr(model.head, "heads", None)
+        if heads is None:
+            raise SparseCLError("packnet needs per-task heads (run it with --setting task-il)")
+        # Head parameters of each task, frozen whole once the task is done.
+        self.head_params = {t: [f"head.heads.{t}.{n}" for n, _ in h.named_parameters()] for t, h in enumerate(heads)}
+        head_names = {n for names_t in self.head_params.values() for n in names_t}
+        # Small shared tensors (BN affine + running stats, biases) snapshotted per task.
+        self.shared_names = [n for n in params if n not in self.isolated and n not in head_names]
+        self.shared_names += [n for n, _ in model.named_buffers()]
+        self.snapshots: list[dict[str, torch.Tensor]] = []
+        self._guard: FrozenGuard | None = None
+        self._saved: dict[str, torch.Tensor] | None = None  # training weights during evaluation
+        self._view: int | None = None  # task whose weights are loaded for evaluation
+
+    # ------------------------------------------------------------------ training
+    def _frozen(self, task: int) -> dict[str, torch.Tensor]:
+        frozen = self.ownership.frozen_masks(task)
+        params = dict(self.model.named_parameters())
+        for t in range(task):
+            for n in self.head_params[t]:
+                frozen[n] = torch.ones_like(params[n], dtype=torch.bool)
+        return frozen
+
+    def begin_task(self, task: Task) -> None:
+        super().begin_task(task)
+        self._guard = FrozenGuard(self.model, self._frozen(task.index))
+        self._guard.hook_optimizer(self.optimizer)
+
+    def end_task(self, task: Task) -> None:
+        t = task.index
+        tasks_left = self.ctx.stream.n_tasks - t
+        share = self.opt.keep_fraction if self.opt.keep_fraction is not None else 1.0 / tasks_left
+        params = dict(self.model.named_parameters())
+        keep: dict[str, torch.Tensor] = {}
+        for n in self.ownership.names:
+            free = self.ownership.free(n)
+            k = math.ceil(share * int(free.sum()))
+            keep[n] = topk_mask(params[n].detach().abs().masked_fill(~free, -1.0), k)
+        pruned_any = any(bool((self.ownership.free(n) & ~keep[n]).any()) for n in keep)
+        if pruned_any and self.opt.retrain_epochs > 0:
+            self._retrain(task, keep)
+        else:
+            with torch.no_grad():
+                for n in keep:
+                    params[n].mul_(~(self.ownership.free(n) & ~keep[n]))
+        self._guard.unhook()
+        self.ownership.assign_all_(keep, t)
+        self.snapshots.append({n: v.detach().clone() for n, v in self._shared_state().items()})
+
+    def _retrain(self, task: Task, keep: dict[str, torch.Tensor]) -> None:
+        """Fine-tune the kept weights with the pruned ones held at zero (own short loop)."""
+        self._guard.unhook()
+        self.optimizer = self.make_optimizer()
+        self._guard = FrozenGuard(self.model, self._frozen(task.index))
+        self._guard.hook_optimizer(self.optimizer)
+        allowed = {n: ~(self.ownership.free(n) & ~keep[n]) for n in keep}
+        masks = MaskSet(self.model, allowed, mask_grads=True)
+        masks.apply_()
+        masks.hook_optimizer(self.optimizer)
+        split, bs, aug = task.train, self.ctx.batch_size, self.ctx.augment
+        for _ in range(self.opt.retrain_epochs):
+            perm = torch.randperm(len(split), device=self.device)
+            for start in range(0, len(split), bs):
+                idx = perm[start : start + bs]
+                x_raw, y = split.x[idx], split.y[idx]
+                self.observe(Batch(aug.train(x_raw), y, x_raw, idx, task.index))
+        masks.unhook()
+
+    # ---------------------------------------------------------------- evaluation
+    def _shared_state(self) -> dict[str, torch.Tensor]:
+        state = dict(self.model.named_parameters())
+        state.update(self.model.named_buffers())
+        return {n: state[n] for n in self.shared_names}
+
+    @contextmanager
+    def evaluation(self) -> Iterator[None]:
+        state = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        names = list(self.isolated) + self.shared_names
+        self._saved = {n: state[n].detach().clone() for n in names}
+        self._view = None
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, v in self._saved.items():
+                    state[n].copy_(v)
+            self._saved, self._view = None, None
+
+    @torch.no_grad()
+    def _use_task(self, j: int) -> None:
+        """Weights of tasks <= j (others zero) and task j's shared tensors."""
+        state = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        for n in self.isolated:
+            state[n].copy_(self._saved[n] * self.ownership.owned(n, upto=j))
+        shared = self.snapshots[j] if j < len(self.snapshots) else self._saved
+        for n in self.shared_names:
+            state[n].copy_(shared[n])
+        self._view = j
+
+    def eval_logits(self, x: torch.Tensor, task_id: int) -> torch.Tensor:
+        """Logits of task ``task_id``'s subnetwork (inside :meth:`evaluation`)."""
+        if self._saved is None:
+            raise RuntimeError("PackNet.eval_logits must run inside PackNet.evaluation()")
+        if self._view != task_id:
+            self._use_task(task_id)
+        return self.model(x)
+
+    # ---------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        return {"ownership": self.ownership.state_dict(), "snapshots": self.snapshots}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ownership.load_state_dict(state["ownership"])
+        self.snapshots = [{n: v.to(self.device) for n, v in s.items()} for s in state["snapshots"]]
