@@ -1,4 +1,4 @@
-"""Command-line interface: ``sparsecl run | list | report``."""
+"""Command-line interface: ``sparsecl run | list | report | export``."""
 from __future__ import annotations
 
 import argparse
@@ -138,6 +138,14 @@ def print_result(result: dict[str, Any], run_dir: Path, console: Console) -> Non
         f"wall time {t['train_seconds']:.1f} s training + {sum(t['eval_seconds_per_task']):.1f} s evaluation; "
         f"{(sum(sps) / len(sps)) if sps else 0:.0f} samples/s"
     )
+    sp = result.get("sparsity")
+    if sp and sp["overall"]["masked_weights"]:
+        o = sp["overall"]
+        console.print(
+            f"weight density {o['density']:.4f} over the masked layers ({sp.get('policy') or 'masked'}; "
+            f"gradient density {o['grad_density']:.4f}), nonzero fraction of all parameters "
+            f"{o['nonzero_fraction']:.4f}, masks {sp['mask_bytes'] + sp.get('task_mask_bytes', 0)} bytes"
+        )
     console.print(f"results: {run_dir / 'result.json'}")
 
 
@@ -184,6 +192,30 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.3f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from sparsecl.sparse.export import export_run
+
+    path, rep = export_run(args.run_dir, args.format, args.out)
+    table = Table(title="sizes of the final model")
+    for col in ("storage", "whole model", "masked layers", "vs dense"):
+        table.add_column(col, justify="right")
+    for key, label in (("dense", "dense fp32"), ("csr", "CSR"), ("bitmask", "bitmask + values")):
+        total = rep[f"{key}_bytes"]
+        table.add_row(label, _size(total), _size(rep["masked_layers"][key]), f"{total / rep['dense_bytes']:.3f}")
+    console.print(f"{rep['active_weights']:,} of {rep['masked_weights']:,} weights of the sparse-encoded layers "
+                  f"active (density {rep['density']:.4f}); structure from {rep['structure_from']}", soft_wrap=True)
+    console.print(table)
+    console.print("CSR: fp32 values + int16/int32 column indices + int32 row pointers; bitmask: fp32 values + "
+                  "1 bit per weight; biases, BatchNorm and unmasked layers dense in all three", soft_wrap=True)
+    console.print(f"wrote {path} ({rep['encoding']} encoding, {_size(rep['file_bytes'])} on disk); "
+                  f"load with sparsecl.sparse.export.load_export", soft_wrap=True)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but bad usage is one clear line on stderr (exit 2), not a usage dump."""
 
@@ -201,6 +233,11 @@ def make_parser() -> argparse.ArgumentParser:
     rp.add_argument("--format", choices=["md", "csv"], default="md")
     rp.add_argument("--aggregate", action="store_true", help="mean +- std over seeds of the same configuration")
     rp.add_argument("--output", help="write the table to this file")
+    ep = sub.add_parser("export", help="write a run's final sparse model with its masks; print dense/CSR/bitmask sizes")
+    ep.add_argument("run_dir", help="run directory")
+    ep.add_argument("--format", choices=["pt", "csr"], default="pt",
+                    help="pt: packed bitmask + active values; csr: compressed sparse rows")
+    ep.add_argument("--out", help="output file (default RUN_DIR/model-sparse.pt or RUN_DIR/model-csr.pt)")
     return parser
 
 
@@ -214,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # usage errors (already printed as one line) and --help
         return int(e.code or 0)
     console = Console()
-    handlers = {"run": cmd_run, "list": cmd_list, "report": cmd_report}
+    handlers = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "export": cmd_export}
     try:
         return handlers[args.command](args, console)
     except SparseCLError as e:

@@ -12,9 +12,10 @@ COLUMNS = [
     ("method", "method"), ("benchmark", "benchmark"), ("buffer", "buffer"), ("seed", "seed"),
     ("cil_acc", "Class-IL ACC"), ("til_acc", "Task-IL ACC"), ("cil_bwt", "Class-IL BWT"), ("cil_fwt", "Class-IL FWT"),
     ("cil_forgetting", "Class-IL forgetting"), ("til_bwt", "Task-IL BWT"), ("flops", "train FLOPs"),
-    ("flops_ratio", "FLOPs / dense"), ("train_s", "train time (s)"),
+    ("flops_ratio", "FLOPs / dense"), ("density", "weight density"), ("train_s", "train time (s)"),
 ]
-NUMERIC = {"cil_acc", "til_acc", "cil_bwt", "cil_fwt", "cil_forgetting", "til_bwt", "flops", "flops_ratio", "train_s"}
+NUMERIC = {"cil_acc", "til_acc", "cil_bwt", "cil_fwt", "cil_forgetting", "til_bwt", "flops", "flops_ratio", "density",
+           "train_s"}
 
 
 def collect_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -50,6 +51,8 @@ def row_of(r: dict[str, Any]) -> dict[str, Any]:
         "cil_acc": cil.get("acc"), "til_acc": til.get("acc"), "cil_bwt": cil.get("bwt"), "cil_fwt": cil.get("fwt"),
         "cil_forgetting": cil.get("forgetting"), "til_bwt": til.get("bwt"),
         "flops": r["flops"]["train"], "flops_ratio": r["flops"]["ratio"], "train_s": r["timing"]["train_seconds"],
+        # active fraction of the masked layers at the end (1.0 dense; '-' for runs older than the sparse core)
+        "density": ((r.get("sparsity") or {}).get("overall") or {}).get("density"),
         "complete": r.get("complete", False),
         "_key": json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "out", "device")}, sort_keys=True),
     }
@@ -85,7 +88,7 @@ def _cell(key: str, v: Any) -> str:
         return f"{_cell(key, m)} ± {_cell(key, sd)}"
     if key == "flops":
         return f"{v:.3e}"
-    if key == "flops_ratio":
+    if key in ("flops_ratio", "density"):
         return f"{v:.3f}"
     if isinstance(v, float):
         return f"{v:.2f}"

@@ -29,6 +29,7 @@ from sparsecl.methods import METHODS, Batch, ContinualMethod, MethodContext
 from sparsecl.metrics.accuracy import summarize
 from sparsecl.metrics.efficiency import memory_footprint, peak_memory_bytes, reset_peak_memory
 from sparsecl.models import build_model
+from sparsecl.sparse.accounting import capacity_report, parameter_densities, sparsity_report
 from sparsecl.sparse.flops import FlopCounter, profile_layers
 
 CHECKPOINT = "checkpoint.pt"
@@ -159,7 +160,9 @@ class Trainer:
             self.augment.prepare(self.device)
         self.layers = profile_layers(self.model, stream.input_shape)
         self.flops = FlopCounter(self.layers)
+        self.method.ctx.flops = self.flops  # sparse methods push their densities into it
         self.counter = SampleCounter(self.model, self.flops)
+        self.method.ctx.count_samples = self.counter.add
         T = self.stream.n_tasks
         self.state: dict[str, Any] = {
             "completed": 0,
@@ -263,8 +266,15 @@ class Trainer:
                 s["flops"].append(self.flops.total - flops0)
                 s["dense_flops"].append(self.flops.dense_total - dense0)
                 s["peak_memory"].append(peak_memory_bytes(self.device))
+                masks, ownership = getattr(self.method, "masks", None), getattr(self.method, "ownership", None)
+                s["sparsity"] = sparsity_report(self.model, self.layers, masks, ownership,
+                                                policy=getattr(self.method, "mask_policy", None))
+                s["capacity"] = capacity_report(s["sparsity"], masks, ownership)
+                wd, gd = parameter_densities(self.model, masks)
                 s["footprint"] = memory_footprint(
                     self.layers, self.model, max(s["max_step_samples"], 1),
+                    weight_density=wd, grad_density=gd,
+                    mask_bytes=s["sparsity"]["mask_bytes"] + s["sparsity"]["task_mask_bytes"],
                     buffer_bytes=self._buffer_bytes(),
                 )
                 s["completed"] = t + 1
@@ -347,6 +357,12 @@ class Trainer:
                       "ratio": (sum(s["flops"]) / sum(s["dense_flops"])) if sum(s["dense_flops"]) else None,
                       "per_task": s["flops"], "per_layer": self.flops.per_layer(),
                       "note": "2 FLOPs per MAC of conv/linear layers, backward = 2x forward; BN, activations and selection overheads omitted"},
+            "sparsity": s.get("sparsity"),
+            "capacity": s.get("capacity"),
+            "model": {"backbone": getattr(self.model, "backbone_name", cfg.backbone),
+                      "backbone_options": dict(cfg.backbone_options),
+                      "input_shape": list(self.stream.input_shape), "n_classes": self.stream.n_classes,
+                      "task_classes": getattr(self.model, "task_classes", None)},
             "memory": {"footprint_bytes": s["footprint"], "peak_bytes_per_task": s["peak_memory"],
                        "peak_kind": "cuda max allocated" if self.device.type == "cuda" else "process peak RSS"},
             "loss_per_epoch": s["epoch_loss"],

@@ -7,8 +7,9 @@ of :class:`MethodOptions`) filled from presets, YAML files and CLI flags.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,11 @@ from sparsecl import SparseCLError
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.stream import Split, Task, TaskStream
 from sparsecl.registry import Registry
+
+if TYPE_CHECKING:  # only for annotations: the sparse core never imports methods
+    from sparsecl.sparse.flops import FlopCounter
+    from sparsecl.sparse.masks import MaskSet
+    from sparsecl.sparse.ownership import TaskOwnership
 
 CLASS_IL = "class-il"
 TASK_IL = "task-il"
@@ -63,6 +69,12 @@ class MethodContext:
     batch_size: int
     epochs: int
     cuda_graph: bool = False  # steps are replayed from a captured CUDA graph
+    # The run's FLOP counter, set by the Trainer before the first task (None outside a Trainer).
+    # Methods that change weight/gradient densities push them into it (MaskSet.bind_flops).
+    flops: FlopCounter | None = None
+    # Set by the engine: counts (train samples, forward-only samples) of model passes that its
+    # forward pre-hook cannot see (per-sample gradients under torch.func, backbone-only passes).
+    count_samples: Callable[[int, int], None] | None = None
 
 
 class ContinualMethod:
@@ -78,6 +90,11 @@ class ContinualMethod:
     # True when observe() is CUDA-graph safe once graph_ready(): fixed shapes, no host syncs,
     # no Python state that changes from step to step except what after_graph_replay() updates.
     graph_capturable: ClassVar[bool] = False
+    # Sparse methods set these (sparsecl.sparse); the engine reports per-layer densities, mask
+    # bytes, the memory footprint's mask term and capacity from them. None = dense / no isolation.
+    masks: MaskSet | None = None
+    ownership: TaskOwnership | None = None
+    mask_policy: str | None = None  # e.g. 'conv-linear', reported in result.json
 
     def __init__(self, model: nn.Module, options: MethodOptions, ctx: MethodContext) -> None:
         self.model = model
@@ -126,7 +143,18 @@ class ContinualMethod:
         """Logits over the global label space used for evaluation of task ``task_id``'s data."""
         return self.model(x)
 
+    def evaluation(self) -> ContextManager[None]:
+        """Context around one evaluation pass over all tasks: methods that swap weights per task
+        (parameter isolation) restore the training state when it exits."""
+        return nullcontext()
+
     # ------------------------------------------------------------- utilities
+    def count_samples(self, train: int = 0, forward: int = 0) -> None:
+        """Account for model passes the engine's forward pre-hook does not see (a no-op outside
+        the engine). Ordinary ``self.model(x)`` calls are counted automatically: never both."""
+        if self.ctx.count_samples is not None:
+            self.ctx.count_samples(train, forward)
+
     def make_optimizer(self, params: Any = None) -> torch.optim.Optimizer:
         params = self.model.parameters() if params is None else params
         o = self.opt

@@ -7,6 +7,9 @@ Formula, in bytes (fp32, 4 bytes per number), for a training batch of ``B`` samp
 - weights: ``(1 - s) * N * 4`` with ``N`` every parameter of the model and ``s`` its sparsity,
 - gradients: ``(1 - (s + q)) * N * 4``, i.e. the gradient density times ``N * 4``,
 - masks and the replay buffer: as given by the caller, shown separately, and all summed in ``total``.
+
+Capacity (EsaCL eq. 6.24): ``(1 - S) + (1 - gamma) * T / 32`` with ``S`` the sparsity, ``T`` the
+number of stored masks and ``gamma`` the mask compression rate (0.75 in EsaCL), see :func:`model_capacity`.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from torch import nn
 from sparsecl.sparse.flops import LayerProfile
 
 FLOAT_BYTES = 4
+CAPACITY_GAMMA = 0.75  # EsaCL's mask compression rate (7-bit Huffman coding), section 6.1
 
 
 def _measured_density(model: nn.Module) -> float:
@@ -65,6 +69,15 @@ def memory_footprint(
     }
     out["total"] = sum(out.values())
     return out
+
+
+def model_capacity(sparsity: float, n_masks: int, gamma: float = CAPACITY_GAMMA) -> float:
+    """EsaCL eq. 6.24: ``(1 - sparsity) + (1 - gamma) * n_masks / 32``.
+
+    The first term is the fraction of nonzero weights, the second the stored masks (one bit per
+    weight each, i.e. 1/32 of an fp32 weight, compressed by ``gamma``).
+    """
+    return (1.0 - float(sparsity)) + (1.0 - float(gamma)) * int(n_masks) / 32.0
 
 
 def _proc_status_kb(field: str) -> int | None:
