@@ -10,13 +10,14 @@ from sparsecl import SparseCLError
 from sparsecl.config import merge_config
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.benchmarks import load_benchmark
-from sparsecl.engine import trainer as trainer_mod
 from sparsecl.engine.trainer import build_method, resume, run
 from sparsecl.methods import METHODS
 from sparsecl.methods.agem import project
 from sparsecl.methods.base import Batch
 from sparsecl.methods.icarl import herding
 from sparsecl.methods.lwf import distillation
+
+from interrupt import run_interrupted
 
 DIGITS = load_benchmark("digits")
 
@@ -265,7 +266,7 @@ E2E = {
 
 
 @pytest.mark.parametrize("method", sorted(E2E))
-def test_runs_end_to_end_and_resumes_identically(method, tmp_path, monkeypatch):
+def test_runs_end_to_end_and_resumes_identically(method, tmp_path):
     full, full_dir = run(cfg(method, **E2E[method]), tmp_path / "full")
     assert full["complete"]
     cil, til = full["accuracy"]["class_il"], full["accuracy"]["task_il"]
@@ -287,18 +288,8 @@ def test_runs_end_to_end_and_resumes_identically(method, tmp_path, monkeypatch):
     if method == "icarl":
         assert full["samples"]["forward_only"] > 2 * sum(sizes[1:])
 
-    original = trainer_mod.Trainer._train_task
-
-    def crash_on_task_3(self, t, bar):
-        if t == 2:
-            raise KeyboardInterrupt
-        return original(self, t, bar)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_task", crash_on_task_3)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg(method, **E2E[method]), tmp_path / "cut")
+    run_interrupted(cfg(method, **E2E[method]), tmp_path / "cut", at_task=2)
     assert json.loads((tmp_path / "cut" / "result.json").read_text())["tasks_completed"] == 2
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_task", original)
     resumed, _ = resume(tmp_path / "cut")
     assert resumed["accuracy"] == full["accuracy"]
     assert resumed["loss_per_epoch"] == full["loss_per_epoch"]

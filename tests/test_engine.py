@@ -5,9 +5,9 @@ import torch
 
 from sparsecl import SparseCLError
 from sparsecl.config import merge_config
-from sparsecl.engine import trainer as trainer_mod
 from sparsecl.engine.trainer import resume, run
 from sparsecl.methods import METHODS, ContinualMethod
+from interrupt import run_interrupted
 
 
 def cfg(**kw):
@@ -53,22 +53,12 @@ def test_same_seed_same_result_different_seed_different_result():
     assert a["loss_per_epoch"] != c["loss_per_epoch"]
 
 
-def test_resume_after_interruption_gives_identical_result(tmp_path, monkeypatch):
+def test_resume_after_interruption_gives_identical_result(tmp_path):
     full, full_dir = run(cfg(), tmp_path / "full")
 
-    original = trainer_mod.Trainer._train_task
-
-    def crash_on_task_3(self, t, bar):
-        if t == 2:
-            raise KeyboardInterrupt
-        return original(self, t, bar)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_task", crash_on_task_3)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg(), tmp_path / "cut")
+    run_interrupted(cfg(), tmp_path / "cut", at_task=2)
     partial = json.loads((tmp_path / "cut" / "result.json").read_text())
     assert partial["tasks_completed"] == 2 and not partial["complete"]
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_task", original)
     resumed, _ = resume(tmp_path / "cut")
     assert resumed["complete"]
     assert resumed["accuracy"] == full["accuracy"]

@@ -18,6 +18,8 @@ from sparsecl.models import build_model
 from sparsecl.sparse.allocation import allocate
 from sparsecl.sparse.export import load_export
 
+from interrupt import run_interrupted
+
 METHODS = ["snip-der++", "rigl-der++"]
 
 
@@ -33,7 +35,7 @@ def cfg(method, out=None, **opts):
 def runs(tmp_path_factory):
     """Per method: a full run checked after every step, and one interrupted after task 2 then resumed."""
     out = {}
-    original_step, original_task = trainer_mod.Trainer._step, trainer_mod.Trainer._train_task
+    original_step = trainer_mod.Trainer._step
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 64-100-100-10 MLP: one thread is several times faster than two
     for method in METHODS:
@@ -67,17 +69,7 @@ def runs(tmp_path_factory):
         finally:
             trainer_mod.Trainer._step = original_step
 
-        def crash_on_task_3(self, t, bar):
-            if t == 2:
-                raise KeyboardInterrupt
-            return original_task(self, t, bar)
-
-        trainer_mod.Trainer._train_task = crash_on_task_3
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                run(cfg(method), root / "cut")
-        finally:
-            trainer_mod.Trainer._train_task = original_task
+        run_interrupted(cfg(method), root / "cut", at_task=2)
         resumed, cut_dir = resume(root / "cut")
         out[method] = SimpleNamespace(full=full, full_dir=full_dir, resumed=resumed, cut_dir=cut_dir,
                                       violations=violations, steps=steps[0], initial=initial,
