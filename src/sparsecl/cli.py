@@ -1,4 +1,4 @@
-"""Command-line interface: ``sparsecl run | list | report | export``."""
+"""Command-line interface: ``sparsecl run | list | report | export | sweep``."""
 from __future__ import annotations
 
 import argparse
@@ -189,7 +189,23 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
         console.print(f"wrote {args.output}")
     else:
         print(text, end="")
+    if args.plots:
+        from sparsecl.plots import write_plots
+
+        for path in write_plots(results, args.plots):
+            console.print(f"wrote {path}")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
+    from sparsecl.sweep import run_sweep
+
+    devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
+    status = run_sweep(args.grid, jobs=args.jobs, devices=devices, log=lambda m: console.print(m, highlight=False))
+    failed = sum(s.startswith("failed") for s in status.values())
+    console.print(f"sweep: {len(status) - failed} of {len(status)} runs complete"
+                  + (f", {failed} failed (see sweep.log in their run directories)" if failed else ""))
+    return 1 if failed else 0
 
 
 def _size(n: int) -> str:
@@ -233,6 +249,11 @@ def make_parser() -> argparse.ArgumentParser:
     rp.add_argument("--format", choices=["md", "csv"], default="md")
     rp.add_argument("--aggregate", action="store_true", help="mean +- std over seeds of the same configuration")
     rp.add_argument("--output", help="write the table to this file")
+    rp.add_argument("--plots", metavar="DIR", help="also write PNG figures (accuracy matrices, accuracy vs FLOPs, per-task curves)")
+    sw = sub.add_parser("sweep", help="run a grid of configurations x seeds (restartable: finished runs are skipped)")
+    sw.add_argument("grid", help="grid YAML file (see sparsecl.sweep)")
+    sw.add_argument("--jobs", type=int, default=1, help="runs at a time (CPU threads are split between them)")
+    sw.add_argument("--devices", help="comma-separated devices handed out round-robin, e.g. cuda:0,cuda:1")
     ep = sub.add_parser("export", help="write a run's final sparse model with its masks; print dense/CSR/bitmask sizes")
     ep.add_argument("run_dir", help="run directory")
     ep.add_argument("--format", choices=["pt", "csr"], default="pt",
@@ -251,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # usage errors (already printed as one line) and --help
         return int(e.code or 0)
     console = Console()
-    handlers = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "export": cmd_export}
+    handlers = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "export": cmd_export, "sweep": cmd_sweep}
     try:
         return handlers[args.command](args, console)
     except SparseCLError as e:

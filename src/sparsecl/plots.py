@@ -1,0 +1,117 @@
+"""Figures over run directories (``sparsecl report RUNS --plots DIR``): accuracy-matrix heatmaps,
+accuracy against training FLOPs (the Pareto view across methods and sparsities) and per-task
+accuracy curves. Runs of the same configuration (all but the seed) are averaged."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _label(cfg: dict[str, Any]) -> str:
+    mo = cfg.get("method_options", {})
+    parts = [cfg["method"]]
+    if "buffer_size" in mo:
+        parts.append(f"buf {mo['buffer_size']}")
+    if "sparsity" in mo:
+        parts.append(f"s {mo['sparsity']}")
+    return " ".join(parts)
+
+
+def _groups(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Configurations with the seed-mean of their accuracy matrices, ACC and FLOPs."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        cfg = r["config"]
+        key = json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "out", "device")}, sort_keys=True)
+        groups.setdefault(key, []).append(r)
+    out = []
+    for members in groups.values():
+        cfg = members[0]["config"]
+        setting = "class_il" if "class_il" in members[0]["accuracy"] else "task_il"
+        done = min(m["tasks_completed"] for m in members)
+        if done == 0:
+            continue
+        mats = np.array([[row[:done] for row in m["accuracy"][setting]["matrix"][:done]] for m in members], dtype=float)
+        out.append({
+            "label": f"{_label(cfg)} ({cfg['benchmark']})", "setting": setting, "matrix": mats.mean(0),
+            "acc": float(np.mean([m["accuracy"][setting]["acc"] for m in members])),
+            "flops": float(np.mean([m["flops"]["train"] for m in members])), "n": len(members),
+        })
+    return out
+
+
+def write_plots(results: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """Write the three figures as PNG files into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = _groups(results)
+    paths = []
+
+    # 1. Accuracy matrices (one panel per configuration).
+    n = len(groups)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), squeeze=False, constrained_layout=True)
+    for ax, g in zip(axes.flat, groups):
+        im = ax.imshow(g["matrix"], vmin=0, vmax=100, cmap="viridis")
+        T = g["matrix"].shape[0]
+        for i in range(T):
+            for j in range(T):
+                ax.text(j, i, f"{g['matrix'][i, j]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if g["matrix"][i, j] < 60 else "black")
+        ax.set_title(f"{g['label']}\n{g['setting'].replace('_', '-')}, {g['n']} seed(s)", fontsize=8)
+        ax.set_xlabel("evaluated task")
+        ax.set_ylabel("after training task")
+        ax.set_xticks(range(T), [str(t + 1) for t in range(T)])
+        ax.set_yticks(range(T), [str(t + 1) for t in range(T)])
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, shrink=0.6, label="accuracy (%)")
+    paths.append(out_dir / "accuracy_matrices.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    # 2. Final accuracy against training FLOPs, with the Pareto front (fewer FLOPs, higher accuracy).
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    pts = sorted(groups, key=lambda g: g["flops"])
+    for g in pts:
+        ax.scatter(g["flops"], g["acc"], s=30)
+        ax.annotate(g["label"], (g["flops"], g["acc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front, best = [], -1.0
+    for g in pts:
+        if g["acc"] > best:
+            front.append(g)
+            best = g["acc"]
+    ax.plot([g["flops"] for g in front], [g["acc"] for g in front], "k--", lw=1, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("final average accuracy (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    paths.append(out_dir / "accuracy_vs_flops.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    # 3. Average accuracy over the tasks seen so far, after each task.
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for g in groups:
+        R = g["matrix"]
+        curve = [R[t, : t + 1].mean() for t in range(R.shape[0])]
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", label=g["label"])
+    ax.set_xlabel("tasks learned")
+    ax.set_ylabel("average accuracy on seen tasks (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    paths.append(out_dir / "accuracy_per_task.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,188 @@
+"""Grids of runs: ``sparsecl sweep GRID.yaml --jobs N``.
+
+A grid file::
+
+    out: runs/sweep                 # where the run directories go
+    seeds: [0, 1, 2]
+    base: {benchmark: seq-mnist, data_dir: ../shared/data, device: cpu}
+    runs:
+      - {preset: seq-mnist-der++-500}
+      - {preset: seq-mnist-snip-der++-500-sp90, method_options: {sparsity: [0.8, 0.9]}}
+
+Every entry of ``runs`` is merged over ``base`` (a ``preset`` key loads that preset first); a list
+value, at the top level or inside ``method_options``/``backbone_options``, expands into one
+configuration per element (the cartesian product over all lists). Each configuration runs once per
+seed, in its own process, ``--jobs`` at a time, with the CPU threads split between them and devices
+handed out round-robin (``--devices cuda:0,cuda:1``).
+
+Restartable: a run whose ``result.json`` is complete is skipped, one with a checkpoint is resumed
+from its last completed task, anything else starts fresh. Killing the sweep and starting it again
+therefore loses at most the task each job was in.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from sparsecl import SparseCLError
+from sparsecl.config import build_options, load_preset, load_yaml, merge_config
+from sparsecl.methods import METHODS
+
+NESTED = ("method_options", "backbone_options")
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    name: str  # run directory name, unique in the sweep
+    config: dict[str, Any]  # a complete layer for merge_config (seed included)
+
+
+def _expand(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Cartesian product over list values (top level and one level into the nested option maps)."""
+    axes: list[tuple[tuple[str, ...], list[Any]]] = []
+    for key, value in entry.items():
+        if key in NESTED and isinstance(value, dict):
+            axes += [((key, k), v) for k, v in value.items() if isinstance(v, list)]
+        elif isinstance(value, list):
+            axes.append(((key,), value))
+    if not axes:
+        return [entry]
+    out = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        cfg = json.loads(json.dumps(entry))  # deep copy of plain YAML data
+        for (path, _), value in zip(axes, combo):
+            target = cfg
+            for part in path[:-1]:
+                target = target[part]
+            target[path[-1]] = value
+        out.append(cfg)
+    return out
+
+
+def _slug(cfg: dict[str, Any]) -> str:
+    parts = [str(cfg.get("preset") or cfg.get("method", "run"))]
+    if "benchmark" in cfg and not cfg.get("preset"):
+        parts.append(str(cfg["benchmark"]))
+    for key in NESTED:
+        for k, v in sorted((cfg.get(key) or {}).items()):
+            parts.append(f"{k}{v}")
+    text = "-".join(parts)
+    return re.sub(r"[^A-Za-z0-9+._=-]+", "_", text)
+
+
+def load_grid(path: str | Path) -> tuple[list[SweepJob], Path]:
+    """Expand a grid file into jobs (validated now, so a typo fails before anything runs)."""
+    grid = load_yaml(path)
+    unknown = set(grid) - {"out", "seeds", "base", "runs"}
+    if unknown:
+        raise SparseCLError(f"grid file {path}: unknown keys {', '.join(sorted(unknown))} (known: out, seeds, base, runs)")
+    runs = grid.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise SparseCLError(f"grid file {path}: 'runs' must be a non-empty list of run options")
+    seeds = grid.get("seeds", [0])
+    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
+        raise SparseCLError(f"grid file {path}: 'seeds' must be a list of integers")
+    base = grid.get("base") or {}
+    out = Path(grid.get("out", "runs/sweep"))
+    jobs: list[SweepJob] = []
+    for entry in runs:
+        if not isinstance(entry, dict):
+            raise SparseCLError(f"grid file {path}: every item of 'runs' must be a mapping")
+        for variant in _expand(entry):
+            layers = [dict(base)]
+            preset = variant.pop("preset", None)
+            if preset:
+                layers.append(load_preset(preset))
+            layers.append(variant)
+            merged: dict[str, Any] = {}
+            for layer in layers:
+                for k, v in layer.items():
+                    if k in NESTED:
+                        merged.setdefault(k, {}).update(v or {})
+                    else:
+                        merged[k] = v
+            stem = _slug({"preset": preset, **variant})
+            run_cfg = merge_config(merged)  # validates run keys and types now
+            method = METHODS.get(run_cfg.method)
+            build_options(method.options_cls, dict(run_cfg.method_options), f"method {run_cfg.method!r}")
+            for seed in seeds:
+                cfg = {**merged, "seed": seed}
+                jobs.append(SweepJob(f"{stem}-s{seed}", cfg))
+    names = [j.name for j in jobs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SparseCLError(f"grid file {path}: several runs would share the directory {dupes[0]} (make entries differ)")
+    return jobs, out
+
+
+def job_state(run_dir: Path) -> str:
+    """'done', 'resume' (checkpointed, incomplete) or 'new'."""
+    result = run_dir / "result.json"
+    if result.exists():
+        try:
+            if json.loads(result.read_text()).get("complete"):
+                return "done"
+        except json.JSONDecodeError:
+            pass
+    return "resume" if (run_dir / "checkpoint.pt").exists() else "new"
+
+
+def run_sweep(path: str | Path, jobs: int = 1, devices: list[str] | None = None,
+              log: Callable[[str], None] = print) -> dict[str, str]:
+    """Run every job of the grid; returns run name -> 'done' | 'skipped' | 'failed (...)'."""
+    job_list, out = load_grid(path)
+    out.mkdir(parents=True, exist_ok=True)
+    n_jobs = max(1, int(jobs))
+    threads = max(1, (os.cpu_count() or 1) // n_jobs)
+    status: dict[str, str] = {}
+    todo = []
+    for i, job in enumerate(job_list):
+        state = job_state(out / job.name)
+        if state == "done":
+            status[job.name] = "skipped"
+        else:
+            todo.append((i, job, state))
+    log(f"sweep: {len(job_list)} runs, {len(status)} already complete, {len(todo)} to run, {n_jobs} at a time")
+
+    def one(item: tuple[int, SweepJob, str]) -> tuple[str, str]:
+        i, job, state = item
+        run_dir = out / job.name
+        device = devices[i % len(devices)] if devices else None
+        if state == "resume":
+            cmd = [sys.executable, "-m", "sparsecl", "run", "--resume", str(run_dir), "--quiet"]
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg = dict(job.config)
+            cfg_file = run_dir / "sweep-config.yaml"
+            cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            cmd = [sys.executable, "-m", "sparsecl", "run", "--config", str(cfg_file), "--out", str(run_dir), "--quiet"]
+        if device:
+            cmd += ["--device", device]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        (run_dir / "sweep.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return job.name, f"failed ({last})"
+        log(f"sweep: {job.name} done in {time.perf_counter() - t0:.0f} s")
+        return job.name, "done"
+
+    with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+        for name, result in pool.map(one, todo):
+            status[name] = result
+    failed = [n for n, s in status.items() if s.startswith("failed")]
+    for n in failed:
+        log(f"sweep: {n} {status[n]}")
+    return status
