@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -21,6 +22,8 @@ def _label(cfg: dict[str, Any]) -> str:
         parts.append(f"buf {mo['buffer_size']}")
     if "sparsity" in mo:
         parts.append(f"s {mo['sparsity']}")
+    if "allocation" in mo:
+        parts.append(str(mo["allocation"]))
     return " ".join(parts)
 
 
@@ -79,7 +82,7 @@ def write_plots(results: list[dict[str, Any]], out_dir: str | Path) -> list[Path
     plt.close(fig)
 
     # 2. Final accuracy against training FLOPs, with the Pareto front (fewer FLOPs, higher accuracy).
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 5.0))
     pts = sorted(groups, key=lambda g: g["flops"])
     for g in pts:
         ax.scatter(g["flops"], g["acc"], s=30)
@@ -91,6 +94,8 @@ def write_plots(results: list[dict[str, Any]], out_dir: str | Path) -> list[Path
             best = g["acc"]
     ax.plot([g["flops"] for g in front], [g["acc"] for g in front], "k--", lw=1, label="Pareto front")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on short ranges
+    ax.margins(x=0.25)  # room for the labels of the rightmost points
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("final average accuracy (%)")
     ax.legend(fontsize=8)
