@@ -106,3 +106,49 @@ def test_unsupported_setting_is_a_clear_error():
             run(cfg(method="test-task-only", method_options={}), "x")
     finally:
         METHODS.remove(_TaskOnly.name)
+
+
+def test_method_can_leave_data_out_per_epoch_and_report_results(tmp_path):
+    """epoch_indices(): the engine trains only on the positions a method keeps (DDR's removal),
+    and counts only those samples; report() lands in result.json under "method"."""
+    from sparsecl.methods.base import register_method
+
+    class HalfData(ContinualMethod):
+        name = "test-half-data"
+        seen: list
+
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.seen = []
+
+        def epoch_indices(self, task, epoch):
+            n = len(task.train)
+            return None if epoch == 0 else torch.arange(0, n, 2, device=self.device)  # even positions
+
+        def observe(self, batch):
+            self.seen.append((batch.task_id, batch.index.clone()))
+            return super().observe(batch)
+
+        def end_epoch(self, task, epoch):
+            self.seen.append(("end", epoch))
+
+        def report(self):
+            # Positions seen in second epochs: all must be even.
+            second, odd = False, 0
+            for item in self.seen:
+                if item[0] == "end":
+                    second = item[1] == 0
+                elif second:
+                    odd += int((item[1] % 2 == 1).sum())
+            return {"observed_batches": sum(1 for i in self.seen if i[0] != "end"), "odd_in_second_epoch": odd}
+
+    register_method(HalfData)
+    try:
+        result, _ = run(cfg(method="test-half-data", method_options={"lr": 0.05}), tmp_path / "r")
+    finally:
+        METHODS.remove("test-half-data")
+    sizes = result["benchmark"]["train_sizes"]
+    # Epoch 0 sees every example once; epoch 1 only the even positions.
+    assert result["samples"]["trained_per_task"] == [n + (n + 1) // 2 for n in sizes]
+    assert result["method"]["odd_in_second_epoch"] == 0
+    assert result["method"]["observed_batches"] == sum(-(-n // 16) + -(-((n + 1) // 2) // 16) for n in sizes)

@@ -189,7 +189,6 @@ class Trainer:
         split = method.train_split(task)
         n = len(split)
         bs = cfg.batch_size
-        n_batches = n // bs if cfg.drop_last else math.ceil(n / bs)
         losses = []
         bar.start_task(task_index, cfg.epochs)
         self.model.train()
@@ -200,8 +199,13 @@ class Trainer:
         side = torch.cuda.Stream(self.device) if cfg.cuda_graph else None
         eager_steps = 0
         for epoch in range(cfg.epochs):
+            keep = method.epoch_indices(task, epoch)
+            if keep is None:
+                perm = torch.randperm(n, device=self.device)
+            else:  # a subset chosen by the method (data removal): shuffle it
+                perm = keep[torch.randperm(int(keep.shape[0]), device=self.device)]
+            n_batches = perm.shape[0] // bs if cfg.drop_last else math.ceil(perm.shape[0] / bs)
             bar.start_epoch(n_batches)
-            perm = torch.randperm(n, device=self.device)
             loss_sum.zero_()
             for b in range(n_batches):
                 idx = perm[b * bs : (b + 1) * bs]
@@ -277,6 +281,7 @@ class Trainer:
                     mask_bytes=s["sparsity"]["mask_bytes"] + s["sparsity"]["task_mask_bytes"],
                     buffer_bytes=self._buffer_bytes(),
                 )
+                s["method"] = self.method.report()
                 s["completed"] = t + 1
                 self._save_checkpoint(t)
                 atomic_write_json(self.run_dir / RESULT, self.result())
@@ -357,6 +362,7 @@ class Trainer:
                       "ratio": (sum(s["flops"]) / sum(s["dense_flops"])) if sum(s["dense_flops"]) else None,
                       "per_task": s["flops"], "per_layer": self.flops.per_layer(),
                       "note": "2 FLOPs per MAC of conv/linear layers, backward = 2x forward; BN, activations and selection overheads omitted"},
+            "method": s.get("method") or {},
             "sparsity": s.get("sparsity"),
             "capacity": s.get("capacity"),
             "model": {"backbone": getattr(self.model, "backbone_name", cfg.backbone),

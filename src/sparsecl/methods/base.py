@@ -118,6 +118,12 @@ class ContinualMethod:
         """The data the engine iterates over for ``task`` (Joint overrides this)."""
         return task.train
 
+    def epoch_indices(self, task: Task, epoch: int) -> torch.Tensor | None:
+        """Positions in :meth:`train_split` to train on in ``epoch`` (a device int64 tensor, the
+        engine shuffles them), or None for all of them. Data-removal methods (SparCL's DDR) shrink
+        it between epochs; the examples left out are never seen by :meth:`observe`."""
+        return None
+
     def observe(self, batch: Batch) -> torch.Tensor:
         """One training step; returns the detached loss as a device tensor (no host sync)."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -179,6 +185,11 @@ class ContinualMethod:
         if self.ctx.setting == TASK_IL:
             logits = self.mask_logits(logits, task_ids)
         return F.cross_entropy(logits, y)
+
+    def report(self) -> dict[str, Any]:
+        """JSON-safe method-specific results, stored under ``result.json`` ``"method"`` after every
+        task (e.g. per-stage data counts, backbone usage per task, model size per task)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """Extra method state to checkpoint after a task (buffers, old models...)."""
