@@ -1,0 +1,112 @@
+"""Training on a masked network: the part every sparse-training method shares.
+
+:class:`MaskOptions` are the option fields (sparsity, maskable layers, allocation) and
+:class:`MaskedTraining` the mixin that owns a :class:`~sparsecl.sparse.MaskSet` on top of any
+method: the masks are applied after every optimiser step through optimiser hooks (the wrapped
+method's ``observe`` is unchanged), bound to the run's FLOP counter so every step is charged at the
+real density, re-hooked onto each task's new optimiser and checkpointed. Used by ``snip-der++``,
+``rigl-der++`` and SparCL (``sparcl-er``, ``sparcl-der++``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sparsecl import SparseCLError
+from sparsecl.data.stream import Task
+from sparsecl.sparse.allocation import ALLOCATIONS, allocate, check_sparsity
+from sparsecl.sparse.masks import MaskSet
+from sparsecl.sparse.policy import PRESETS, MaskPolicy
+
+
+@dataclass
+class MaskOptions:
+    """Option fields of a masked network (mixed into a method's options dataclass)."""
+
+    sparsity: float = 0.9  # fraction of masked-out weights over the maskable layers, in [0, 1)
+    policy: str = "conv-linear"  # conv-linear (SPEC default) | residual-3x3 (SparCL's layers)
+    include_first: bool = False  # also mask the first conv
+    include_shortcuts: bool = False  # also mask 1x1 shortcut convs
+    include_head: bool = False  # also mask the classifier
+    allocation: str = "uniform"  # uniform (SparCL) | erk
+
+    def validate_masks(self, allocations: tuple[str, ...] = ALLOCATIONS) -> None:
+        """Raise :class:`SparseCLError` for an impossible sparsity or an unknown policy/allocation."""
+        check_sparsity(self.sparsity)
+        if self.policy not in PRESETS:
+            raise SparseCLError(f"unknown mask policy {self.policy!r} (known: {', '.join(PRESETS)})")
+        if self.allocation not in allocations:
+            raise SparseCLError(f"unknown allocation {self.allocation!r} (known: {', '.join(allocations)})")
+
+    def mask_policy(self) -> MaskPolicy:
+        return MaskPolicy(self.policy, self.include_first, self.include_shortcuts, self.include_head)
+
+
+class MaskedTraining:
+    """Mixin (put it before the method class): a :class:`MaskSet` over the policy's layers.
+
+    Subclasses create the masks (at construction or in :meth:`create_masks`) and adopt them with
+    :meth:`install_masks`. Options must include the :class:`MaskOptions` fields.
+    """
+
+    masks: MaskSet | None
+
+    def __init__(self, model, options, ctx) -> None:
+        super().__init__(model, options, ctx)
+        policy = options.mask_policy()
+        self.mask_policy = policy.describe()
+        self.mask_names: list[str] = policy.select(model)
+        if not self.mask_names:
+            raise SparseCLError(f"mask policy {self.mask_policy!r} selects no layer of this backbone "
+                                "(e.g. residual-3x3 needs a ResNet; use -o policy=conv-linear)")
+        self.masks = None
+
+    def layer_counts(self, sparsity: float | None = None) -> dict[str, int]:
+        """Active weights per maskable layer for ``sparsity`` (default: the option) and the allocation."""
+        s = self.opt.sparsity if sparsity is None else sparsity
+        params = dict(self.model.named_parameters())
+        shapes = {n: tuple(params[n].shape) for n in self.mask_names}
+        return allocate(self.opt.allocation, shapes, 1.0 - s)
+
+    def create_masks(self, task: Task) -> MaskSet | None:
+        """Build the masks before ``task`` (called while :attr:`masks` is None); None = not yet."""
+        return None
+
+    def install_masks(self, masks: MaskSet) -> None:
+        """Adopt ``masks``: zero the inactive weights, bind the FLOP counter, hook the optimiser."""
+        self.masks = masks
+        masks.apply_()
+        if self.ctx.flops is not None:
+            masks.bind_flops(self.ctx.flops)
+        if self.optimizer is not None:
+            masks.hook_optimizer(self.optimizer)
+
+    def begin_task(self, task: Task) -> None:
+        if self.masks is None:
+            masks = self.create_masks(task)
+            if masks is not None:
+                self.install_masks(masks)
+        elif self.ctx.flops is not None:
+            self.masks.bind_flops(self.ctx.flops)  # e.g. after a resume: densities of the loaded masks
+        super().begin_task(task)
+
+    def make_optimizer(self, params: Any = None) -> torch.optim.Optimizer:
+        optimizer = super().make_optimizer(params)
+        if self.masks is not None:
+            self.masks.unhook()  # the previous task's optimiser is gone
+            self.masks.hook_optimizer(optimizer)
+        return optimizer
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["masks"] = self.masks.state_dict() if self.masks is not None else None
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if state.get("masks") is not None:
+            masks = MaskSet(self.model, state["masks"]["masks"])
+            masks.load_state_dict(state["masks"])
+            self.install_masks(masks)

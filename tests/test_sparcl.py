@@ -1,0 +1,196 @@
+"""SparCL (sparcl-er, sparcl-der++): exact mask density outside the documented window, CWI ranking,
+DDR's exact removal, DGM's exact gradient density and frozen masked weights, resume, presets, errors."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sparsecl.cli import main
+from sparsecl.config import build_options, load_preset, preset_names
+from sparsecl.config import merge_config
+from sparsecl.engine import trainer as trainer_mod
+from sparsecl.engine.trainer import Trainer, resume, run
+from sparsecl.methods import METHODS
+from sparsecl.methods.derpp import DERpp
+
+from interrupt import run_interrupted
+
+LAYERS = ["backbone.net.1.weight", "backbone.net.3.weight"]  # the MLP's hidden layers (conv-linear)
+
+
+def cfg(method="sparcl-der++", out=None, epochs=4, **opts):
+    options = {"lr": 0.05, "buffer_size": 50, "sparsity": 0.75, "delta_k": 0.5, "p_intra": 0.02,
+               "p_inter": 0.05, "ddr_rho": 0.3, "ddr_cutoff": 4, "dgm_interval": 7, **opts}
+    if method == "sparcl-der++":
+        options.update(alpha=0.3, beta=0.5)
+    return merge_config(dict(method=method, benchmark="digits", epochs=epochs, batch_size=16, seed=5,
+                             device="cpu", method_options=options, out=out))
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory):
+    """One sparcl-der++ run on digits with every step checked: mask counts, zeros, gradient masks."""
+    root = tmp_path_factory.mktemp("sparcl")
+    log = SimpleNamespace(steps=0, window_steps=0, violations=[], grad_checked=0, frozen_checked=0)
+    original = trainer_mod.Trainer._step
+
+    def step(self, split, idx, task_index):
+        m = self.method
+        params = {n: m.masks.params[n] for n in LAYERS}
+        before = {n: p.detach().clone() for n, p in params.items()}
+        grad_masks = {n: g.clone() for n, g in m.masks.grad_masks.items()}
+        stage = m._stage
+        loss = original(self, split, idx, task_index)
+        base = self._base_counts
+        in_window = task_index > 0 and stage == 0  # from a later task's start to its first stage end
+        log.window_steps += in_window
+        for n in LAYERS:
+            mask = m.masks.masks[n]
+            want = base[n] + (round(0.05 * mask.numel()) if in_window and m._stage == 0 else 0)
+            if int(mask.sum()) != want or m.masks.active(n) != want:
+                log.violations.append(("count", task_index, n, int(mask.sum()), want))
+            if bool((params[n][~mask] != 0).any()):
+                log.violations.append(("nonzero", task_index, n))
+            if n in grad_masks and m._stage == stage:  # no stage end (mask update) in this step
+                g = grad_masks[n]
+                if int(g.sum()) != round(0.2 * g.numel()):  # gradient sparsity 0.80 at s = 0.75
+                    log.violations.append(("grad density", task_index, n, int(g.sum())))
+                if not torch.equal(params[n][~g], before[n][~g]):
+                    log.violations.append(("masked weight moved", task_index, n))
+                log.frozen_checked += 1
+        log.steps += 1
+        return loss
+
+    trainer_mod.Trainer._step = step
+    try:
+        t = Trainer(cfg(), root / "full")
+        params = dict(t.model.named_parameters())
+        from sparsecl.sparse.allocation import allocate
+        trainer_mod.Trainer._base_counts = allocate("uniform", {n: tuple(params[n].shape) for n in LAYERS}, 0.25)
+        result = t.run()
+    finally:
+        trainer_mod.Trainer._step = original
+    return SimpleNamespace(log=log, result=result, root=root)
+
+
+def test_mask_density_is_exact_outside_the_inter_task_window(checked):
+    log = checked.log
+    assert log.steps > 300 and log.window_steps > 20
+    assert log.violations == []
+    sp = checked.result["sparsity"]
+    assert sp["overall"]["density"] == pytest.approx(0.25, abs=1e-3)
+    tasks = checked.result["method"]["sparcl"]["tasks"]
+    assert tasks[0]["density_at_start"] == pytest.approx(0.25, abs=1e-3)
+    assert tasks[1]["density_at_start"] > tasks[1]["density_at_end"] == pytest.approx(0.25, abs=1e-3)
+
+
+def test_dgm_keeps_exact_gradient_density_and_never_updates_a_masked_weight(checked):
+    assert checked.log.frozen_checked > 200  # steps x layers with a gradient mask in force
+    assert checked.result["sparsity"]["overall"]["grad_density"] == pytest.approx(0.2, abs=1e-3)
+    # the memory footprint's gradient term uses the gradient density (SparCL B.2)
+    fp = checked.result["memory"]["footprint_bytes"]
+    assert fp["gradients"] < fp["weights"]
+
+
+def test_ddr_removes_exactly_rho_by_the_cutoff_and_only_the_current_tasks_data(tmp_path):
+    seen_removed = []
+    original = DERpp.observe
+
+    def observe(self, batch):  # what DER++ actually trains on, after SparCL's filtering
+        seen_removed.append(int(self._removed[batch.index].sum()))
+        return original(self, batch)
+
+    DERpp.observe = observe
+    try:
+        result, run_dir = run(cfg(epochs=5, delta_k=1, dgm=False), tmp_path / "r")
+    finally:
+        DERpp.observe = original
+    assert sum(seen_removed) == 0  # a removed example is never trained on again
+    sizes = result["benchmark"]["train_sizes"]
+    tasks = result["method"]["sparcl"]["tasks"]
+    for n, t in zip(sizes, tasks):
+        assert t["removed_examples"] == round(0.3 * n)
+        kept = [s["kept_examples"] for s in t["stages"]]
+        assert kept == [n - round(0.3 * n * i / 4) for i in range(1, 5)]  # rho / cutoff per stage end
+    # The replay buffer still holds (and replays) earlier tasks' examples: DDR never touches them.
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    tasks_in_buffer = set(ckpt["method"]["buffer"]["store"]["task"][:50].tolist())
+    assert {0, 1, 2, 3, 4} <= tasks_in_buffer
+
+
+def test_cwi_ranks_a_weight_with_buffer_gradient_above_an_equal_weight_without(tmp_path):
+    t = Trainer(cfg(dgm=False, ddr=False), tmp_path / "r")
+    m = t.method
+    m.begin_task(t.stream.tasks[0])
+    name = LAYERS[1]
+    w, mask = m.masks.params[name], m.masks.masks[name]
+    active = torch.nonzero(mask.flatten()).squeeze(1)
+    with torch.no_grad():
+        w.copy_(mask.float())  # every active weight has |w| = 1
+    with_buf = torch.zeros(mask.numel(), dtype=torch.bool)
+    with_buf[active[: len(active) // 2]] = True
+    with_buf = with_buf.view(mask.shape)
+    i = m.mask_names.index(name)
+    m._g_buf[i].copy_(with_buf.float() * 5.0)  # a large buffer gradient on half the active weights
+    m._n_buf = m._n_cur = 1
+    k = round(m.opt.p_intra * mask.numel())
+    assert 0 < k < len(active) // 2
+    m._update_mask()
+    # The k dropped weights (now 0, or regrown at 0) all come from the half without buffer gradient.
+    assert bool((w[with_buf] == 1).all()) and bool(m.masks.masks[name][with_buf].all())
+    assert int((w == 1).sum()) == len(active) - k
+    assert m.masks.active(name) == len(active)  # shrink-and-expand keeps the density
+
+
+def test_resume_gives_identical_result(tmp_path):
+    c = cfg("sparcl-er", epochs=3, delta_k=1, ddr_cutoff=1)
+    full, full_dir = run(c, tmp_path / "full")
+    run_interrupted(cfg("sparcl-er", epochs=3, delta_k=1, ddr_cutoff=1), tmp_path / "cut", at_task=2)
+    resumed, cut_dir = resume(tmp_path / "cut")
+    assert resumed["accuracy"] == full["accuracy"]
+    assert resumed["flops"]["train"] == full["flops"]["train"]
+    assert resumed["method"] == full["method"]
+    a = torch.load(full_dir / "model.pt", weights_only=True)
+    b = torch.load(cut_dir / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_importance_passes_are_charged_and_ablation_switches_turn_components_off(tmp_path):
+    every, _ = run(cfg(ddr=False, importance_every=1), tmp_path / "a")
+    rare, _ = run(cfg(ddr=False, importance_every=1000), tmp_path / "b")
+    off, _ = run(cfg(tdm=False, ddr=False, dgm=False), tmp_path / "c")
+    # each gathering step forwards (and backpropagates) the current batch and a buffer minibatch
+    assert every["samples"]["trained"] > rare["samples"]["trained"] > off["samples"]["trained"]
+    assert every["flops"]["train"] > rare["flops"]["train"]
+    assert off["method"]["sparcl"]["components"] == {"tdm": False, "ddr": False, "dgm": False}
+    assert off["sparsity"]["overall"]["grad_density"] == pytest.approx(0.25, abs=1e-3)  # no DGM
+    assert all(t["removed_examples"] == 0 for t in off["method"]["sparcl"]["tasks"])
+
+
+@pytest.mark.parametrize("opts, message", [
+    ({"momentum": 0.9}, "dgm needs plain SGD"),
+    ({"grad_sparsity": 0.5}, "grad_sparsity must lie in [sparsity, 1)"),
+    ({"ddr_cutoff": 9}, "ddr_cutoff=9 needs at least 10 stages"),
+    ({"delta_k": 4}, "leaves one stage per task"),
+    ({"sparsity": 1.0}, "sparsity must lie in [0, 1)"),
+    ({"policy": "residual-3x3"}, "selects no layer"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, capsys, opts, message):
+    args = ["run", "--method", "sparcl-der++", "--benchmark", "digits", "--epochs", "4", "--out", str(tmp_path / "r")]
+    for k, v in {"delta_k": 0.5, **opts}.items():
+        args += ["-o", f"{k}={v}"]
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_every_preset_loads_and_validates():
+    for name in preset_names():
+        p = load_preset(name)
+        build_options(METHODS.get(p["method"]).options_cls, p.get("method_options", {}), name)
+    names = set(preset_names())
+    for bench in ("seq-cifar10", "seq-tinyimg"):
+        for m in ("er", "der++"):
+            for buf in (200, 500):
+                for s in (75, 90, 95):
+                    assert f"{bench}-sparcl-{m}-{buf}-sp{s}" in names
