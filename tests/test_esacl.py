@@ -233,3 +233,16 @@ def test_bad_options_are_one_line_errors(opts, match):
 def test_combined_options_keep_the_parents_fields():
     o = build_options(EsaCLDERppOptions, {"alpha": 0.2, "buffer_size": 200, "sam": "false"}, "m")
     assert (o.alpha, o.beta, o.buffer_size, o.sam, o.lr) == (0.2, 0.5, 200, False, 0.01)
+
+
+def test_esacl_presets_load_and_validate():
+    from sparsecl.config import load_preset, load_yaml, preset_dir, preset_names
+    from sparsecl.methods import METHODS
+
+    names = [n for n in preset_names() if "-esacl" in n]
+    assert {"seq-cifar10-esacl-der++-500-sp80", "seq-cifar10-esacl-er-500-sp80"} <= set(names)
+    for name in names:
+        raw = load_yaml(preset_dir() / f"{name}.yaml")
+        assert raw["description"] and "appendix" in raw["source"].lower() or "esacl" in raw["source"].lower()
+        p = load_preset(name)
+        build_options(METHODS.get(p["method"]).options_cls, p["method_options"], name)
