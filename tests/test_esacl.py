@@ -246,3 +246,20 @@ def test_esacl_presets_load_and_validate():
         assert raw["description"] and "appendix 6.1" in raw["source"]
         p = load_preset(name)
         build_options(METHODS.get(p["method"]).options_cls, p["method_options"], name)
+
+
+@pytest.mark.parametrize("method", ["esacl-er", "esacl-ewc"])
+def test_er_and_ewc_variants_run_and_prune(tmp_path, method):
+    torch.set_num_threads(1)
+    r, _ = run(cfg(method, sse=False), tmp_path / method)
+    assert r["complete"] and len(r["method"]["esacl"]["prune"]) == 5
+    for n in LAYERS:
+        layer = r["sparsity"]["per_layer"][n]
+        assert layer["active"] == _keep(layer["n"]) and layer["nonzero"] <= layer["active"]
+    if method == "esacl-ewc":
+        # per step: ascent on the whole batch (sse off) + descent on 40%; plus the Fisher pass over each
+        # task's training set after its prune, charged as training samples at the pruned density
+        sizes = r["benchmark"]["train_sizes"]
+        steps = sum(b + math.ceil(0.4 * b) for n in sizes for b in [min(16, n - s) for s in range(0, n, 16)])
+        assert r["samples"]["trained"] == steps + sum(sizes)
+        assert r["flops"]["ratio"] < 1.0
