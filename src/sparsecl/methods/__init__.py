@@ -9,5 +9,6 @@ from sparsecl.methods import snip_derpp  # noqa: F401
 from sparsecl.methods import rigl_derpp  # noqa: F401
 from sparsecl.methods import packnet  # noqa: F401
 from sparsecl.methods import sparcl  # noqa: F401
+from sparsecl.methods import esacl  # noqa: F401
 
 __all__ = ["METHODS", "Batch", "ContinualMethod", "MethodContext", "MethodOptions", "register_method"]
