@@ -250,14 +250,15 @@ def test_bad_options_are_one_line_errors(method, opts, setting, epochs, match, t
 
 
 def test_cl_lsg_presets_load_and_validate():
-    from sparsecl.config import load_preset, merge_config
+    from sparsecl.config import build_options, load_preset, load_yaml, merge_config, preset_dir
     from sparsecl.methods import METHODS
-    from sparsecl.config import build_options
 
     names = ["cifar100-10-cl-lsg", "cifar100-superclass-cl-lsg", "miniimagenet-cl-lsg"]
     names += [f"{b}-{m}" for b in ("seq-mnist", "seq-cifar10-jpeg") for m in ("cl-lsg", "grow", "scratch")]
     for name in names:
+        raw = load_yaml(preset_dir() / f"{name}.yaml")
+        assert raw["description"] and "NeurIPS 2022" in raw["source"]
         p = load_preset(name)
-        assert p["source"] and p["setting"] == "task-il" and "NeurIPS 2022" in p["source"]
-        merge_config({k: v for k, v in p.items() if k not in ("description", "source")}).validate()
+        assert p["setting"] == "task-il"
+        merge_config(p).validate()
         build_options(METHODS.get(p["method"]).options_cls, p["method_options"], name)

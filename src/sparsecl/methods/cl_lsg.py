@@ -232,7 +232,8 @@ class CLLSG(ContinualMethod):
                 frozen[n] = torch.ones_like(params[n], dtype=torch.bool)
         self._guard = FrozenGuard(self.model, frozen)
         self._guard.hook_optimizer(self.optimizer)
-        self._target_acc = self._target(task)
+        # the target is only needed (and scratch models only trained) when growth depends on it
+        self._target_acc = self._target(task) if self.opt.growth == "target" else float("nan")
         self._stage1_epochs = self._plan(t)
         self._skip_from: int | None = None
         self._decision = float("nan")
