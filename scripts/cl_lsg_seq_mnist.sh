@@ -14,3 +14,7 @@ for s in "$@"; do
   run abl-lsg "$s" --preset seq-mnist-cl-lsg -o growth=always -o retrain_released=false
   run abl-retrain "$s" --preset seq-mnist-cl-lsg -o growth=always
 done
+# Sensitivity: mask learning rate 0.01 instead of the paper's 5e-4 (kernel gates can close in 4 epochs).
+if [ "${MASK_LR_SWEEP:-0}" = 1 ]; then
+  for s in "$@"; do run cl-lsg-mlr0.01 "$s" --preset seq-mnist-cl-lsg -o mask_lr=0.01; done
+fi

@@ -12,7 +12,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-ROWS = [("scratch", "Scratch"), ("grow", "Grow"), ("cl-lsg", "CL-LSG (ours impl.)")]
+ROWS = [("scratch", "Scratch"), ("grow", "Grow"), ("cl-lsg", "CL-LSG (ours impl.)"),
+        ("cl-lsg-mlr0.01", "CL-LSG, mask lr 0.01 (not the paper's)")]
 ABLATION = [("grow", "Grow only"), ("abl-sel", "+Sel-mask"), ("abl-lsg", "+LSG"), ("abl-retrain", "+Re-train"),
             ("cl-lsg", "CL-LSG (target growth)")]
 
@@ -64,9 +65,11 @@ def main(root: Path) -> None:
         if key in runs:
             cols = [ms([r["method"]["size_task"][j] for r in runs[key]]) for j in range(T)]
             print(f"| {label} | " + " | ".join(c + "x" for c in cols) + " |")
-    if "cl-lsg" in runs:
-        print("\nCL-LSG decisions: grew per task, stage-1 accuracy / scratch target (seed by seed)\n")
-        for r in runs["cl-lsg"]:
+    for key in ("cl-lsg", "cl-lsg-mlr0.01"):
+        if key not in runs:
+            continue
+        print(f"\n{key} decisions: grew per task, stage-1 accuracy / scratch target (seed by seed)\n")
+        for r in runs[key]:
             m = r["method"]
             print(f"- seed {r['seed']}: grew {m['grew']}; stage-1 {m['stage1_accuracy']}; target {m['target']}")
     print("\nAblation (Table 8 layout: each row adds one technique; accuracy and its change vs the row above)\n")
