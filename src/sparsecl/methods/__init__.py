@@ -10,5 +10,6 @@ from sparsecl.methods import rigl_derpp  # noqa: F401
 from sparsecl.methods import packnet  # noqa: F401
 from sparsecl.methods import sparcl  # noqa: F401
 from sparsecl.methods import esacl  # noqa: F401
+from sparsecl.methods import scratch, cl_lsg, grow  # noqa: F401  (CL-LSG and its baselines)
 
 __all__ = ["METHODS", "Batch", "ContinualMethod", "MethodContext", "MethodOptions", "register_method"]

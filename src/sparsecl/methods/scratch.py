@@ -1,0 +1,125 @@
+"""Scratch (``scratch``): one separate full model per task, trained from scratch (CL-LSG's baseline).
+
+Every task starts from the same initial weights (the model as built from the run's seed), trains
+the whole backbone and its own head on the task's data only, and keeps a private copy of the
+backbone: no forgetting and no transfer, and the model size grows by one full network per task
+(reported as ``size_task`` = 1.0 and ``size_total`` = tasks so far, in units of the full network,
+as CL-LSG's Tables 2-3). Task-IL only (per-task heads).
+
+:func:`scratch_accuracy` trains such a model for one task outside the engine; CL-LSG uses it for
+its target accuracy (``target: scratch``).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsecl import SparseCLError
+from sparsecl.data.augment import DeviceAugment
+from sparsecl.data.stream import Split, Task
+from sparsecl.methods.base import TASK_IL, ContinualMethod, MethodOptions, register_method
+
+
+@torch.no_grad()
+def task_il_accuracy(model_fn: Callable[[torch.Tensor], torch.Tensor], split: Split, classes: torch.Tensor,
+                     augment: DeviceAugment, batch_size: int = 256) -> float:
+    """Task-IL accuracy (percent) of ``model_fn`` on ``split``: argmax over the task's ``classes`` only."""
+    correct = torch.zeros((), dtype=torch.long, device=split.y.device)
+    for start in range(0, len(split), batch_size):
+        logits = model_fn(augment.eval(split.x[start:start + batch_size])).float()
+        pred = classes[logits[:, classes].argmax(1)]
+        correct += (pred == split.y[start:start + batch_size]).sum()
+    return 100.0 * correct.item() / max(len(split), 1)
+
+
+def scratch_accuracy(template: nn.Module, task: Task, augment: DeviceAugment, *, epochs: int, lr: float,
+                     batch_size: int, generator: torch.Generator, split: str = "test",
+                     count_samples: Callable[[int, int], None] | None = None) -> float:
+    """Train a copy of ``template`` (the untrained full model) on ``task`` alone with SGD and return
+    its Task-IL accuracy on the task's ``split`` ('test' or 'train'): CL-LSG's target accuracy."""
+    model = copy.deepcopy(template)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    classes = torch.as_tensor(task.classes, device=task.train.y.device)
+    keep = torch.zeros(model.n_classes, dtype=torch.bool, device=classes.device)
+    keep[classes] = True
+    n = len(task.train)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator, device="cpu").to(task.train.y.device)
+        for b in range(math.ceil(n / batch_size)):
+            idx = perm[b * batch_size:(b + 1) * batch_size]
+            logits = model(augment.train(task.train.x[idx])).masked_fill(~keep, float("-inf"))
+            loss = F.cross_entropy(logits, task.train.y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if count_samples is not None:
+            count_samples(n, 0)
+    model.eval()
+    data = task.test if split == "test" else task.train
+    return task_il_accuracy(model, data, classes, augment)
+
+
+@register_method
+class Scratch(ContinualMethod):
+    """A separate model per task, each trained from the same initial weights (Task-IL only)."""
+
+    name = "scratch"
+    description = "Scratch: one separate full model per task (CL-LSG baseline, model size T x)"
+    options_cls = MethodOptions
+    settings = frozenset({TASK_IL})
+
+    def __init__(self, model, options, ctx) -> None:
+        super().__init__(model, options, ctx)
+        if getattr(model.head, "heads", None) is None:
+            raise SparseCLError("scratch needs per-task heads (run it with --setting task-il)")
+        self.backbone_names = [f"backbone.{n}" for n in model.backbone.state_dict()]
+        self.init_state = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
+        self.models: list[dict[str, torch.Tensor]] = []  # backbone state of each finished task
+        self._saved: dict[str, torch.Tensor] | None = None
+        self._view: int | None = None
+
+    def begin_task(self, task: Task) -> None:
+        self.task = task.index
+        self.model.backbone.load_state_dict(self.init_state)  # a fresh model for every task
+        params = list(self.model.backbone.parameters()) + list(self.model.head.heads[task.index].parameters())
+        self.optimizer = self.make_optimizer(params)
+
+    def end_task(self, task: Task) -> None:
+        self.models.append({k: v.detach().clone() for k, v in self.model.backbone.state_dict().items()})
+
+    @contextmanager
+    def evaluation(self) -> Iterator[None]:
+        self._saved = {k: v.detach().clone() for k, v in self.model.backbone.state_dict().items()}
+        self._view = None
+        try:
+            yield
+        finally:
+            self.model.backbone.load_state_dict(self._saved)
+            self._saved, self._view = None, None
+
+    def eval_logits(self, x: torch.Tensor, task_id: int) -> torch.Tensor:
+        if self._saved is None:
+            raise RuntimeError("Scratch.eval_logits must run inside Scratch.evaluation()")
+        if self._view != task_id:
+            state = self.models[task_id] if task_id < len(self.models) else self._saved
+            self.model.backbone.load_state_dict(state)
+            self._view = task_id
+        return self.model(x)
+
+    def report(self) -> dict:
+        t = len(self.models)
+        return {"size_task": [1.0] * t, "size_total": [float(i + 1) for i in range(t)],
+                "model_size": float(t), "size_unit": "full backbone (conv/linear weights)"}
+
+    def state_dict(self) -> dict:
+        return {"models": self.models}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.models = [{k: v.to(self.device) for k, v in m.items()} for m in state["models"]]

@@ -1,0 +1,264 @@
+"""CL-LSG and its baselines (scratch, grow): gates, isolation, growth decisions, model size, resume."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sparsecl import SparseCLError
+from sparsecl.config import merge_config
+from sparsecl.engine.trainer import Trainer, resume, run
+from sparsecl.models import build_model
+from sparsecl.sparse.gates import ChannelGate, GateSet, KernelGate, layer_graph
+from sparsecl.sparse.policy import MaskPolicy
+
+from interrupt import run_interrupted
+
+
+def cfg(method="cl-lsg", epochs=2, **opts):
+    options = {"lr": 0.05}
+    options.update(opts)
+    return merge_config(dict(method=method, benchmark="digits", setting="task-il", epochs=epochs, batch_size=16,
+                             seed=0, device="cpu", keep_checkpoints="all", method_options=options))
+
+
+@pytest.fixture(scope="module")
+def lsg(tmp_path_factory):
+    """A full CL-LSG run (targets from scratch models) with the trained method object."""
+    out = tmp_path_factory.mktemp("cl-lsg") / "run"
+    trainer = Trainer(cfg(), out)
+    result = trainer.run()
+    return result, out, trainer.method
+
+
+# ------------------------------------------------------------------- gates
+def test_straight_through_gate_is_exactly_binary_with_nonzero_gradient():
+    gen = torch.Generator().manual_seed(0)
+    gate = KernelGate((6, 5, 1, 1), gen, temperature=1.0, init=0.0)
+    gate.configure_(torch.ones(6, 5, 1, 1, dtype=torch.bool), torch.ones(6, 5, 1, 1))
+    w = torch.randn(6, 5, 3, 3)
+    g = gate()
+    assert set(g.unique().tolist()) == {0.0, 1.0}  # noise around logit 0: both values occur
+    (w * g).sum().backward()
+    assert gate.logit.grad is not None and gate.logit.grad.abs().sum() > 0
+    # fixed positions: their value, no gradient
+    gate.logit.grad = None
+    gate.configure_(torch.zeros(6, 5, 1, 1, dtype=torch.bool), torch.zeros(6, 5, 1, 1))
+    assert torch.equal(gate(), torch.zeros(6, 5, 1, 1))
+    gate.eval()  # evaluation: deterministic threshold logit > 0
+    gate.configure_(torch.ones(6, 5, 1, 1, dtype=torch.bool), torch.ones(6, 5, 1, 1))
+    with torch.no_grad():
+        gate.logit.copy_(torch.linspace(-1, 1, 30).reshape(6, 5, 1, 1))
+    assert torch.equal(gate() > 0.5, gate.logit > 0)
+
+
+def test_gate_noise_follows_the_seeded_generator():
+    def sample(seed):
+        gate = KernelGate((8, 8), torch.Generator().manual_seed(seed), init=0.0)
+        gate.configure_(torch.ones(8, 8, dtype=torch.bool), torch.ones(8, 8))
+        return gate()
+    assert torch.equal(sample(1), sample(1)) and not torch.equal(sample(1), sample(2))
+
+
+def test_continuous_sparsification_binarises_at_the_end():
+    gate = ChannelGate(6)
+    gate.on[0] = True  # seed channel
+    gate.start_growth_()
+    with torch.no_grad():
+        gate.s.copy_(torch.tensor([-5.0, 0.3, -0.2, 2.0, 0.01, -0.01]))
+    gate.set_beta(1.0)
+    soft = gate()
+    assert soft[0] == 1 and 0 < soft[2] < 0.5 < soft[1] < 1  # continuous during training
+    gate.set_beta(1e4)
+    assert torch.allclose(gate(), torch.tensor([1.0, 1, 0, 1, 1, 0]), atol=1e-6)  # annealed: near binary
+    grown = gate.binarise_()
+    assert grown.tolist() == [False, True, False, True, True, False]
+    assert gate.on.tolist() == [True, True, False, True, True, False] and not gate.learn.any()
+    assert torch.equal(gate(), gate.on.float())  # exactly 0/1 afterwards
+    assert gate.penalty() == 0
+
+
+@pytest.mark.parametrize("backbone,shape,kw", [
+    ("mlp", (1, 8, 8), {}),
+    ("lenet", (3, 16, 16), {"channels": [8, 16, 32, 24]}),
+    ("resnet18", (3, 8, 8), {"nf": 8}),
+    ("vgg16bn", (3, 32, 32), {}),
+])
+def test_gates_on_paper_backbones_close_channels_exactly(backbone, shape, kw):
+    """Closed channels contribute nothing: changing their weights leaves the output unchanged."""
+    torch.manual_seed(0)
+    model = build_model(backbone, shape, 4, task_classes=[[0, 1], [2, 3]], **kw)
+    names = MaskPolicy("conv-linear", include_first=True, include_shortcuts=True).select(model)
+    gates = GateSet(model, names, torch.Generator().manual_seed(0))
+    for g in gates.groups:
+        gates.channel_gate(g).on[: max(1, gates.channel_gate(g).on.numel() // 8)] = True
+    model.eval()
+    gates.train(False)
+    x = torch.randn(3, *shape)
+    before = model(x)
+    on = gates.channels_on()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            dead = ~gates.alive(n, on).expand_as(params[n])
+            params[n][dead] = torch.randn(int(dead.sum())) * 10
+    assert torch.equal(model(x), before)
+    assert model(x).abs().sum() > 0
+    gates.detach()
+    assert not torch.equal(model(x), before)  # plain layers again: the closed channels are back
+
+
+def test_resnet_residual_streams_share_one_channel_gate():
+    model = build_model("resnet18", (3, 8, 8), 4, task_classes=[[0, 1], [2, 3]], nf=8)
+    names = MaskPolicy("conv-linear", include_first=True, include_shortcuts=True).select(model)
+    group, source, unit = layer_graph(model, names)
+    b = "backbone."
+    assert group[b + "conv1"] == group[b + "layer1.0.conv2"] == group[b + "layer1.1.conv2"]
+    assert group[b + "layer2.0.conv2"] == group[b + "layer2.0.shortcut.0"] == group[b + "layer2.1.conv2"]
+    assert group[b + "layer2.0.conv2"] != group[b + "layer1.0.conv2"]
+    assert group[b + "layer1.0.conv1"] == b + "layer1.0.conv1"  # inner convs: own gates
+    assert source[b + "layer2.0.shortcut.0"] == group[b + "conv1"] and source[b + "conv1"] is None
+    assert unit[b + "layer1.0.conv1"] == b + "layer1.0.bn1"
+
+
+# --------------------------------------------------------------- the method
+def test_earlier_tasks_weights_masks_and_accuracy_are_unchanged(lsg):
+    result, run_dir, _ = lsg
+    R = result["accuracy"]["task_il"]["matrix"]
+    for j in range(5):
+        for i in range(j, 5):
+            assert R[i][j] == R[j][j]
+    assert result["accuracy"]["task_il"]["acc"] > 80
+    final = torch.load(run_dir / "model.pt", weights_only=True)
+    last = torch.load(run_dir / "checkpoint.pt", weights_only=True)["method"]
+    for t in range(4):
+        ck = torch.load(run_dir / f"checkpoint-task{t + 1}.pt", weights_only=True)
+        for name, use in ck["method"]["use"][t].items():
+            assert torch.equal(last["use"][t][name], use)  # task t's masks never change
+            mine = use.expand_as(final[name])
+            assert mine.any()
+            assert torch.equal(final[name][mine], ck["model"][name][mine]), name
+        for key, value in ck["model"].items():
+            if key.startswith(f"head.heads.{t}."):
+                assert torch.equal(final[key], value)
+
+
+def test_tasks_use_only_weights_owned_by_themselves_or_earlier_tasks(lsg):
+    _, run_dir, _ = lsg
+    m = torch.load(run_dir / "checkpoint.pt", weights_only=True)["method"]
+    owner = m["ownership"]["owner"]
+    for t, use in enumerate(m["use"]):
+        for name, u in use.items():
+            o = owner[name][u.expand_as(owner[name])]
+            assert ((o >= 0) & (o <= t)).all(), name
+
+
+def test_reported_model_size_is_the_count_of_weights_in_use(lsg):
+    result, run_dir, method = lsg
+    rep = result["method"]
+    model = method.model
+    params = dict(model.named_parameters())
+    total = sum(params[n].numel() for n in method.ownership.names)
+    m = torch.load(run_dir / "checkpoint.pt", weights_only=True)["method"]
+    for t, use in enumerate(m["use"]):
+        count = sum(int(u.expand_as(params[n]).sum()) for n, u in use.items())
+        assert rep["size_task"][t] == pytest.approx(count / total, abs=1e-6)
+    union = sum(int((o >= 0).sum()) for o in m["ownership"]["owner"].values())
+    assert rep["model_size"] == pytest.approx(union / total, abs=1e-6)
+    assert 0 < rep["size_total"][0] <= rep["size_total"][-1] < 1  # grows from the seed, below full size
+    # "in use" is exact: task 2's outputs do not change when every weight it does not use changes.
+    task = method.ctx.stream.tasks[2]
+    x = method.ctx.augment.eval(task.test.x[:32])
+    model.eval()
+    with method.evaluation():
+        before = method.eval_logits(x, 2)
+    with torch.no_grad():
+        for n in method.ownership.names:
+            unused = ~method.use[2][n].expand_as(params[n])
+            params[n][unused] += 1.0
+    with method.evaluation():
+        after = method.eval_logits(x, 2)
+    assert torch.equal(before, after)
+
+
+def test_growth_is_skipped_when_stage_one_meets_the_target(tmp_path):
+    met, _ = run(cfg(target=0.0), tmp_path / "met")
+    rep = met["method"]
+    assert rep["grew"] == [1, 0, 0, 0, 0]  # task 1 always grows from the seed
+    assert len(set(rep["open_channels"])) == 1  # no channel opened after task 1
+    missed, _ = run(cfg(target=100.0), tmp_path / "missed")
+    grew = missed["method"]["grew"]
+    assert grew[0] == 1 and grew[1:] == [int(a < 100) for a in missed["method"]["stage1_accuracy"][1:]]
+    assert sum(grew[1:]) >= 2
+    # target met: the stage-2 epoch is skipped (half the samples of a task that grows)
+    n_met, n_missed = met["samples"]["trained_per_task"], missed["samples"]["trained_per_task"]
+    assert n_met[0] == n_missed[0]
+    assert all((2 * a == b) == bool(g) for a, b, g in zip(n_met[1:], n_missed[1:], grew[1:]))
+    assert missed["method"]["open_channels"][-1] > rep["open_channels"][-1]
+
+
+def test_scratch_target_is_computed_and_cached(lsg):
+    result, _, _ = lsg
+    rep = result["method"]
+    assert len(rep["target"]) == 5 and all(50 < a <= 100 for a in rep["target"])
+    assert rep["stage1_accuracy"][0] is None and all(a is not None for a in rep["stage1_accuracy"][1:])
+    for t in range(1, 5):  # grew exactly where stage 1 missed the target
+        assert rep["grew"][t] == int(rep["stage1_accuracy"][t] < rep["target"][t])
+
+
+def test_resume_gives_the_same_result(tmp_path):
+    full, _ = run(cfg(target=[0, 100, 0, 100, 100]), tmp_path / "full")
+    run_interrupted(cfg(target=[0, 100, 0, 100, 100]), tmp_path / "cut", at_task=2)
+    resumed, _ = resume(tmp_path / "cut")
+    assert resumed["accuracy"] == full["accuracy"]
+    assert resumed["method"] == full["method"]
+
+
+def test_scratch_and_grow_baselines(tmp_path):
+    sc, _ = run(cfg("scratch", lr=0.05), tmp_path / "scratch")
+    R = sc["accuracy"]["task_il"]["matrix"]
+    assert all(R[4][j] == R[j][j] for j in range(5))  # separate models: nothing forgotten
+    assert sc["method"]["size_total"] == [1.0, 2.0, 3.0, 4.0, 5.0] and sc["method"]["model_size"] == 5.0
+    gr, _ = run(cfg("grow", lr=0.05), tmp_path / "grow")
+    R = gr["accuracy"]["task_il"]["matrix"]
+    assert all(R[4][j] == R[j][j] for j in range(5))
+    assert gr["method"]["grew"] == [1] * 5
+    s = gr["method"]["size_total"]
+    assert all(a <= b for a, b in zip(s, s[1:])) and s[-1] < 1
+    # no attentive mask: each task uses whole kernels of every open channel
+    assert gr["method"]["size_task"] == pytest.approx(s)
+
+
+@pytest.mark.parametrize("method,opts,setting,epochs,match", [
+    ("cl-lsg", {"target": "abc"}, "task-il", 2, "target must be"),
+    ("cl-lsg", {"target": 120}, "task-il", 2, r"\[0, 100\]"),
+    ("cl-lsg", {"target": [90, 90]}, "task-il", 2, "for 5 tasks"),
+    ("cl-lsg", {"stage1_fraction": 1.5}, "task-il", 2, "stage1_fraction"),
+    ("cl-lsg", {"growth": "sometimes"}, "task-il", 2, "unknown growth"),
+    ("cl-lsg", {"optimizer": "adam"}, "task-il", 2, "sgd"),
+    ("cl-lsg", {}, "task-il", 1, ">= 2 epochs"),
+    ("cl-lsg", {}, "class-il", 2, "supports only task-il"),
+    ("grow", {"selective": True}, "task-il", 2, "grow has no"),
+    ("scratch", {}, "class-il", 2, "supports only task-il"),
+])
+def test_bad_options_are_one_line_errors(method, opts, setting, epochs, match, tmp_path):
+    c = merge_config(dict(method=method, benchmark="digits", setting=setting, epochs=epochs, seed=0,
+                          device="cpu", method_options=opts))
+    with pytest.raises(SparseCLError, match=match) as e:
+        run(c, tmp_path / "x")
+    assert "\n" not in str(e.value)
+
+
+def test_cl_lsg_presets_load_and_validate():
+    from sparsecl.config import build_options, load_preset, load_yaml, merge_config, preset_dir
+    from sparsecl.methods import METHODS
+
+    names = ["cifar100-10-cl-lsg", "cifar100-superclass-cl-lsg", "miniimagenet-cl-lsg"]
+    names += [f"{b}-{m}" for b in ("seq-mnist", "seq-cifar10-jpeg") for m in ("cl-lsg", "grow", "scratch")]
+    for name in names:
+        raw = load_yaml(preset_dir() / f"{name}.yaml")
+        assert raw["description"] and "NeurIPS 2022" in raw["source"]
+        p = load_preset(name)
+        assert p["setting"] == "task-il"
+        merge_config(p).validate()
+        build_options(METHODS.get(p["method"]).options_cls, p["method_options"], name)
