@@ -8,5 +8,6 @@ from sparsecl.methods import icarl  # noqa: F401
 from sparsecl.methods import snip_derpp  # noqa: F401
 from sparsecl.methods import rigl_derpp  # noqa: F401
 from sparsecl.methods import packnet  # noqa: F401
+from sparsecl.methods import continual_dst  # noqa: F401
 
 __all__ = ["METHODS", "Batch", "ContinualMethod", "MethodContext", "MethodOptions", "register_method"]
