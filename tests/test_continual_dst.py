@@ -132,7 +132,8 @@ def test_each_task_trains_exactly_its_count(dst_run):
 
 def test_unfired_growth_never_revives_used_weights_and_erk_counts(tmp_path, monkeypatch):
     rec = StepRecorder(monkeypatch)
-    result, run_dir = run(cfg(sparsity=0.7, init="erk", grow="unfired", delta_t=2), tmp_path / "run")
+    c = merge_config(cfg(sparsity=0.7, init="erk", grow="unfired", delta_t=2).to_dict(), {"epochs": 1})
+    result, run_dir = run(c, tmp_path / "run")
     assert rec.grown > 0 and not rec.violations, rec.violations[:3]
     owner = torch.load(run_dir / "checkpoint-task1.pt", weights_only=True)["method"]["ownership"]["owner"]
     counts = allocate("erk", {n: tuple(o.shape) for n, o in owner.items()}, 0.3)
@@ -260,6 +261,9 @@ def flush_denormal():
 
 @pytest.mark.parametrize("benchmark,backbone,opts", [
     ("cifar100-5", "resnet18", {"nf": 4}),
+    ("cifar100-10", "resnet18", {"nf": 2}),
+    ("cifar100-20", "resnet18", {"nf": 2}),
+    ("miniimagenet", "resnet18", {"nf": 4}),
     ("image-folder", "vgg-like", {}),
     ("image-folder", "mobilenetv2", {"width_mult": 0.25}),
 ])
