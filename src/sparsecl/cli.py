@@ -178,10 +178,13 @@ def _named(items) -> list[tuple[str, str]]:
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
-    from sparsecl.report import collect_results, render_table
+    from sparsecl.report import collect_results, render_dst_table, render_table
 
     results = collect_results(args.runs)
-    text = render_table(results, fmt=args.format, aggregate=args.aggregate)
+    if getattr(args, "table", "runs") == "dst":
+        text = render_dst_table(results, fmt=args.format)
+    else:
+        text = render_table(results, fmt=args.format, aggregate=args.aggregate)
     if args.output:
         from sparsecl.engine.io import atomic_write_text
 
@@ -248,6 +251,8 @@ def make_parser() -> argparse.ArgumentParser:
     rp.add_argument("runs", nargs="+", help="run directories (or folders containing them)")
     rp.add_argument("--format", choices=["md", "csv"], default="md")
     rp.add_argument("--aggregate", action="store_true", help="mean +- std over seeds of the same configuration")
+    rp.add_argument("--table", choices=["runs", "dst"], default="runs",
+                    help="runs: one row per run/configuration; dst: continual-DST ACC/BWT/FWT per (init, growth) x sparsity")
     rp.add_argument("--output", help="write the table to this file")
     rp.add_argument("--plots", metavar="DIR", help="also write PNG figures (accuracy matrices, accuracy vs FLOPs, per-task curves)")
     sw = sub.add_parser("sweep", help="run a grid of configurations x seeds (restartable: finished runs are skipped)")

@@ -115,3 +115,48 @@ def render_table(results: list[dict[str, Any]], fmt: str = "md", aggregate: bool
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
     return "\n".join(lines) + "\n"
+
+
+TABLES = ("runs", "dst")
+
+
+def render_dst_table(results: list[dict[str, Any]], fmt: str = "md") -> str:
+    """The continual-DST study's table: one row per (benchmark, init, growth), for each sparsity
+    Task-IL ACC, BWT and FWT as mean ± std over seeds (the paper's Tables 1-4 layout)."""
+    groups: dict[tuple[str, str, str], dict[float, list[dict[str, Any]]]] = {}
+    sparsities: set[float] = set()
+    for r in results:
+        cfg = r["config"]
+        if cfg["method"] != "continual-dst":
+            continue
+        mo = cfg["method_options"]
+        sp = float(mo.get("sparsity", 0.9))
+        sparsities.add(sp)
+        key = (cfg["benchmark"], str(mo.get("init", "uniform")), str(mo.get("grow", "gradient")))
+        groups.setdefault(key, {}).setdefault(sp, []).append(r["accuracy"]["task_il"])
+    if not groups:
+        raise SparseCLError("no continual-dst runs among the results (the dst table needs them)")
+    sps = sorted(sparsities)
+    headers = ["benchmark", "init", "growth"] + [f"{m} s={s:g}" for s in sps for m in ("ACC", "BWT", "FWT")] + ["seeds"]
+    lines = []
+    for (bench, init, grow), by_sp in sorted(groups.items()):
+        cells = [bench, init, grow]
+        for s in sps:
+            members = by_sp.get(s, [])
+            for m in ("acc", "bwt", "fwt"):
+                vals = [a[m] for a in members if a.get(m) is not None]
+                cells.append(_cell(m, _mean_std(vals)) if vals else "-")
+        cells.append(",".join(str(len(by_sp.get(s, []))) for s in sps))
+        lines.append(cells)
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(headers)
+        w.writerows(lines)
+        return buf.getvalue()
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(c) + " |" for c in lines]
+    return "\n".join(out) + "\n"

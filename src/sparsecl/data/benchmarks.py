@@ -220,6 +220,43 @@ def _seq_mnist(req: LoadRequest) -> TaskStream:
     return _simple(req, data, 10, 5, AugmentSpec(), "mlp")
 
 
+@_register("perm-mnist", "permuted MNIST: T tasks (default 20) x 10 classes, one pixel permutation each, Task-IL")
+def _perm_mnist(req: LoadRequest) -> TaskStream:
+    """Every task is the whole of MNIST with its own fixed pixel permutation (all tasks permuted).
+
+    The permutations come from ``numpy.random.default_rng(N)`` with ``class_order="seed:N"``
+    (``N = 0`` by default), so a run's stream is fixed by that seed alone. Task ``t`` owns the
+    labels ``10t .. 10t+9`` (digit ``d`` -> ``10t + d``), which the per-task heads need; the same
+    digit in two tasks is two classes, so the benchmark is Task-IL only.
+    """
+    spec = req.class_order
+    seed = 0
+    if spec is not None and str(spec).strip():
+        s = str(spec).strip()
+        try:
+            if not s.startswith("seed:"):
+                raise ValueError
+            seed = int(s[5:])
+        except ValueError:
+            raise SparseCLError(f"perm-mnist: class_order {spec!r}: only seed:N (the permutations' seed) is accepted") from None
+        if seed < 0:
+            raise SparseCLError(f"perm-mnist: class_order {spec!r}: the seed must be >= 0")
+    n_tasks = req.n_tasks or 20
+    data = readers.read_mnist(dl.ensure_mnist(req.data_dir, req.download))
+    rng = np.random.default_rng(seed)
+    tasks = []
+    for t in range(n_tasks):
+        perm = rng.permutation(28 * 28)
+        parts = []
+        for x, y in ((data.x_train, data.y_train), (data.x_test, data.y_test)):
+            xp = np.ascontiguousarray(x.reshape(len(x), -1)[:, perm].reshape(x.shape))
+            parts.append(Split(torch.from_numpy(xp), torch.from_numpy(y.astype(np.int64) + 10 * t)))
+        tasks.append(Task(t, list(range(10 * t, 10 * t + 10)), parts[0], parts[1]))
+    return TaskStream(name=req.name, tasks=tasks, input_shape=(1, 28, 28), n_classes=10 * n_tasks, augment=AugmentSpec(),
+                      default_backbone="mlp", class_names=[f"t{t}:{data.class_names[d]}" for t in range(n_tasks) for d in range(10)],
+                      class_order=[d for _ in range(n_tasks) for d in range(10)], settings=frozenset({"task-il"}))
+
+
 CIFAR10_AUG = AugmentSpec(crop_padding=4, hflip=True, mean=CIFAR10_MEAN, std=CIFAR10_STD)
 CIFAR100_AUG = AugmentSpec(crop_padding=4, hflip=True, mean=CIFAR100_MEAN, std=CIFAR100_STD)
 
