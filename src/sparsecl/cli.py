@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sparsecl import SparseCLError
+from sparsecl.engine.launch import is_main_process
 
 DEFAULT_PRESET = "default"
 
@@ -102,7 +103,6 @@ def _yaml_scalar(text: str) -> Any:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from sparsecl.engine.distributed import is_main_process
     from sparsecl.engine.trainer import resume, run
 
     progress = not args.quiet and sys.stderr.isatty()
@@ -285,15 +285,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args, console)
     except SparseCLError as e:
-        from sparsecl.engine.distributed import is_main_process
-
         # Under torchrun every rank raises the same error (configuration errors are identical and
         # per-rank failures are shared, see Distributed.everywhere): rank 0 says it once.
         if is_main_process():
             print(f"sparsecl: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sparsecl: interrupted; completed tasks are checkpointed (continue with --resume RUN_DIR)", file=sys.stderr)
+        if is_main_process():
+            print("sparsecl: interrupted; completed tasks are checkpointed (continue with --resume RUN_DIR)", file=sys.stderr)
         return 130
 
 

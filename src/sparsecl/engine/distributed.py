@@ -22,26 +22,9 @@ import torch.distributed as dist
 from torch import nn
 
 from sparsecl import SparseCLError
+from sparsecl.engine.launch import is_main_process, launched_world_size, process_rank
 
 T = TypeVar("T")
-
-
-def launched_world_size() -> int:
-    """World size announced by a ``torchrun`` launch (1 when not launched by it)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise SparseCLError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
-
-
-def process_rank() -> int:
-    """This process's global rank (0 when not launched by ``torchrun``)."""
-    return int(os.environ.get("RANK", "0")) if launched_world_size() > 1 else 0
-
-
-def is_main_process() -> bool:
-    """True on rank 0 and in a single process: the only process that prints and writes files."""
-    return process_rank() == 0
 
 
 class Distributed:

@@ -113,8 +113,6 @@ def build_method(cfg: RunConfig, stream: TaskStream, device: torch.device, augme
                  dist: Distributed | None = None) -> ContinualMethod:
     """Model + method for ``cfg`` (checks that the method and benchmark support the setting)."""
     cls = METHODS.get(cfg.method)
-    if dist is not None:
-        check_distributed(cfg, cls, dist)
     if cfg.setting not in cls.settings:
         raise SparseCLError(
             f"method {cfg.method!r} supports only {', '.join(sorted(cls.settings))}, not {cfg.setting} "
@@ -176,7 +174,11 @@ class Trainer:
         self.dist = dist
         self.is_main = dist is None or dist.is_main
         self.progress = progress and self.is_main
-        self.device = resolve_device(cfg.device) if dist is None else dist.select_device(cfg.device)
+        if dist is None:
+            self.device = resolve_device(cfg.device)
+        else:  # checked before any data is loaded
+            self.device = dist.select_device(cfg.device)
+            check_distributed(cfg, METHODS.get(cfg.method), dist)
         seed_everything(cfg.seed)  # the same seed on every rank: identical init, orders and draws
 
         def load() -> TaskStream:
@@ -477,7 +479,10 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = False
             if (run_dir / CHECKPOINT).exists() or (run_dir / RESULT).exists():
                 raise SparseCLError(f"run directory {run_dir} already holds a run: use --resume {run_dir} or another --out")
 
-        check() if dist is None else dist.on_main(check)
+        if dist is None:
+            check()
+        else:
+            dist.on_main(check)
         trainer = Trainer(cfg, run_dir, progress=progress, dist=dist)
         return trainer.run(), run_dir
 
