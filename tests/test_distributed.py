@@ -34,6 +34,8 @@ def free_port() -> int:
 
 def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if sys.platform == "linux":  # Gloo over loopback: no need for the host name to resolve (CI sandboxes)
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
