@@ -26,6 +26,7 @@ from sparsecl.engine.distributed import Distributed
 from sparsecl.engine.evaluate import evaluate_all
 from sparsecl.engine.graph import CapturedStep
 from sparsecl.engine.io import atomic_torch_save, atomic_write_json
+from sparsecl.engine.launch import launched_world_size
 from sparsecl.engine.progress import RunProgress
 from sparsecl.engine.seeding import rng_state, seed_everything, set_rng_state
 from sparsecl.methods import METHODS, Batch, ContinualMethod, MethodContext
@@ -131,17 +132,18 @@ def build_method(cfg: RunConfig, stream: TaskStream, device: torch.device, augme
     return cls(model, options, ctx)
 
 
-def check_distributed(cfg: RunConfig, cls: type[ContinualMethod], dist: Distributed) -> None:
-    """One clear error for a configuration that cannot train under torchrun."""
-    n = dist.world_size
-    if not cls.distributed_support():
+def check_distributed(cfg: RunConfig, world_size: int) -> None:
+    """One clear error for a configuration that cannot train on ``world_size`` torchrun processes
+    (needs no process group, so a launch fails before its ranks meet)."""
+    n = world_size
+    if not METHODS.get(cfg.method).distributed_support():
         raise SparseCLError(f"method {cfg.method} does not support distributed training (see docs/distributed.md)")
     if cfg.batch_size % n:
         raise SparseCLError(f"batch size {cfg.batch_size} is not divisible by the world size {n} "
                             "(the batch size is the global batch, split evenly over the ranks)")
     if cfg.cuda_graph:
         raise SparseCLError("--cuda-graph is not supported with distributed training")
-    if cfg.sync_bn and dist.device.type != "cuda":
+    if cfg.sync_bn and not (cfg.device in ("auto", "cuda") and torch.cuda.is_available()):
         raise SparseCLError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
 
 
@@ -178,7 +180,7 @@ class Trainer:
             self.device = resolve_device(cfg.device)
         else:  # checked before any data is loaded
             self.device = dist.select_device(cfg.device)
-            check_distributed(cfg, METHODS.get(cfg.method), dist)
+            check_distributed(cfg, dist.world_size)  # also covers resume and direct use
         seed_everything(cfg.seed)  # the same seed on every rank: identical init, orders and draws
 
         def load() -> TaskStream:
@@ -470,6 +472,8 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = False
     Under ``torchrun`` (WORLD_SIZE > 1) every rank calls this; they train together with
     DistributedDataParallel and only rank 0 writes the run directory (docs/distributed.md).
     """
+    if launched_world_size() > 1:
+        check_distributed(cfg, launched_world_size())
     with distributed_session() as dist:
         run_dir = Path(out or cfg.out or default_run_dir(cfg))
         if dist is not None:  # the default name holds a timestamp: use rank 0's
