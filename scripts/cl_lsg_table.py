@@ -1,6 +1,8 @@
 """Markdown tables in the layout of CL-LSG's Tables 2-3 and 8 from sparsecl run directories.
 
-Usage: python scripts/cl_lsg_table.py ROOT   (run dirs ROOT/<name>-s<seed>, see cl_lsg_seq_mnist.sh)
+Usage: python scripts/cl_lsg_table.py ROOT [ABLATION_SUFFIX]
+  run dirs ROOT/<name>-s<seed> (see cl_lsg_seq_mnist.sh, cl_lsg_seq_cifar10_cpu.sh); the ablation
+  table reads <row><ABLATION_SUFFIX> (e.g. "-mlr0.01" for the rows run at mask lr 0.01).
 Accuracies: Task-IL accuracy of each task after the last task (= after its own task for these
 isolation methods), mean ± std over seeds; model size = size_total after each task (x full net).
 """
@@ -36,7 +38,7 @@ def load(root: Path) -> dict[str, list[dict]]:
     return runs
 
 
-def main(root: Path) -> None:
+def main(root: Path, suffix: str = "") -> None:
     runs = load(root)
     T = next(iter(runs.values()))[0]["n_tasks"]
     seeds = {k: len(v) for k, v in runs.items()}
@@ -76,13 +78,14 @@ def main(root: Path) -> None:
     print("| Method | " + " | ".join(str(j + 1) for j in range(T)) + " | Avg | Model size |\n" + "|" + "---|" * (T + 3))
     prev = None
     for key, label in ABLATION:
+        key += suffix
         if key not in runs:
             continue
         rs = runs[key]
         acc = [statistics.mean(r["accuracy"]["task_il"]["matrix"][-1][j] for r in rs) for j in range(T)]
         avg = statistics.mean(r["accuracy"]["task_il"]["acc"] for r in rs)
         size = statistics.mean(r["method"]["model_size"] for r in rs)
-        if prev is None or key == "cl-lsg":
+        if prev is None or key == "cl-lsg" + suffix:
             cols = [f"{a:.2f}" for a in acc] + [f"{avg:.2f}"]
         else:
             cols = [f"{a - p:+.2f}" for a, p in zip(acc + [avg], prev)]
@@ -91,4 +94,4 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "")

@@ -108,6 +108,46 @@ def test_gates_on_paper_backbones_close_channels_exactly(backbone, shape, kw):
     assert not torch.equal(model(x), before)  # plain layers again: the closed channels are back
 
 
+@pytest.mark.parametrize("backbone,shape,kw", [
+    ("mlp", (1, 8, 8), {}),
+    ("lenet", (3, 16, 16), {"channels": [8, 16, 32, 24]}),
+    ("resnet18", (3, 8, 8), {"nf": 8}),
+    ("vgg16bn", (3, 32, 32), {}),
+])
+def test_baked_gates_give_the_gated_output_in_a_plain_model(backbone, shape, kw):
+    """The export's per-task view: gates multiplied into weights and BatchNorm affine parameters."""
+    torch.manual_seed(0)
+    model = build_model(backbone, shape, 4, task_classes=[[0, 1], [2, 3]], **kw)
+    for m in model.modules():  # non-trivial BN statistics and affine parameters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+            nn.init.normal_(m.weight)
+            nn.init.normal_(m.bias)
+    names = MaskPolicy("conv-linear", include_first=True, include_shortcuts=True).select(model)
+    gates = GateSet(model, names, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    for g in gates.groups:
+        on = gates.channel_gate(g).on
+        on.copy_(torch.rand(on.shape, generator=gen) < 0.6)
+        on[0] = True
+    for n in names:
+        k = gates.kernel_gate(n)
+        k.configure_(torch.zeros_like(k.learn), (torch.rand(k.value.shape, generator=gen) < 0.7).float())
+    model.eval()
+    gates.train(False)
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        gated = model(x)
+        baked = gates.bake(model.state_dict())
+    plain = build_model(backbone, shape, 4, task_classes=[[0, 1], [2, 3]], **kw).eval()
+    plain.load_state_dict(baked)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), gated, rtol=1e-5, atol=1e-6)
+        plain.load_state_dict(model.state_dict())  # the raw weights: the closed gates matter
+        assert not torch.allclose(plain(x), gated, rtol=1e-3, atol=1e-4)
+
+
 def test_resnet_residual_streams_share_one_channel_gate():
     model = build_model("resnet18", (3, 8, 8), 4, task_classes=[[0, 1], [2, 3]], nf=8)
     names = MaskPolicy("conv-linear", include_first=True, include_shortcuts=True).select(model)
@@ -227,6 +267,17 @@ def test_scratch_and_grow_baselines(tmp_path):
     assert all(a <= b for a, b in zip(s, s[1:])) and s[-1] < 1
     # no attentive mask: each task uses whole kernels of every open channel
     assert gr["method"]["size_task"] == pytest.approx(s)
+    # the export carries each task's model (scratch) or subnetwork (grow): same accuracy per task
+    from export_check import exported_task_il
+    assert exported_task_il(tmp_path / "scratch", tmp_path / "sc.pt") == sc["accuracy"]["task_il"]["matrix"][-1]
+    assert exported_task_il(tmp_path / "grow", tmp_path / "gr.pt", "csr") == R[-1]
+
+
+def test_export_reproduces_every_tasks_accuracy(lsg, tmp_path):
+    from export_check import exported_task_il
+
+    result, out, _ = lsg
+    assert exported_task_il(out, tmp_path / "m.pt") == result["accuracy"]["task_il"]["matrix"][-1]
 
 
 @pytest.mark.parametrize("method,opts,setting,epochs,match", [

@@ -291,3 +291,12 @@ def test_study_benchmarks_and_backbones_run(tmp_path, monkeypatch, benchmark, ba
     assert all(R[i][j] == R[j][j] for j in range(n) for i in range(j, n))  # per-task BN keeps them exact
     usage = result["method"]["tasks"][-1]["used_fraction"]
     assert 0 < usage <= 0.05 * n + 1e-4  # ERK may give small layers more than 5%, never more in total (rounding)
+
+
+def test_export_reproduces_every_tasks_accuracy(dst_run, tmp_path):
+    from export_check import exported_task_il
+
+    result, run_dir, _ = dst_run
+    final_row = result["accuracy"]["task_il"]["matrix"][-1]
+    assert exported_task_il(run_dir, tmp_path / "m.pt", "csr") == final_row
+    assert exported_task_il(run_dir, tmp_path / "m2.pt", "csr", per_task=False) != final_row

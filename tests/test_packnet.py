@@ -62,3 +62,14 @@ def test_tasks_own_disjoint_shares_and_pruned_weights_are_zero(packnet_run):
 def test_packnet_refuses_class_il():
     with pytest.raises(SparseCLError, match="supports only task-il"):
         run(cfg(setting="class-il"), "x")
+
+
+@pytest.mark.parametrize("fmt", ["pt", "csr"])
+def test_export_reproduces_every_tasks_accuracy(packnet_run, tmp_path, fmt):
+    from export_check import exported_task_il
+
+    result, run_dir = packnet_run
+    final_row = result["accuracy"]["task_il"]["matrix"][-1]
+    assert exported_task_il(run_dir, tmp_path / "m.pt", fmt) == final_row
+    # Without the per-task views every task would see all later tasks' weights: accuracy changes.
+    assert exported_task_il(run_dir, tmp_path / "m2.pt", fmt, per_task=False) != final_row

@@ -234,6 +234,9 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     console.print(table)
     console.print("CSR: fp32 values + int16/int32 column indices + int32 row pointers; bitmask: fp32 values + "
                   "1 bit per weight; biases, BatchNorm and unmasked layers dense in all three", soft_wrap=True)
+    if rep.get("task_views"):
+        console.print(f"per-task subnetworks of {rep['task_views']} tasks: {_size(rep['task_view_bytes'])} of masks "
+                      "and per-task tensors (select one with sparsecl.sparse.export.use_task)", soft_wrap=True)
     console.print(f"wrote {path} ({rep['encoding']} encoding, {_size(rep['file_bytes'])} on disk); "
                   f"load with sparsecl.sparse.export.load_export", soft_wrap=True)
     return 0

@@ -35,12 +35,14 @@ class Distributed:
     tensors of the global step; both are identities when :attr:`sharded` is False.
     """
 
-    def __init__(self, rank: int, world_size: int, local_rank: int, device: torch.device) -> None:
+    def __init__(self, rank: int, world_size: int, local_rank: int, device: torch.device, *,
+                 owns_group: bool = False) -> None:
         self.rank = rank
         self.world_size = world_size
         self.local_rank = local_rank
         self.device = device
         self.sharded = False  # set by the engine before every training step
+        self.owns_group = owns_group  # created the process group here, so destroys it in close()
 
     # ------------------------------------------------------------------ set-up
     @classmethod
@@ -56,10 +58,11 @@ class Distributed:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         cuda = torch.cuda.is_available() and local_rank < torch.cuda.device_count()
         if cuda:
-            torch.cuda.set_device(local_rank)  # NCCL's object collectives use the current device
-        if not dist.is_initialized():
+            torch.cuda.set_device(local_rank)  # NCCL binds this rank's communicator to the current device
+        owns = not dist.is_initialized()  # a caller's own process group is used, not replaced
+        if owns:
             dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
-        return cls(rank, world, local_rank, torch.device("cpu"))
+        return cls(rank, world, local_rank, torch.device("cpu"), owns_group=owns)
 
     def select_device(self, name: str) -> torch.device:
         """The training device for ``--device name``: ``auto``/``cuda`` give ``cuda:LOCAL_RANK``
@@ -84,8 +87,8 @@ class Distributed:
         return "nccl" if self.device.type == "cuda" else "gloo"
 
     def close(self) -> None:
-        """Leave the process group (after the last collective)."""
-        if dist.is_initialized():
+        """Leave the process group (after the last collective) if :meth:`from_env` created it."""
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
     @property

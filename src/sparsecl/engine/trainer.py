@@ -34,6 +34,7 @@ from sparsecl.metrics.accuracy import summarize
 from sparsecl.metrics.efficiency import memory_footprint, peak_memory_bytes, reset_peak_memory
 from sparsecl.models import build_model
 from sparsecl.sparse.accounting import capacity_report, parameter_densities, sparsity_report
+from sparsecl.sparse.export import TASK_VIEWS, compact_task_views, method_task_views
 from sparsecl.sparse.flops import FlopCounter, profile_layers
 
 CHECKPOINT = "checkpoint.pt"
@@ -366,9 +367,14 @@ class Trainer:
                     self._save_checkpoint(t)
                     atomic_write_json(self.run_dir / RESULT, self.result())
                 bar.task_done()
-        result = self.result()
         if self.is_main:
             atomic_torch_save(self.run_dir / "model.pt", self.model.state_dict())
+            # Per-task subnetworks (isolation methods) for `sparsecl export`: small masks and snapshots.
+            views = method_task_views(self.method, self.stream.n_tasks)
+            if views is not None:
+                atomic_torch_save(self.run_dir / TASK_VIEWS, compact_task_views(self.model.state_dict(), views))
+        result = self.result()
+        if self.is_main:
             atomic_write_json(self.run_dir / RESULT, result)
         return result
 

@@ -210,6 +210,12 @@ class ContinualMethod:
             logits = self.mask_logits(logits, task_ids)
         return F.cross_entropy(logits, y)
 
+    def task_view(self, task_id: int) -> dict[str, torch.Tensor] | None:
+        """The model state with which a plain forward of the backbone gives :meth:`eval_logits` of
+        task ``task_id`` (for the export of per-task subnetworks), or ``None`` when one model serves
+        every task (the default). Methods that switch weights per task at evaluation implement it."""
+        return None
+
     def report(self) -> dict[str, Any]:
         """JSON-safe method-specific results, stored under ``result.json`` ``"method"`` after every
         task (e.g. per-stage data counts, backbone usage per task, model size per task)."""

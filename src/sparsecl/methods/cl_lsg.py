@@ -378,6 +378,12 @@ class CLLSG(ContinualMethod):
             self._use_task(task_id)
         return self.model(x)
 
+    def task_view(self, task_id: int) -> dict[str, torch.Tensor]:
+        """Task ``task_id``'s subnetwork with its fixed gates baked into the weights (for the export)."""
+        with self.evaluation():
+            self._use_task(task_id)
+            return self.gates.bake({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+
     # ------------------------------------------------------------------ report
     def report(self) -> dict[str, Any]:
         nan = lambda v: None if v != v else round(v, 2)  # noqa: E731  (JSON has no NaN)

@@ -398,6 +398,12 @@ class ContinualDST(ContinualMethod):
             self._use_task(task_id)
         return self.model(x)
 
+    def task_view(self, task_id: int) -> dict[str, torch.Tensor]:
+        """Task ``task_id``'s subnetwork as a plain state dict (for the export)."""
+        with self.evaluation():
+            self._use_task(task_id)
+            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
     # ------------------------------------------------------------------ report
     def report(self) -> dict[str, Any]:
         """Backbone usage after each task (fraction of each isolated layer and of all owned)."""

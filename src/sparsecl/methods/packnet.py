@@ -171,6 +171,12 @@ class PackNet(ContinualMethod):
             self._use_task(task_id)
         return self.model(x)
 
+    def task_view(self, task_id: int) -> dict[str, torch.Tensor]:
+        """Task ``task_id``'s subnetwork as a plain state dict (for the export)."""
+        with self.evaluation():
+            self._use_task(task_id)
+            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
         return {"ownership": self.ownership.state_dict(), "snapshots": self.snapshots}

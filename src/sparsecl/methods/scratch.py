@@ -113,6 +113,12 @@ class Scratch(ContinualMethod):
             self._view = task_id
         return self.model(x)
 
+    def task_view(self, task_id: int) -> dict[str, torch.Tensor]:
+        """Task ``task_id``'s own model as a plain state dict (for the export)."""
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        state.update({f"backbone.{k}": v.detach().clone() for k, v in self.models[task_id].items()})
+        return state
+
     def report(self) -> dict:
         t = len(self.models)
         return {"size_task": [1.0] * t, "size_total": [float(i + 1) for i in range(t)],

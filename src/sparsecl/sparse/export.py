@@ -14,6 +14,13 @@ conv/linear weight by its nonzero pattern, which shows what sparse storage would
 Files hold only tensors, strings and numbers (``torch.load(weights_only=True)``).
 
 :func:`size_report` gives the bytes of the model dense, in CSR and as bitmask + values.
+
+Methods that evaluate each task through its own subnetwork (PackNet, continual DST, CL-LSG, scratch)
+also leave per-task *views* in the run directory (``task_views.pt``, see
+:func:`compact_task_views`): for task j, a bitmask per weight that task j sees only partly and the
+few tensors that differ (its BatchNorm snapshot, or a whole model for scratch). The export carries
+them, and :func:`use_task` switches a loaded model to task j, so that every task is evaluated
+exactly as in the run.
 """
 from __future__ import annotations
 
@@ -131,6 +138,60 @@ def size_report(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Ten
     }
 
 
+# ----------------------------------------------------------------------------- per-task views
+TASK_VIEWS = "task_views.pt"
+
+
+def compact_task_views(final: Mapping[str, torch.Tensor], views: list[Mapping[str, torch.Tensor]]
+                       ) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """Per task ``{"masks": {key: bool}, "dense": {key: tensor}}``, the difference between the
+    task's view (a full state dict) and the ``final`` state: a key in ``masks`` is ``final * mask``
+    exactly, a key in ``dense`` is stored whole, every other key equals ``final``. Exact by
+    construction (each mask is checked against the view before it is kept)."""
+    out = []
+    for view in views:
+        masks: dict[str, torch.Tensor] = {}
+        dense: dict[str, torch.Tensor] = {}
+        for k, v in view.items():
+            f = final[k]
+            v, f = v.detach().cpu(), f.detach().cpu()
+            if torch.equal(v, f):
+                continue
+            if v.is_floating_point() and v.shape == f.shape:
+                m = v != 0
+                if torch.equal(v, f * m):
+                    masks[k] = m
+                    continue
+            dense[k] = v.clone()
+        out.append({"masks": masks, "dense": dense})
+    return out
+
+
+def method_task_views(method: Any, n_tasks: int) -> list[dict[str, torch.Tensor]] | None:
+    """``method.task_view(j)`` for every task, or ``None`` for methods with one model for all."""
+    first = method.task_view(0)
+    if first is None:
+        return None
+    return [first] + [method.task_view(j) for j in range(1, n_tasks)]
+
+
+def use_task(model: nn.Module, info: Mapping[str, Any], task_id: int) -> nn.Module:
+    """Switch a model from :func:`load_export` to task ``task_id``'s subnetwork (in place; returns
+    it). Exports without per-task views serve every task with the one model (a no-op here)."""
+    views = info.get("task_views")
+    if not views:
+        return model
+    if not 0 <= task_id < len(views):
+        raise SparseCLError(f"task {task_id} out of range: the export holds {len(views)} tasks")
+    final, view = info["final_state"], views[task_id]
+    state = dict(final)
+    state.update({k: final[k] * m for k, m in view["masks"].items()})
+    state.update(view["dense"])
+    device = next(model.parameters()).device
+    model.load_state_dict({k: v.to(device) for k, v in state.items()})
+    return model
+
+
 # ----------------------------------------------------------------------------- run -> file
 def _load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(result.json, final state dict, masks) of a run directory."""
@@ -227,6 +288,19 @@ def export_run(run_dir: str | Path, fmt: str = "pt", out: str | Path | None = No
         "config": json.dumps(result.get("config", {})),
         "sizes": {k: v for k, v in report.items() if isinstance(v, (int, float, str))},
     }
+    views_path = run_dir / TASK_VIEWS
+    if views_path.exists():
+        try:
+            views = torch.load(views_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SparseCLError(f"{views_path} is unreadable ({type(e).__name__})") from None
+        payload["task_views"] = [
+            {"masks": {k: {"shape": list(m.shape), "bitmask": pack_bits(m)} for k, m in v["masks"].items()},
+             "dense": v["dense"]} for v in views]
+        report["task_views"] = len(views)
+        report["task_view_bytes"] = sum(
+            sum(math.ceil(m.numel() / 8) for m in v["masks"].values()) + sum(_nbytes(t) for t in v["dense"].values())
+            for v in views)
     path = Path(out) if out else run_dir / ("model-sparse.pt" if fmt == "pt" else "model-csr.pt")
     atomic_torch_save(path, payload)
     report["file"] = str(path)
@@ -239,7 +313,9 @@ def load_export(path: str | Path, device: torch.device | str = "cpu") -> tuple[n
 
     Returns ``(model, info)``: the model in eval mode on ``device`` with the exported weights
     (inactive weights exactly zero), and ``info`` with ``masks`` (name -> bool tensor), the
-    ``model`` spec, the ``encoding``, the stored ``sizes`` and the run ``config`` (a dict).
+    ``model`` spec, the ``encoding``, the stored ``sizes``, the run ``config`` (a dict) and
+    ``task_views`` (``None``, or per-task views for :func:`use_task`; the model starts as the final
+    network, which is not every task's subnetwork for methods with views).
     """
     path = Path(path)
     try:
@@ -259,5 +335,10 @@ def load_export(path: str | Path, device: torch.device | str = "cpu") -> tuple[n
     model.load_state_dict(state)
     model.to(device).eval()
     info = {"masks": masks, "model": payload["model"], "encoding": payload["encoding"],
-            "sizes": payload["sizes"], "config": json.loads(payload["config"])}
+            "sizes": payload["sizes"], "config": json.loads(payload["config"]), "task_views": None}
+    if payload.get("task_views"):
+        info["final_state"] = state
+        info["task_views"] = [
+            {"masks": {k: unpack_bits(m["bitmask"], tuple(m["shape"])) for k, m in v["masks"].items()},
+             "dense": v["dense"]} for v in payload["task_views"]]
     return model, info

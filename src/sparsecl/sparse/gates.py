@@ -250,6 +250,7 @@ class GateSet:
         units: dict[str, str] = {}
         for n in names:
             units[self.unit[self.layers[n]]] = self.group[self.layers[n]]
+        self.units = units  # module whose output a channel gate multiplies -> its gate group
         for u, g in units.items():
             gate = self.channel[_key(g)]
             self._handles.append(modules[u].register_forward_hook(_channel_hook(gate)))
@@ -276,6 +277,26 @@ class GateSet:
                 module.forward = original
         self._handles.clear()
         self._originals.clear()
+
+    @torch.no_grad()
+    def bake(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` (the model's state dict) with the gates' current values multiplied in, so that
+        the plain, ungated model computes what the gated one does. Kernel gates scale their weight;
+        a channel gate scales its unit's per-channel affine output (BatchNorm ``weight``/``bias``,
+        or the layer's own weight rows and bias): ``gate * (a x + b) == (gate a) x + gate b``.
+        Exact for 0/1 gates (evaluation mode); a unit without an affine output cannot be baked."""
+        out = dict(state)
+        for n in self.names:
+            out[n] = state[n] * self.kernel_gate(n)()
+        for u, g in self.units.items():
+            if f"{u}.weight" not in state:
+                raise SparseCLError(f"cannot bake the channel gate of {u}: it has no affine output")
+            on = self.channel_gate(g)()
+            for key in (f"{u}.weight", f"{u}.bias"):
+                if key in out:
+                    t = out[key]
+                    out[key] = t * on.view(-1, *([1] * (t.dim() - 1)))
+        return out
 
     # ------------------------------------------------------------------- access
     def channel_gate(self, group: str) -> ChannelGate:
