@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sparsecl import SparseCLError
+from sparsecl.engine.launch import is_main_process
 
 DEFAULT_PRESET = "default"
 
@@ -51,6 +52,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CUDA), fp32 master weights")
     p.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
     p.add_argument("--cuda-graph", action="store_true", default=None, help="replay each step from a captured CUDA graph")
+    p.add_argument("--sync-bn", action="store_true", default=None,
+                   help="under torchrun on CUDA: SyncBatchNorm, batch statistics of the global batch")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed task")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -68,7 +71,7 @@ def build_config(args: argparse.Namespace):
     flags: dict[str, Any] = {}
     for name in ("method", "benchmark", "setting", "backbone", "data_dir", "data_root", "class_order", "n_tasks",
                  "image_size", "epochs", "batch_size", "seed", "device", "out", "keep_checkpoints", "amp",
-                 "channels_last", "cuda_graph"):
+                 "channels_last", "cuda_graph", "sync_bn"):
         value = getattr(args, name)
         if value is not None:
             flags[name] = value
@@ -108,7 +111,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     else:
         cfg = build_config(args)
         result, run_dir = run(cfg, progress=progress)
-    print_result(result, run_dir, console)
+    if is_main_process():  # under torchrun only rank 0 reports
+        print_result(result, run_dir, console)
     return 0
 
 
@@ -284,10 +288,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args, console)
     except SparseCLError as e:
-        print(f"sparsecl: error: {e}", file=sys.stderr)
+        # Under torchrun every rank raises the same error (configuration errors are identical and
+        # per-rank failures are shared, see Distributed.everywhere): rank 0 says it once.
+        if is_main_process():
+            print(f"sparsecl: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sparsecl: interrupted; completed tasks are checkpointed (continue with --resume RUN_DIR)", file=sys.stderr)
+        if is_main_process():
+            print("sparsecl: interrupted; completed tasks are checkpointed (continue with --resume RUN_DIR)", file=sys.stderr)
         return 130
 
 

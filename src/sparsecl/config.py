@@ -44,6 +44,7 @@ class RunConfig:
     amp: bool = False
     channels_last: bool = False
     cuda_graph: bool = False  # capture each task's training step once, replay it (CUDA)
+    sync_bn: bool = False  # torchrun on CUDA: SyncBatchNorm (statistics of the global batch)
     method_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -117,9 +118,16 @@ def preset_names() -> list[str]:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text()
     except FileNotFoundError:
         raise SparseCLError(f"config file not found: {p}") from None
+    return parse_yaml(text, p)
+
+
+def parse_yaml(text: str, p: Path) -> dict[str, Any]:
+    """The mapping in YAML ``text`` (read from ``p``, named in errors)."""
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SparseCLError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:
@@ -173,3 +181,8 @@ def save_config(cfg: RunConfig, path: Path) -> None:
 
 def config_from_file(path: Path) -> RunConfig:
     return merge_config(load_yaml(path))
+
+
+def config_from_text(text: str, path: Path) -> RunConfig:
+    """:func:`config_from_file` of YAML already read from ``path``."""
+    return merge_config(parse_yaml(text, path))

@@ -2,13 +2,15 @@
 every task, efficiency accounting, atomic results and resumable checkpoints."""
 from __future__ import annotations
 
+import io
 import math
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -16,13 +18,15 @@ from torch import nn
 
 import sparsecl
 from sparsecl import SparseCLError
-from sparsecl.config import RunConfig, build_options, config_from_file, save_config
+from sparsecl.config import RunConfig, build_options, config_from_text, save_config
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.benchmarks import load_benchmark
 from sparsecl.data.stream import TaskStream
+from sparsecl.engine.distributed import Distributed
 from sparsecl.engine.evaluate import evaluate_all
 from sparsecl.engine.graph import CapturedStep
 from sparsecl.engine.io import atomic_torch_save, atomic_write_json
+from sparsecl.engine.launch import launched_world_size
 from sparsecl.engine.progress import RunProgress
 from sparsecl.engine.seeding import rng_state, seed_everything, set_rng_state
 from sparsecl.methods import METHODS, Batch, ContinualMethod, MethodContext
@@ -70,6 +74,9 @@ class SampleCounter:
         self.train_samples = 0
         self.forward_samples = 0
         self.step_samples = 0  # samples of the current step (for the memory formula's batch size)
+        # Distributed, sharded step: each rank sees 1/world of the step's samples, so counts are
+        # scaled by the world size and every rank holds the global (single-process) totals.
+        self.scale = 1
         self._handle = model.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
@@ -77,15 +84,18 @@ class SampleCounter:
             return
         n = int(args[0].shape[0])
         if torch.is_grad_enabled():
+            self.step_samples += n  # per device: it sizes the activation memory
+            n *= self.scale
             self.train_samples += n
-            self.step_samples += n
             self.flops.train_samples(n)
         else:
+            n *= self.scale
             self.forward_samples += n
             self.flops.forward_samples(n)
 
     def add(self, train: int, forward: int) -> None:
         """Count a step that ran without Python (a CUDA graph replay)."""
+        train, forward = train * self.scale, forward * self.scale
         if train:
             self.train_samples += train
             self.flops.train_samples(train)
@@ -101,7 +111,8 @@ class SampleCounter:
         self.forward_samples = int(state["forward_samples"])
 
 
-def build_method(cfg: RunConfig, stream: TaskStream, device: torch.device, augment: DeviceAugment) -> ContinualMethod:
+def build_method(cfg: RunConfig, stream: TaskStream, device: torch.device, augment: DeviceAugment,
+                 dist: Distributed | None = None) -> ContinualMethod:
     """Model + method for ``cfg`` (checks that the method and benchmark support the setting)."""
     cls = METHODS.get(cfg.method)
     if cfg.setting not in cls.settings:
@@ -118,8 +129,34 @@ def build_method(cfg: RunConfig, stream: TaskStream, device: torch.device, augme
         task_classes=task_classes, **cfg.backbone_options,
     ).to(device)
     ctx = MethodContext(stream=stream, device=device, augment=augment, setting=cfg.setting,
-                        batch_size=cfg.batch_size, epochs=cfg.epochs, cuda_graph=cfg.cuda_graph)
+                        batch_size=cfg.batch_size, epochs=cfg.epochs, cuda_graph=cfg.cuda_graph, dist=dist)
     return cls(model, options, ctx)
+
+
+def check_distributed(cfg: RunConfig, world_size: int) -> None:
+    """One clear error for a configuration that cannot train on ``world_size`` torchrun processes
+    (needs no process group, so a launch fails before its ranks meet)."""
+    n = world_size
+    if not METHODS.get(cfg.method).distributed_support():
+        raise SparseCLError(f"method {cfg.method} does not support distributed training (see docs/distributed.md)")
+    if cfg.batch_size % n:
+        raise SparseCLError(f"batch size {cfg.batch_size} is not divisible by the world size {n} "
+                            "(the batch size is the global batch, split evenly over the ranks)")
+    if cfg.cuda_graph:
+        raise SparseCLError("--cuda-graph is not supported with distributed training")
+    if cfg.sync_bn and not (cfg.device in ("auto", "cuda") and torch.cuda.is_available()):
+        raise SparseCLError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
+
+
+@contextmanager
+def distributed_session() -> Iterator[Distributed | None]:
+    """The torchrun process group for one run (None in a single process), left at the end."""
+    dist = Distributed.from_env()
+    try:
+        yield dist
+    finally:
+        if dist is not None:
+            dist.close()
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -130,17 +167,30 @@ def default_run_dir(cfg: RunConfig) -> Path:
 class Trainer:
     """Runs (or resumes) one configuration end to end. See :func:`run` for the simple entry point."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, *, progress: bool = False, resume: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, *, progress: bool = False, resume: bool = False,
+                 dist: Distributed | None = None) -> None:
+        """``dist``: this rank's process group under torchrun (see :func:`distributed_session`);
+        every rank then builds the same seeded run, and only rank 0 writes files."""
         cfg.validate()
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.progress = progress
-        self.device = resolve_device(cfg.device)
-        seed_everything(cfg.seed)
-        stream = load_benchmark(
-            cfg.benchmark, cfg.data_dir, class_order=cfg.class_order, n_tasks=cfg.n_tasks,
-            root=cfg.data_root, image_size=cfg.image_size, download=cfg.download,
-        )
+        self.dist = dist
+        self.is_main = dist is None or dist.is_main
+        self.progress = progress and self.is_main
+        if dist is None:
+            self.device = resolve_device(cfg.device)
+        else:  # checked before any data is loaded
+            self.device = dist.select_device(cfg.device)
+            check_distributed(cfg, dist.world_size)  # also covers resume and direct use
+        seed_everything(cfg.seed)  # the same seed on every rank: identical init, orders and draws
+
+        def load() -> TaskStream:
+            return load_benchmark(
+                cfg.benchmark, cfg.data_dir, class_order=cfg.class_order, n_tasks=cfg.n_tasks,
+                root=cfg.data_root, image_size=cfg.image_size, download=cfg.download,
+            )
+
+        stream = load() if dist is None else dist.everywhere(load)
         self.stream = stream.to(self.device)
         if cfg.amp and self.device.type != "cuda":
             raise SparseCLError("--amp (bf16 autocast) is supported on CUDA devices only")
@@ -150,8 +200,10 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.augment = DeviceAugment(stream.augment, stream.input_shape, memory_format=memory_format)
-        self.method = build_method(cfg, self.stream, self.device, self.augment)
+        self.method = build_method(cfg, self.stream, self.device, self.augment, dist)
         self.model = self.method.model
+        if dist is not None and cfg.sync_bn:
+            nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # replaces the BN submodules in place
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
@@ -175,13 +227,34 @@ class Trainer:
         }
         if resume:
             self._load_checkpoint()
+        if dist is not None:
+            self.method.net = dist.wrap(self.model)
 
     # ------------------------------------------------------------ training
     def _step(self, split, idx: torch.Tensor, task_index: int) -> torch.Tensor:
         """One training step on the examples ``idx`` of ``split``; returns the detached loss."""
         x_raw, y = split.x[idx], split.y[idx]
         with self.autocast:
-            return self.method.observe(Batch(self.augment.train(x_raw), y, x_raw, idx, task_index))
+            if self.dist is None:
+                return self.method.observe(Batch(self.augment.train(x_raw), y, x_raw, idx, task_index))
+            return self._distributed_step(x_raw, y, idx, task_index)
+
+    def _distributed_step(self, x_raw: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, task_index: int) -> torch.Tensor:
+        """One step of the global batch ``idx``: sharded over the ranks when the batch and every
+        buffer draw split evenly (the mean of the ranks' mean losses is then the global mean
+        loss), else computed whole on every rank. The whole batch is augmented on every rank, so
+        the RNG streams stay those of a single process."""
+        d, method = self.dist, self.method
+        x = self.augment.train(x_raw)
+        d.sharded = d.divides(int(idx.shape[0])) and all(d.divides(n) for n in method.draw_sizes())
+        self.counter.scale = d.world_size if d.sharded else 1
+        batch = Batch(d.shard(x), d.shard(y), d.shard(x_raw), d.shard(idx), task_index)
+        if d.sharded:
+            batch.full_x_raw, batch.full_y = x_raw, y
+        try:
+            return method.observe(batch)
+        finally:
+            d.sharded, self.counter.scale = False, 1
 
     def _train_task(self, task_index: int, bar: RunProgress) -> None:
         cfg, method = self.cfg, self.method
@@ -230,7 +303,10 @@ class Trainer:
                 bar.batch_done()
             if side is not None and graph is None:
                 torch.cuda.current_stream(self.device).wait_stream(side)
-            mean_loss = loss_sum.item() / max(n_batches, 1)  # one host sync per epoch
+            total = loss_sum
+            if self.dist is not None:  # mean over ranks: the global loss, the same NaN check everywhere
+                total = self.dist.all_reduce_sum_(loss_sum.clone()) / self.dist.world_size
+            mean_loss = total.item() / max(n_batches, 1)  # one host sync per epoch
             if not math.isfinite(mean_loss):
                 raise SparseCLError(
                     f"loss became {mean_loss} in task {task_index + 1}, epoch {epoch + 1} "
@@ -240,17 +316,20 @@ class Trainer:
             method.end_epoch(task, epoch)
             bar.epoch_done()
         del graph  # frees the graph's memory pool before the next task captures its own
+        if self.dist is not None:  # per-rank BatchNorm statistics: evaluate and save rank 0's
+            self.dist.broadcast_buffers_(self.model)
         method.end_task(task)
         self.counter.active = False
         self.state["epoch_loss"].append(losses)
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / CONFIG)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / CONFIG)
         if self.state["random_init"] is None:
             # The model before any training is the random-init reference b_j of forward transfer.
-            cil, til = evaluate_all(self.method, self.stream, self.augment, 0, cfg.eval_batch_size)
+            cil, til = evaluate_all(self.method, self.stream, self.augment, 0, cfg.eval_batch_size, self.dist)
             self.state["random_init"] = {"class_il": cil, "task_il": til}
         with RunProgress(self.stream.n_tasks, self.progress) as bar:
             for t in range(self.state["completed"], self.stream.n_tasks):
@@ -261,7 +340,7 @@ class Trainer:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 t1 = time.perf_counter()
-                cil, til = evaluate_all(self.method, self.stream, self.augment, t, cfg.eval_batch_size)
+                cil, til = evaluate_all(self.method, self.stream, self.augment, t, cfg.eval_batch_size, self.dist)
                 t2 = time.perf_counter()
                 s = self.state
                 s["class_il"][t], s["task_il"][t] = cil, til
@@ -284,16 +363,19 @@ class Trainer:
                 )
                 s["method"] = self.method.report()
                 s["completed"] = t + 1
-                self._save_checkpoint(t)
-                atomic_write_json(self.run_dir / RESULT, self.result())
+                if self.is_main:
+                    self._save_checkpoint(t)
+                    atomic_write_json(self.run_dir / RESULT, self.result())
                 bar.task_done()
-        atomic_torch_save(self.run_dir / "model.pt", self.model.state_dict())
-        # Per-task subnetworks (isolation methods) for `sparsecl export`: small masks and snapshots.
-        views = method_task_views(self.method, self.stream.n_tasks)
-        if views is not None:
-            atomic_torch_save(self.run_dir / TASK_VIEWS, compact_task_views(self.model.state_dict(), views))
+        if self.is_main:
+            atomic_torch_save(self.run_dir / "model.pt", self.model.state_dict())
+            # Per-task subnetworks (isolation methods) for `sparsecl export`: small masks and snapshots.
+            views = method_task_views(self.method, self.stream.n_tasks)
+            if views is not None:
+                atomic_torch_save(self.run_dir / TASK_VIEWS, compact_task_views(self.model.state_dict(), views))
         result = self.result()
-        atomic_write_json(self.run_dir / RESULT, result)
+        if self.is_main:
+            atomic_write_json(self.run_dir / RESULT, result)
         return result
 
     def _buffer_bytes(self) -> int:
@@ -310,7 +392,7 @@ class Trainer:
             "flops": self.flops.state_dict(),
             "counter": self.counter.state_dict(),
             "state": self.state,
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
         }
         atomic_torch_save(self.run_dir / CHECKPOINT, ckpt)
         if self.cfg.keep_checkpoints == "all":
@@ -318,10 +400,17 @@ class Trainer:
 
     def _load_checkpoint(self) -> None:
         path = self.run_dir / CHECKPOINT
-        if not path.exists():
-            raise SparseCLError(f"cannot resume: no checkpoint in {self.run_dir} (no task was completed)")
+
+        def read() -> bytes:
+            if not path.exists():
+                raise SparseCLError(f"cannot resume: no checkpoint in {self.run_dir} (no task was completed)")
+            return path.read_bytes()
+
+        # Distributed: rank 0 reads its file and sends the bytes, so every rank loads the same
+        # checkpoint, whether or not the run directory is on a shared file system.
+        data = read() if self.dist is None else self.dist.on_main(read)
         try:
-            ckpt = torch.load(path, map_location=self.device, weights_only=True)
+            ckpt = torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
         except Exception as e:  # a truncated or foreign file
             raise SparseCLError(f"cannot resume: checkpoint {path} is unreadable ({type(e).__name__})") from None
         self.model.load_state_dict(ckpt["model"])
@@ -330,7 +419,7 @@ class Trainer:
         self.flops.load_state_dict(ckpt["flops"])
         self.counter.load_state_dict(ckpt["counter"])
         self.state = ckpt["state"]
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], self.device)
 
     # -------------------------------------------------------------- result
     def result(self) -> dict[str, Any]:
@@ -352,6 +441,9 @@ class Trainer:
             "versions": {"sparsecl": sparsecl.__version__, "torch": torch.__version__, "numpy": np.__version__,
                          "python": sys.version.split()[0]},
             "device": describe_device(self.device),
+            **({"distributed": {"world_size": self.dist.world_size, "backend": self.dist.backend,
+                                "per_rank_batch": cfg.batch_size // self.dist.world_size}}
+               if self.dist is not None else {}),
             "benchmark": {"name": self.stream.name, "classes_per_task": [len(t.classes) for t in self.stream.tasks],
                           "train_sizes": [len(t.train) for t in self.stream.tasks],
                           "class_order": self.stream.class_order},
@@ -381,21 +473,44 @@ class Trainer:
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = False) -> tuple[dict[str, Any], Path]:
-    """Train and evaluate ``cfg``; returns (result dict, run directory)."""
-    run_dir = Path(out or cfg.out or default_run_dir(cfg))
-    if (run_dir / CHECKPOINT).exists() or (run_dir / RESULT).exists():
-        raise SparseCLError(f"run directory {run_dir} already holds a run: use --resume {run_dir} or another --out")
-    trainer = Trainer(cfg, run_dir, progress=progress)
-    return trainer.run(), run_dir
+    """Train and evaluate ``cfg``; returns (result dict, run directory).
+
+    Under ``torchrun`` (WORLD_SIZE > 1) every rank calls this; they train together with
+    DistributedDataParallel and only rank 0 writes the run directory (docs/distributed.md).
+    """
+    if launched_world_size() > 1:
+        check_distributed(cfg, launched_world_size())
+    with distributed_session() as dist:
+        run_dir = Path(out or cfg.out or default_run_dir(cfg))
+        if dist is not None:  # the default name holds a timestamp: use rank 0's
+            run_dir = Path(dist.broadcast_object(str(run_dir)))
+
+        def check() -> None:
+            if (run_dir / CHECKPOINT).exists() or (run_dir / RESULT).exists():
+                raise SparseCLError(f"run directory {run_dir} already holds a run: use --resume {run_dir} or another --out")
+
+        if dist is None:
+            check()
+        else:
+            dist.on_main(check)
+        trainer = Trainer(cfg, run_dir, progress=progress, dist=dist)
+        return trainer.run(), run_dir
 
 
 def resume(run_dir: str | Path, *, device: str | None = None, progress: bool = False) -> tuple[dict[str, Any], Path]:
-    """Continue the run in ``run_dir`` after its last completed task."""
+    """Continue the run in ``run_dir`` after its last completed task (under ``torchrun`` too:
+    rank 0 reads the configuration and checkpoint and sends them to the other ranks)."""
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).exists():
-        raise SparseCLError(f"cannot resume: {run_dir} holds no {CONFIG}")
-    cfg = config_from_file(run_dir / CONFIG)
-    if device is not None:
-        cfg.device = device
-    trainer = Trainer(cfg, run_dir, progress=progress, resume=True)
-    return trainer.run(), run_dir
+
+    def read() -> str:
+        if not (run_dir / CONFIG).exists():
+            raise SparseCLError(f"cannot resume: {run_dir} holds no {CONFIG}")
+        return (run_dir / CONFIG).read_text()
+
+    with distributed_session() as dist:
+        text = read() if dist is None else dist.on_main(read)
+        cfg = config_from_text(text, run_dir / CONFIG)
+        if device is not None:
+            cfg.device = device
+        trainer = Trainer(cfg, run_dir, progress=progress, resume=True, dist=dist)
+        return trainer.run(), run_dir

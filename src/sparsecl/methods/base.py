@@ -21,6 +21,7 @@ from sparsecl.data.stream import Split, Task, TaskStream
 from sparsecl.registry import Registry
 
 if TYPE_CHECKING:  # only for annotations: the sparse core never imports methods
+    from sparsecl.engine.distributed import Distributed
     from sparsecl.sparse.flops import FlopCounter
     from sparsecl.sparse.masks import MaskSet
     from sparsecl.sparse.ownership import TaskOwnership
@@ -56,6 +57,10 @@ class Batch:
     x_raw: torch.Tensor  # the same examples as stored uint8 (non-augmented), e.g. for replay buffers
     index: torch.Tensor  # int64 position of each example in the task's training split
     task_id: int
+    # Distributed training, sharded step: the whole global batch's stored inputs and labels
+    # (identical on every rank; the fields above are this rank's slice). None otherwise.
+    full_x_raw: torch.Tensor | None = None
+    full_y: torch.Tensor | None = None
 
 
 @dataclass
@@ -75,6 +80,8 @@ class MethodContext:
     # Set by the engine: counts (train samples, forward-only samples) of model passes that its
     # forward pre-hook cannot see (per-sample gradients under torch.func, backbone-only passes).
     count_samples: Callable[[int, int], None] | None = None
+    # This rank's process group and step-sharding state under torchrun; None in a single process.
+    dist: Distributed | None = None
 
 
 class ContinualMethod:
@@ -90,6 +97,10 @@ class ContinualMethod:
     # True when observe() is CUDA-graph safe once graph_ready(): fixed shapes, no host syncs,
     # no Python state that changes from step to step except what after_graph_replay() updates.
     graph_capturable: ClassVar[bool] = False
+    # True when the method runs under torchrun (see docs/distributed.md): its training forwards go
+    # through :attr:`net`, its buffer draws through ``ctx.dist``. Read from the class's own body
+    # only (see :meth:`distributed_support`): a subclass that changes the step must opt in again.
+    supports_distributed: ClassVar[bool] = False
     # Sparse methods set these (sparsecl.sparse); the engine reports per-layer densities, mask
     # bytes, the memory footprint's mask term and capacity from them. None = dense / no isolation.
     masks: MaskSet | None = None
@@ -98,6 +109,9 @@ class ContinualMethod:
 
     def __init__(self, model: nn.Module, options: MethodOptions, ctx: MethodContext) -> None:
         self.model = model
+        # The module training forwards go through: the model itself, or under torchrun its
+        # DistributedDataParallel wrapper (same parameters), which averages gradients over ranks.
+        self.net: nn.Module = model
         self.opt = options
         self.ctx = ctx
         self.device = ctx.device
@@ -107,6 +121,11 @@ class ContinualMethod:
         self.class_task = ctx.stream.task_of_class().to(ctx.device)  # task index of each label
         tasks = torch.arange(ctx.stream.n_tasks, device=ctx.device)
         self._task_class_mask = self.class_task.unsqueeze(0) == tasks.unsqueeze(1)
+
+    @classmethod
+    def distributed_support(cls) -> bool:
+        """Whether this very class declared ``supports_distributed = True`` (not inherited)."""
+        return bool(vars(cls).get("supports_distributed", False))
 
     # ------------------------------------------------------------------ hooks
     def begin_task(self, task: Task) -> None:
@@ -127,10 +146,15 @@ class ContinualMethod:
     def observe(self, batch: Batch) -> torch.Tensor:
         """One training step; returns the detached loss as a device tensor (no host sync)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(self.model(batch.x), batch.y, batch.task_id)
+        loss = self.loss(self.net(batch.x), batch.y, batch.task_id)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
+
+    def draw_sizes(self) -> list[int]:
+        """Global sizes of the buffer draws the next :meth:`observe` makes (replay methods); the
+        engine shards a distributed step only when all of them split evenly over the ranks."""
+        return []
 
     def graph_ready(self) -> bool:
         """Whether the next step's control flow is the steady state that a graph can capture."""

@@ -32,12 +32,13 @@ class DERpp(ReplayMethod):
     name = "der++"
     description = "DER++: replay with stored-logit matching (alpha) and labels (beta)"
     options_cls = DERppOptions
+    supports_distributed = True
 
     def observe(self, batch: Batch) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         o = self.opt
         if self.buffer.is_empty:
-            out = self.model(batch.x)
+            out = self.net(batch.x)
             loss = self.loss(out, batch.y, batch.task_id)
         else:
             x1, z1 = self.draw("logits")
@@ -46,12 +47,12 @@ class DERpp(ReplayMethod):
                 x2, y2, t2 = self.draw("y", "task")
             if o.fused_forward:
                 parts = [batch.x, x1] + ([x2] if use_labels else [])
-                outs = self.model(torch.cat(parts)).split([p.shape[0] for p in parts])
+                outs = self.net(torch.cat(parts)).split([p.shape[0] for p in parts])
                 out, o1 = outs[0], outs[1]
                 o2 = outs[2] if use_labels else None
             else:
-                out, o1 = self.model(batch.x), self.model(x1)
-                o2 = self.model(x2) if use_labels else None
+                out, o1 = self.net(batch.x), self.net(x1)
+                o2 = self.net(x2) if use_labels else None
             loss = self.loss(out, batch.y, batch.task_id) + o.alpha * F.mse_loss(o1, z1)
             if use_labels:
                 loss = loss + o.beta * self.loss(o2, y2, t2)
@@ -74,3 +75,4 @@ class DER(DERpp):
     name = "der"
     description = "DER: replay with stored-logit matching only (DER++ with beta = 0)"
     options_cls = DEROptions
+    supports_distributed = True

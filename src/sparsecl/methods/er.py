@@ -36,15 +36,30 @@ class ReplayMethod(ContinualMethod):
         self.buffer = ReservoirBuffer(options.buffer_size, ctx.device)
         self.minibatch = options.minibatch_size or ctx.batch_size
 
+    def draw_sizes(self) -> list[int]:
+        n = min(self.minibatch, len(self.buffer))
+        return [n] if n else []
+
     def draw(self, *fields: str) -> tuple[torch.Tensor, ...]:
-        """A buffer minibatch: augmented inputs first, then the requested extra fields."""
+        """A buffer minibatch: augmented inputs first, then the requested extra fields.
+
+        Distributed: every rank draws and augments the same global minibatch (same RNG stream as
+        one process) and keeps its slice."""
         _, x_raw, *rest = self.buffer.sample(self.minibatch, "x", *fields)
-        return (self.ctx.augment.train(x_raw), *rest)
+        out = (self.ctx.augment.train(x_raw), *rest)
+        d = self.ctx.dist
+        return out if d is None else tuple(d.shard(t) for t in out)
 
     def remember(self, batch: Batch, **extra: torch.Tensor) -> None:
-        """Offer the batch's non-augmented examples to the reservoir."""
-        task = torch.full_like(batch.y, batch.task_id)
-        self.buffer.add(x=batch.x_raw, y=batch.y, task=task, **extra)
+        """Offer the batch's non-augmented examples to the reservoir.
+
+        Distributed, sharded step: every rank inserts the whole global batch (extra fields such as
+        logits gathered from all ranks) with the same RNG, so the buffers stay identical."""
+        x_raw, y = batch.x_raw, batch.y
+        if batch.full_y is not None:
+            x_raw, y = batch.full_x_raw, batch.full_y
+            extra = {k: self.ctx.dist.gather(v) for k, v in extra.items()}
+        self.buffer.add(x=x_raw, y=y, task=torch.full_like(y, batch.task_id), **extra)
 
     def graph_ready(self) -> bool:
         # Before the buffer is full, the number of replayable samples still changes per step.
@@ -66,6 +81,7 @@ class ER(ReplayMethod):
 
     name = "er"
     description = "experience replay: current batch + reservoir-buffer minibatch, one forward"
+    supports_distributed = True
 
     def observe(self, batch: Batch) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -75,7 +91,7 @@ class ER(ReplayMethod):
             bx, by, bt = self.draw("y", "task")
             x, y = torch.cat([x, bx]), torch.cat([y, by])
             tasks = torch.cat([torch.full_like(batch.y, batch.task_id), bt])
-        loss = self.loss(self.model(x), y, tasks)
+        loss = self.loss(self.net(x), y, tasks)
         loss.backward()
         self.optimizer.step()
         self.remember(batch)

@@ -29,6 +29,7 @@ class Joint(ContinualMethod):
     description = "joint: trains on the union of all tasks seen so far (upper bound)"
     options_cls = JointOptions
     graph_capturable = True
+    supports_distributed = True
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
@@ -49,7 +50,7 @@ class Joint(ContinualMethod):
     def observe(self, batch: Batch) -> torch.Tensor:
         # Samples come from several tasks: Task-IL masking needs each sample's own task.
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(self.model(batch.x), batch.y, self.class_task[batch.y])
+        loss = self.loss(self.net(batch.x), batch.y, self.class_task[batch.y])
         loss.backward()
         self.optimizer.step()
         return loss.detach()

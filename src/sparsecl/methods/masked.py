@@ -78,10 +78,24 @@ class MaskedTraining:
         """Adopt ``masks``: zero the inactive weights, bind the FLOP counter, hook the optimiser."""
         self.masks = masks
         masks.apply_()
+        self.sync_masks()
         if self.ctx.flops is not None:
             masks.bind_flops(self.ctx.flops)
         if self.optimizer is not None:
             masks.hook_optimizer(self.optimizer)
+
+    def sync_masks(self) -> None:
+        """Distributed: give every rank rank 0's masks (and re-mask the weights). Ranks compute
+        them identically (same seed, same averaged gradients); the broadcast guarantees it."""
+        d, masks = self.ctx.dist, self.masks
+        if d is None or masks is None:
+            return
+        for n in masks.names:
+            d.broadcast_(masks.masks[n])
+            d.broadcast_(masks.ever_active[n])
+            masks.set_mask(n, masks.masks[n], push=False)  # recount the active weights
+        masks.apply_()
+        masks.push_flops()
 
     def begin_task(self, task: Task) -> None:
         if self.masks is None:

@@ -67,6 +67,7 @@ class RigLDERpp(SparseDERpp):
     name = "rigl-der++"
     description = "RigL-DER++: DER++ with RigL dynamic sparsity (drop |w|, grow |grad|, cosine schedule)"
     options_cls = RigLDERppOptions
+    supports_distributed = True  # updates use the rank-averaged gradient; masks broadcast after each
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
@@ -126,6 +127,7 @@ class RigLDERpp(SparseDERpp):
             k = int(frac * self.masks.active(n))
             if k > 0:
                 drop_and_grow_(self.masks, n, k, self.opt.grow, optimizer=self.optimizer)
+        self.sync_masks()
         self.masks.push_flops()  # back to the mask's densities (also when nothing changed)
         self.updates += 1
 

@@ -11,3 +11,4 @@ class FineTune(ContinualMethod):
     name = "sgd"
     description = "fine-tune: plain SGD on each task in turn (lower bound)"
     graph_capturable = True
+    supports_distributed = True

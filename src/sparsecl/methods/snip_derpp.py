@@ -51,6 +51,7 @@ class SNIPDERpp(SparseDERpp):
     # The mask is fixed after begin_task and applied by optimiser hooks (device kernels only), so
     # DER++'s step stays CUDA-graph capturable; FLOPs are counted at the fixed density on replay.
     graph_capturable = True
+    supports_distributed = True  # the SNIP pass runs whole on every rank; masks broadcast
 
     def snip_scores(self, task: Task) -> dict[str, torch.Tensor]:
         """``|g * w|`` per maskable weight from ``snip_batches`` batches of ``task``'s training data."""
