@@ -2,8 +2,8 @@
 # CL-LSG on split CIFAR-10 (our JPEG data, 5 tasks x 2) on CPU: LeNet-5 variant (the paper's
 # CIFAR-100 backbone), 4 epochs per task, two runs at a time (one core each).
 # Usage: scripts/cl_lsg_seq_cifar10_cpu.sh OUT_ROOT SEED...   (docs/results/cl-lsg.md)
-# Rows: scratch, cl-lsg (paper mask lr 5e-4), cl-lsg-mlr0.01, grow; with ABLATION=1 also the Table-8
-# rows at mask lr 0.01 for the first seed. CL-LSG's targets are the scratch run's per-task accuracies
+# Rows: scratch, cl-lsg (paper mask lr 5e-4), grow; MASK_LR_SWEEP=1 adds cl-lsg at mask lr 0.01,
+# ABLATION=1 the Table-8 rows at mask lr 0.01 for the first seed. CL-LSG's targets are the scratch run's per-task accuracies
 # (-o target=[...]) instead of retraining the same scratch models inside every CL-LSG run.
 set -euo pipefail
 out=$1; shift
@@ -22,9 +22,11 @@ job() {  # job NAME SEED ARGS...; cl-lsg rows wait for their seed's scratch run 
 export -f job done_; export out; export common_str="${common[*]}"
 jobs_file=$(mktemp)
 for s in "$@"; do echo "scratch $s --preset seq-cifar10-jpeg-scratch"; done >> "$jobs_file"
-for s in "$@"; do echo "cl-lsg-mlr0.01 $s --preset seq-cifar10-jpeg-cl-lsg -o mask_lr=0.01 -o TARGET"; done >> "$jobs_file"
-for s in "$@"; do echo "grow $s --preset seq-cifar10-jpeg-grow"; done >> "$jobs_file"
 for s in "$@"; do echo "cl-lsg $s --preset seq-cifar10-jpeg-cl-lsg -o TARGET"; done >> "$jobs_file"
+for s in "$@"; do echo "grow $s --preset seq-cifar10-jpeg-grow"; done >> "$jobs_file"
+if [ "${MASK_LR_SWEEP:-0}" = 1 ]; then
+  for s in "$@"; do echo "cl-lsg-mlr0.01 $s --preset seq-cifar10-jpeg-cl-lsg -o mask_lr=0.01 -o TARGET"; done >> "$jobs_file"
+fi
 if [ "${ABLATION:-0}" = 1 ]; then s=$1; m="-o mask_lr=0.01"
   echo "grow-mlr0.01 $s --preset seq-cifar10-jpeg-grow $m" >> "$jobs_file"
   echo "abl-sel-mlr0.01 $s --preset seq-cifar10-jpeg-cl-lsg $m -o growth=always -o attentive=false -o retrain_released=false" >> "$jobs_file"
