@@ -232,6 +232,34 @@ class ContinualMethod:
 METHODS: Registry[type[ContinualMethod]] = Registry("method")
 
 
+class TaskSubnetworks:
+    """Mixin for methods that evaluate task j through its own subnetwork (PackNet, continual DST,
+    CL-LSG, scratch). The method's ``evaluation()`` saves the live tensors in ``self._saved`` (and
+    restores them on exit); its ``_use_task(j)`` loads task j's view into the model and sets
+    ``self._view = j``. This gives :meth:`eval_logits` and the export's :meth:`task_view`."""
+
+    _saved: dict[str, torch.Tensor] | None
+    _view: int | None
+
+    def eval_logits(self, x: torch.Tensor, task_id: int) -> torch.Tensor:
+        """Logits of task ``task_id``'s subnetwork (inside ``evaluation()``)."""
+        if self._saved is None:
+            raise RuntimeError(f"{type(self).__name__}.eval_logits must run inside evaluation()")
+        if self._view != task_id:
+            self._use_task(task_id)
+        return self.model(x)
+
+    def task_view(self, task_id: int) -> dict[str, torch.Tensor]:
+        """Task ``task_id``'s subnetwork as a plain state dict (for the export)."""
+        with self.evaluation():
+            self._use_task(task_id)
+            return self._view_state()
+
+    def _view_state(self) -> dict[str, torch.Tensor]:
+        """The loaded view as a state dict (CL-LSG bakes its gates in here)."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
 def register_method(cls: type[ContinualMethod]) -> type[ContinualMethod]:
     """Class decorator: register a method under ``cls.name``."""
     METHODS.add(cls.name, cls)

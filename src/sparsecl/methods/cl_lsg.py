@@ -56,7 +56,7 @@ import torch
 
 from sparsecl import SparseCLError
 from sparsecl.data.stream import Task
-from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions, register_method
+from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions, TaskSubnetworks, register_method
 from sparsecl.methods.scratch import scratch_accuracy, task_il_accuracy
 from sparsecl.sparse.gates import GateSet
 from sparsecl.sparse.ownership import FrozenGuard, TaskOwnership
@@ -123,7 +123,7 @@ class CLLSGOptions(MethodOptions):
 
 
 @register_method
-class CLLSG(ContinualMethod):
+class CLLSG(TaskSubnetworks, ContinualMethod):
     """Seed network + per-task pick-and-reuse and learnable sparse growth (Task-IL only)."""
 
     name = "cl-lsg"
@@ -370,19 +370,9 @@ class CLLSG(ContinualMethod):
             state[n].copy_(shared[n])
         self._view = j
 
-    def eval_logits(self, x: torch.Tensor, task_id: int) -> torch.Tensor:
-        """Logits of task ``task_id``'s subnetwork (inside :meth:`evaluation`)."""
-        if self._saved is None:
-            raise RuntimeError(f"{type(self).__name__}.eval_logits must run inside evaluation()")
-        if self._view != task_id:
-            self._use_task(task_id)
-        return self.model(x)
-
-    def task_view(self, task_id: int) -> dict[str, torch.Tensor]:
-        """Task ``task_id``'s subnetwork with its fixed gates baked into the weights (for the export)."""
-        with self.evaluation():
-            self._use_task(task_id)
-            return self.gates.bake({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+    def _view_state(self) -> dict[str, torch.Tensor]:
+        """The loaded task's state with its fixed gates baked into the weights (for the export)."""
+        return self.gates.bake(super()._view_state())
 
     # ------------------------------------------------------------------ report
     def report(self) -> dict[str, Any]:

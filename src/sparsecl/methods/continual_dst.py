@@ -59,7 +59,7 @@ import torch
 
 from sparsecl import SparseCLError
 from sparsecl.data.stream import Task
-from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions, register_method
+from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions, TaskSubnetworks, register_method
 from sparsecl.sparse.allocation import ALLOCATIONS, allocate, check_sparsity
 from sparsecl.sparse.growth import GROWTH_MODES, cosine_update_fraction, drop_and_grow_
 from sparsecl.sparse.masks import MaskSet
@@ -155,7 +155,7 @@ class ContinualDSTOptions(MethodOptions):
 
 
 @register_method
-class ContinualDST(ContinualMethod):
+class ContinualDST(TaskSubnetworks, ContinualMethod):
     """Per-task sparse subnetworks found by drop-and-grow among free weights (Task-IL)."""
 
     name = "continual-dst"
@@ -389,20 +389,6 @@ class ContinualDST(ContinualMethod):
             for n in self.shared_names:
                 state[n].copy_(shared[n])
         self._view = j
-
-    def eval_logits(self, x: torch.Tensor, task_id: int) -> torch.Tensor:
-        """Logits of task ``task_id``'s subnetwork (inside :meth:`evaluation`)."""
-        if self._saved is None:
-            raise RuntimeError("ContinualDST.eval_logits must run inside ContinualDST.evaluation()")
-        if self._view != task_id:
-            self._use_task(task_id)
-        return self.model(x)
-
-    def task_view(self, task_id: int) -> dict[str, torch.Tensor]:
-        """Task ``task_id``'s subnetwork as a plain state dict (for the export)."""
-        with self.evaluation():
-            self._use_task(task_id)
-            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     # ------------------------------------------------------------------ report
     def report(self) -> dict[str, Any]:

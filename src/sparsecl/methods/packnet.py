@@ -28,7 +28,7 @@ import torch
 
 from sparsecl import SparseCLError
 from sparsecl.data.stream import Task
-from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions, register_method
+from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions, TaskSubnetworks, register_method
 from sparsecl.sparse.masks import MaskSet, topk_mask
 from sparsecl.sparse.ownership import FrozenGuard, TaskOwnership
 from sparsecl.sparse.policy import MaskPolicy
@@ -49,7 +49,7 @@ class PackNetOptions(MethodOptions):
 
 
 @register_method
-class PackNet(ContinualMethod):
+class PackNet(TaskSubnetworks, ContinualMethod):
     """Prune-and-freeze parameter isolation with per-task heads (Task-IL only)."""
 
     name = "packnet"
@@ -162,20 +162,6 @@ class PackNet(ContinualMethod):
         for n in self.shared_names:
             state[n].copy_(shared[n])
         self._view = j
-
-    def eval_logits(self, x: torch.Tensor, task_id: int) -> torch.Tensor:
-        """Logits of task ``task_id``'s subnetwork (inside :meth:`evaluation`)."""
-        if self._saved is None:
-            raise RuntimeError("PackNet.eval_logits must run inside PackNet.evaluation()")
-        if self._view != task_id:
-            self._use_task(task_id)
-        return self.model(x)
-
-    def task_view(self, task_id: int) -> dict[str, torch.Tensor]:
-        """Task ``task_id``'s subnetwork as a plain state dict (for the export)."""
-        with self.evaluation():
-            self._use_task(task_id)
-            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:

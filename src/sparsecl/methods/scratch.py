@@ -23,7 +23,7 @@ from torch import nn
 from sparsecl import SparseCLError
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.stream import Split, Task
-from sparsecl.methods.base import TASK_IL, ContinualMethod, MethodOptions, register_method
+from sparsecl.methods.base import TASK_IL, ContinualMethod, MethodOptions, TaskSubnetworks, register_method
 
 
 @torch.no_grad()
@@ -67,7 +67,7 @@ def scratch_accuracy(template: nn.Module, task: Task, augment: DeviceAugment, *,
 
 
 @register_method
-class Scratch(ContinualMethod):
+class Scratch(TaskSubnetworks, ContinualMethod):
     """A separate model per task, each trained from the same initial weights (Task-IL only)."""
 
     name = "scratch"
@@ -104,20 +104,10 @@ class Scratch(ContinualMethod):
             self.model.backbone.load_state_dict(self._saved)
             self._saved, self._view = None, None
 
-    def eval_logits(self, x: torch.Tensor, task_id: int) -> torch.Tensor:
-        if self._saved is None:
-            raise RuntimeError("Scratch.eval_logits must run inside Scratch.evaluation()")
-        if self._view != task_id:
-            state = self.models[task_id] if task_id < len(self.models) else self._saved
-            self.model.backbone.load_state_dict(state)
-            self._view = task_id
-        return self.model(x)
-
-    def task_view(self, task_id: int) -> dict[str, torch.Tensor]:
-        """Task ``task_id``'s own model as a plain state dict (for the export)."""
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        state.update({f"backbone.{k}": v.detach().clone() for k, v in self.models[task_id].items()})
-        return state
+    def _use_task(self, j: int) -> None:
+        """Task j's own backbone (a task not trained yet: the live one)."""
+        self.model.backbone.load_state_dict(self.models[j] if j < len(self.models) else self._saved)
+        self._view = j
 
     def report(self) -> dict:
         t = len(self.models)
