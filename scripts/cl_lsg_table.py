@@ -55,18 +55,14 @@ def main(root: Path, suffix: str = "") -> None:
         avg = ms([r["accuracy"]["task_il"]["acc"] for r in rs])
         size = ms([r["method"]["model_size"] for r in rs])
         print(f"| {label} | " + " | ".join(cols) + f" | {avg} | {size}x |")
-    print("\nModel size after each task (x full backbone; conv/linear weights in use by any task)\n")
-    print("| Method | " + " | ".join(str(j + 1) for j in range(T)) + " |\n" + "|" + "---|" * (T + 1))
-    for key, label in ROWS:
-        if key in runs:
-            cols = [ms([r["method"]["size_total"][j] for r in runs[key]]) for j in range(T)]
-            print(f"| {label} | " + " | ".join(c + "x" for c in cols) + " |")
-    print("\nModel size used by each task alone (x full backbone)\n")
-    print("| Method | " + " | ".join(str(j + 1) for j in range(T)) + " |\n" + "|" + "---|" * (T + 1))
-    for key, label in ROWS:
-        if key in runs:
-            cols = [ms([r["method"]["size_task"][j] for r in runs[key]]) for j in range(T)]
-            print(f"| {label} | " + " | ".join(c + "x" for c in cols) + " |")
+    for field, title in (("size_total", "Model size after each task (x full backbone; conv/linear weights in use by any task)"),
+                         ("size_task", "Model size used by each task alone (x full backbone)")):
+        print(f"\n{title}\n")
+        print("| Method | " + " | ".join(str(j + 1) for j in range(T)) + " |\n" + "|" + "---|" * (T + 1))
+        for key, label in ROWS:
+            if key in runs:
+                cols = [ms([r["method"][field][j] for r in runs[key]]) for j in range(T)]
+                print(f"| {label} | " + " | ".join(c + "x" for c in cols) + " |")
     for key in ("cl-lsg", "cl-lsg-mlr0.01"):
         if key not in runs:
             continue
