@@ -85,3 +85,14 @@ def test_amp_and_channels_last_run(tmp_path):
             "amp": True, "channels_last": True, "cuda_graph": True, "method_options": {"lr": 0.05, "buffer_size": 64}}
     r, _ = run(merge_config(base), tmp_path / "r")
     assert r["complete"] and r["accuracy"]["class_il"]["acc"] > 40
+
+
+def test_inductor_compiled_fused_run_counts_like_eager(tmp_path):
+    """The CUDA path of --compile (inductor code generation) with fused Adam and bf16 autocast."""
+    base = {"method": "der++", "benchmark": "digits", "epochs": 2, "batch_size": 16, "device": "cuda", "seed": 0,
+            "amp": True, "method_options": {"lr": 1e-3, "optimizer": "adam", "buffer_size": 64, "minibatch_size": 16}}
+    eager, _ = run(merge_config(base), tmp_path / "eager")
+    compiled, _ = run(merge_config({**base, "compile": "inductor", "fused_optimizer": True}), tmp_path / "compiled")
+    assert compiled["samples"] == eager["samples"]
+    assert compiled["flops"]["train"] == eager["flops"]["train"]
+    assert abs(compiled["accuracy"]["class_il"]["acc"] - eager["accuracy"]["class_il"]["acc"]) < 5

@@ -54,6 +54,12 @@ def _run_parser(sub) -> None:
     p.add_argument("--cuda-graph", action="store_true", default=None, help="replay each step from a captured CUDA graph")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="under torchrun on CUDA: SyncBatchNorm, batch statistics of the global batch")
+    p.add_argument("--fused-optimizer", action="store_true", default=None,
+                   help="torch's fused SGD/Adam/AdamW step (not Frank-Wolfe)")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the training forward/backward (default backend: inductor)")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="write TensorBoard event files to RUN_DIR/tensorboard")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed task")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -71,7 +77,7 @@ def build_config(args: argparse.Namespace):
     flags: dict[str, Any] = {}
     for name in ("method", "benchmark", "setting", "backbone", "data_dir", "data_root", "class_order", "n_tasks",
                  "image_size", "epochs", "batch_size", "seed", "device", "out", "keep_checkpoints", "amp",
-                 "channels_last", "cuda_graph", "sync_bn"):
+                 "channels_last", "cuda_graph", "sync_bn", "fused_optimizer", "compile", "tensorboard"):
         value = getattr(args, name)
         if value is not None:
             flags[name] = value

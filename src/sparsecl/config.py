@@ -45,6 +45,9 @@ class RunConfig:
     channels_last: bool = False
     cuda_graph: bool = False  # capture each task's training step once, replay it (CUDA)
     sync_bn: bool = False  # torchrun on CUDA: SyncBatchNorm (statistics of the global batch)
+    fused_optimizer: bool = False  # torch's fused SGD/Adam/AdamW step (one kernel for all parameters)
+    compile: str | None = None  # torch.compile backend for the training forward/backward, e.g. inductor
+    tensorboard: bool = False  # write TensorBoard event files under RUN_DIR/tensorboard
     method_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -29,6 +29,7 @@ from sparsecl.engine.io import atomic_torch_save, atomic_write_json
 from sparsecl.engine.launch import launched_world_size
 from sparsecl.engine.progress import RunProgress
 from sparsecl.engine.seeding import rng_state, seed_everything, set_rng_state
+from sparsecl.engine.tensorboard import EventWriter, log_epoch, log_task
 from sparsecl.methods import METHODS, Batch, ContinualMethod, MethodContext
 from sparsecl.metrics.accuracy import summarize
 from sparsecl.metrics.efficiency import memory_footprint, peak_memory_bytes, reset_peak_memory
@@ -40,6 +41,7 @@ from sparsecl.sparse.flops import FlopCounter, profile_layers
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
 CONFIG = "config.yaml"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,6 +81,9 @@ class SampleCounter:
         self.scale = 1
         self._handle = model.register_forward_pre_hook(self._hook)
 
+    # Under --compile the hook runs eagerly beside the compiled graph (a graph break before the
+    # forward), so its Python counting is not traced into, or frozen by, the compiled code.
+    @torch.compiler.disable
     def _hook(self, module: nn.Module, args: tuple) -> None:
         if not self.active or not args:
             return
@@ -129,8 +134,25 @@ def build_method(cfg: RunConfig, stream: TaskStream, device: torch.device, augme
         task_classes=task_classes, **cfg.backbone_options,
     ).to(device)
     ctx = MethodContext(stream=stream, device=device, augment=augment, setting=cfg.setting,
-                        batch_size=cfg.batch_size, epochs=cfg.epochs, cuda_graph=cfg.cuda_graph, dist=dist)
+                        batch_size=cfg.batch_size, epochs=cfg.epochs, cuda_graph=cfg.cuda_graph,
+                        fused_optimizer=cfg.fused_optimizer, dist=dist)
     return cls(model, options, ctx)
+
+
+def compile_net(model: nn.Module, cfg: RunConfig) -> nn.Module:
+    """``torch.compile`` of ``model`` for the training forwards (``method.net``; the parameters
+    stay the model's own, so masks applied in place, checkpoints and evaluation are unchanged).
+    Only methods whose training forwards all go through ``method.net`` (those that declare
+    distributed support) can use it; fixed shapes, so a new batch size compiles a new graph."""
+    if cfg.cuda_graph:
+        raise SparseCLError("--compile and --cuda-graph cannot be combined (pick one way to capture the step)")
+    if not METHODS.get(cfg.method).distributed_support():
+        raise SparseCLError(f"method {cfg.method!r} does not support --compile (its training forwards do not all "
+                            "go through method.net)")
+    known = torch.compiler.list_backends(exclude_tags=())
+    if cfg.compile not in known:
+        raise SparseCLError(f"unknown --compile backend {cfg.compile!r} (e.g. inductor, aot_eager, eager)")
+    return torch.compile(model, backend=cfg.compile, dynamic=False)
 
 
 def check_distributed(cfg: RunConfig, world_size: int) -> None:
@@ -144,6 +166,8 @@ def check_distributed(cfg: RunConfig, world_size: int) -> None:
                             "(the batch size is the global batch, split evenly over the ranks)")
     if cfg.cuda_graph:
         raise SparseCLError("--cuda-graph is not supported with distributed training")
+    if cfg.compile:
+        raise SparseCLError("--compile is not supported with distributed training yet")
     if cfg.sync_bn and not (cfg.device in ("auto", "cuda") and torch.cuda.is_available()):
         raise SparseCLError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
 
@@ -209,6 +233,8 @@ class Trainer:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
         if cfg.cuda_graph and not type(self.method).graph_capturable:
             raise SparseCLError(f"method {cfg.method!r} does not support --cuda-graph yet")
+        if cfg.compile:
+            self.method.net = compile_net(self.model, cfg)
         if cfg.cuda_graph:
             self.augment.prepare(self.device)
         self.layers = profile_layers(self.model, stream.input_shape)
@@ -225,6 +251,7 @@ class Trainer:
             "train_seconds": [], "eval_seconds": [], "samples": [], "flops": [], "dense_flops": [],
             "epoch_loss": [], "peak_memory": [], "footprint": None, "max_step_samples": 0,
         }
+        self.tb: EventWriter | None = None  # TensorBoard events (rank 0, --tensorboard), open during run()
         if resume:
             self._load_checkpoint()
         if dist is not None:
@@ -313,6 +340,8 @@ class Trainer:
                     f"(method {cfg.method}, lr {method.opt.lr}): lower the learning rate"
                 )
             losses.append(mean_loss)
+            if self.tb is not None:
+                log_epoch(self.tb, task_index * cfg.epochs + epoch + 1, task_index, mean_loss)
             method.end_epoch(task, epoch)
             bar.epoch_done()
         del graph  # frees the graph's memory pool before the next task captures its own
@@ -327,6 +356,17 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / CONFIG)
+        if cfg.tensorboard and self.is_main:
+            self.tb = EventWriter(self.run_dir / TENSORBOARD_DIR)
+        try:
+            return self._run()
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+                self.tb = None
+
+    def _run(self) -> dict[str, Any]:
+        cfg = self.cfg
         if self.state["random_init"] is None:
             # The model before any training is the random-init reference b_j of forward transfer.
             cil, til = evaluate_all(self.method, self.stream, self.augment, 0, cfg.eval_batch_size, self.dist)
@@ -365,7 +405,10 @@ class Trainer:
                 s["completed"] = t + 1
                 if self.is_main:
                     self._save_checkpoint(t)
-                    atomic_write_json(self.run_dir / RESULT, self.result())
+                    result = self.result()
+                    atomic_write_json(self.run_dir / RESULT, result)
+                    if self.tb is not None:
+                        log_task(self.tb, result, t)
                 bar.task_done()
         if self.is_main:
             atomic_torch_save(self.run_dir / "model.pt", self.model.state_dict())

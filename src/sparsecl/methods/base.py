@@ -74,6 +74,7 @@ class MethodContext:
     batch_size: int
     epochs: int
     cuda_graph: bool = False  # steps are replayed from a captured CUDA graph
+    fused_optimizer: bool = False  # make_optimizer builds torch's fused implementations
     # The run's FLOP counter, set by the Trainer before the first task (None outside a Trainer).
     # Methods that change weight/gradient densities push them into it (MaskSet.bind_flops).
     flops: FlopCounter | None = None
@@ -188,13 +189,14 @@ class ContinualMethod:
     def make_optimizer(self, params: Any = None) -> torch.optim.Optimizer:
         params = self.model.parameters() if params is None else params
         o = self.opt
+        fused = True if self.ctx.fused_optimizer else None  # None: torch's default (foreach)
         if o.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused)
         # Adam's step counter must live on the device when the step is a graph replay.
         cap = self.ctx.cuda_graph
         if o.optimizer == "adam":
-            return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, capturable=cap)
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, capturable=cap)
+            return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, capturable=cap, fused=fused)
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, capturable=cap, fused=fused)
 
     def mask_logits(self, logits: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
         """Set logits of classes outside each sample's task to -inf (Task-IL training)."""

@@ -1,0 +1,128 @@
+"""Speed options that also run on CPU (fused optimizers, torch.compile) give the plain loop's
+result, and --tensorboard writes event files that TensorBoard can read."""
+import copy
+import glob
+
+import pytest
+import torch
+
+from sparsecl.cli import main
+from sparsecl.config import merge_config
+from sparsecl.data.augment import DeviceAugment
+from sparsecl.data.benchmarks import load_benchmark
+from sparsecl.engine.tensorboard import EventWriter, crc32c, read_events
+from sparsecl.engine.trainer import build_method, run
+from sparsecl.methods import Batch
+
+DIGITS = {"benchmark": "digits", "epochs": 1, "batch_size": 32, "device": "cpu", "seed": 0}
+
+
+@pytest.mark.parametrize("optimizer, extra", [("sgd", {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}),
+                                              ("adam", {"lr": 1e-3, "weight_decay": 1e-4}),
+                                              ("adamw", {"lr": 1e-3, "weight_decay": 1e-2})])
+def test_fused_optimizer_steps_equal_the_default_ones(optimizer, extra):
+    stream = load_benchmark("digits")
+    aug = DeviceAugment(stream.augment, stream.input_shape)
+    task = stream.tasks[0]
+    params = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        cfg = merge_config({**DIGITS, "method": "sgd", "fused_optimizer": fused,
+                            "method_options": {"optimizer": optimizer, **extra}})
+        method = build_method(cfg, stream, torch.device("cpu"), aug)
+        method.begin_task(task)
+        assert (method.optimizer.defaults.get("fused") is True) == fused
+        for b in range(20):
+            idx = torch.arange(b * 16, b * 16 + 16) % len(task.train)
+            x = task.train.x[idx]
+            method.observe(Batch(aug.eval(x), task.train.y[idx], x, idx, 0))
+        params[fused] = copy.deepcopy(method.model.state_dict())
+    for k, v in params[False].items():
+        assert torch.allclose(params[True][k], v, atol=1e-5, rtol=1e-5), k
+
+
+def _close(a, b, tol):
+    return all(abs(x - y) <= tol for ra, rb in zip(a, b) for x, y in zip(ra, rb) if x is not None)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("der++", {"buffer_size": 100, "lr": 0.05}),
+    ("rigl-der++", {"buffer_size": 100, "lr": 0.05, "sparsity": 0.8, "delta_t": 5}),
+])
+def test_compiled_run_equals_eager_run(method, options, tmp_path):
+    """torch.compile through dynamo and AOT autograd (the aot_eager backend: inductor's code
+    generation takes minutes on CPU and is covered in test_cuda.py) keeps the plain loop's
+    training: the same samples and FLOPs, the same accuracies to float tolerance, masks respected."""
+    base = {**DIGITS, "method": method, "method_options": options}
+    eager, _ = run(merge_config(base), tmp_path / "eager")
+    compiled, run_dir = run(merge_config({**base, "compile": "aot_eager", "fused_optimizer": True}), tmp_path / "compiled")
+    assert compiled["samples"] == eager["samples"]
+    assert compiled["flops"]["train"] == eager["flops"]["train"]
+    for key in ("class_il", "task_il"):
+        assert _close(compiled["accuracy"][key]["matrix"], eager["accuracy"][key]["matrix"], 1.0), key
+    if method == "rigl-der++":
+        assert compiled["sparsity"]["overall"]["density"] == pytest.approx(0.2, abs=1e-3)
+        weights = torch.load(run_dir / "model.pt", weights_only=True)
+        for name, layer in compiled["sparsity"]["per_layer"].items():
+            if layer["masked"]:
+                assert int((weights[name] != 0).sum()) <= layer["active"], name
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--compile", "no-such-backend"], "unknown --compile backend 'no-such-backend'"),
+    (["--method", "lwf", "--compile"], "method 'lwf' does not support --compile"),
+])
+def test_bad_compile_requests_are_one_error_line(argv, expected, capsys, tmp_path):
+    assert main(["run", *argv, "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+def test_crc32c_matches_the_standard_check_value():
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C catalogue's check value
+
+
+def test_tensorboard_run_logs_losses_accuracies_and_flops(tmp_path):
+    result, run_dir = run(merge_config({**DIGITS, "method": "er", "epochs": 2, "tensorboard": True,
+                                        "method_options": {"buffer_size": 50}}), tmp_path / "run")
+    files = glob.glob(str(run_dir / "tensorboard" / "events.out.tfevents.*"))
+    assert len(files) == 1
+    events = read_events(files[0])
+    assert events[0]["file_version"] == "brain.Event:2"
+    scalars = [e for e in events if "scalars" in e]
+    losses = {e["step"]: e["scalars"]["train/loss"] for e in scalars if "train/loss" in e["scalars"]}
+    assert sorted(losses) == list(range(1, 5 * 2 + 1))  # 5 tasks x 2 epochs
+    flat = [x for per_task in result["loss_per_epoch"] for x in per_task]
+    assert [losses[s] for s in sorted(losses)] == pytest.approx(flat, rel=1e-6)
+    last = [e["scalars"] for e in scalars if e["step"] == 5 and "accuracy/class_il" in e["scalars"]]
+    assert len(last) == 1
+    assert last[0]["accuracy/class_il"] == pytest.approx(result["accuracy"]["class_il"]["acc"], rel=1e-5)
+    assert last[0]["flops/train_cumulative"] == pytest.approx(result["flops"]["train"], rel=1e-6)
+    assert last[0]["accuracy_per_task/task_il/task_3"] == pytest.approx(
+        result["accuracy"]["task_il"]["matrix"][4][2], rel=1e-5)
+
+
+def test_event_file_corruption_is_detected(tmp_path):
+    writer = EventWriter(tmp_path)
+    writer.scalars(3, {"a": 1.5, "skipped": None})
+    writer.close()
+    events = read_events(writer.path)
+    assert events[1] == {"step": 3, "wall_time": events[1]["wall_time"], "scalars": {"a": 1.5}}
+    data = bytearray(writer.path.read_bytes())
+    data[-6] ^= 0xFF  # inside the last record's payload
+    writer.path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="bad or truncated record"):
+        read_events(writer.path)
+
+
+def test_tensorboard_itself_reads_our_event_files(tmp_path):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    writer = EventWriter(tmp_path)
+    for step in range(1, 4):
+        writer.scalars(step, {"train/loss": 1.0 / step, "accuracy/class_il": 10.0 * step})
+    writer.close()
+    acc = accumulator.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert sorted(acc.Tags()["scalars"]) == ["accuracy/class_il", "train/loss"]
+    assert [(e.step, e.value) for e in acc.Scalars("accuracy/class_il")] == [(1, 10.0), (2, 20.0), (3, 30.0)]
+    assert acc.Scalars("train/loss")[2].value == pytest.approx(1 / 3)
