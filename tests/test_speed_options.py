@@ -13,6 +13,7 @@ from sparsecl.data.benchmarks import load_benchmark
 from sparsecl.engine.tensorboard import EventWriter, crc32c, read_events
 from sparsecl.engine.trainer import build_method, run
 from sparsecl.methods import Batch
+from sparsecl.report import collect_results
 
 DIGITS = {"benchmark": "digits", "epochs": 1, "batch_size": 32, "device": "cpu", "seed": 0}
 
@@ -126,3 +127,31 @@ def test_tensorboard_itself_reads_our_event_files(tmp_path):
     assert sorted(acc.Tags()["scalars"]) == ["accuracy/class_il", "train/loss"]
     assert [(e.step, e.value) for e in acc.Scalars("accuracy/class_il")] == [(1, 10.0), (2, 20.0), (3, 30.0)]
     assert acc.Scalars("train/loss")[2].value == pytest.approx(1 / 3)
+
+
+def _speed_table_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_table.py"
+    spec = importlib.util.spec_from_file_location("speed_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_table_pairs_each_configuration_with_its_plain_loop(tmp_path, capsys):
+    base = {**DIGITS, "method": "er", "method_options": {"buffer_size": 50}}
+    for seed in (0, 1):
+        run(merge_config({**base, "seed": seed}), tmp_path / f"plain-s{seed}")
+    run(merge_config({**base, "fused_optimizer": True}), tmp_path / "fused-s0")
+    table = _speed_table_module()
+    assert table.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| er | - | digits | 1 | `plain eager` | 0,1 |" in out
+    rows = table.speed_rows(collect_results([tmp_path]))
+    plain, fused = rows
+    assert plain["options"] == "plain eager" and plain["speedup"] == pytest.approx(1.0)
+    assert fused["options"] == "--fused-optimizer" and fused["seeds"] == [0]
+    assert fused["speedup"] == pytest.approx(plain["train_min"][0] / fused["train_min"][0])
+    assert fused["cil_vs_plain"] == pytest.approx(fused["cil"][0] - plain["cil"][0])

@@ -40,6 +40,7 @@ from sparsecl.config import build_options, load_preset, load_yaml, merge_config
 from sparsecl.methods import METHODS
 
 NESTED = ("method_options", "backbone_options")
+SPEED_KEYS = ("amp", "channels_last", "cuda_graph", "fused_optimizer", "compile")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ def _slug(cfg: dict[str, Any]) -> str:
     for key in NESTED:
         for k, v in sorted((cfg.get(key) or {}).items()):
             parts.append(f"{k}{v}")
+    for key in SPEED_KEYS:  # the same preset with and without speed options (benchmarks/speed_table.py)
+        if cfg.get(key):
+            parts.append(key if cfg[key] is True else f"{key}{cfg[key]}")
     text = "-".join(parts)
     return re.sub(r"[^A-Za-z0-9+._=-]+", "_", text)
 
