@@ -16,7 +16,9 @@ from sparsecl.methods.agem import project
 from sparsecl.methods.base import Batch
 from sparsecl.methods.icarl import herding
 from sparsecl.methods.lwf import distillation
+from sparsecl.sparse.export import export_run, load_export
 
+from export_check import exported_task_il
 from interrupt import run_interrupted
 
 DIGITS = load_benchmark("digits")
@@ -287,6 +289,17 @@ def test_runs_end_to_end_and_resumes_identically(method, tmp_path):
         assert full["samples"]["forward_only"] == 4 * sum(sizes[1:])
     if method == "icarl":
         assert full["samples"]["forward_only"] > 2 * sum(sizes[1:])
+        # The export classifies by nearest mean of exemplars, as the run evaluated: same accuracies.
+        path, rep = export_run(full_dir, "pt", tmp_path / "icarl.pt")
+        model, info = load_export(path)
+        assert rep["classifier"] == info["classifier"] == "nearest-mean"
+        stream = load_benchmark("digits")
+        augment = DeviceAugment(stream.augment, stream.input_shape)
+        with torch.no_grad():
+            exported_cil = [100.0 * (model(augment.eval(t.test.x)).argmax(1) == t.test.y).sum().item() / len(t.test)
+                            for t in stream.tasks]
+        assert exported_cil == cil["matrix"][-1]
+        assert exported_task_il(full_dir, tmp_path / "icarl2.pt", per_task=False) == til["matrix"][-1]
 
     run_interrupted(cfg(method, **E2E[method]), tmp_path / "cut", at_task=2)
     assert json.loads((tmp_path / "cut" / "result.json").read_text())["tasks_completed"] == 2

@@ -127,6 +127,21 @@ def test_result_json_reports_flops_memory_capacity(runs, method):
     assert r["model"]["backbone"] == "mlp" and r["model"]["input_shape"] == [1, 8, 8]
 
 
+def test_rigl_reports_its_topology_updates_per_task(runs):
+    r = runs["rigl-der++"]
+    rep = r.full["method"]
+    total = r.steps  # optimiser steps of the whole run
+    assert rep["t_end_steps"] == int(0.75 * total)
+    expected = len([t for t in range(1, total + 1) if t % 5 == 0 and t < rep["t_end_steps"]])
+    assert rep["updates"] == expected == sum(h["updates"] for h in rep["tasks"])
+    assert [h["task"] for h in rep["tasks"]] == [1, 2, 3, 4, 5]
+    # The cosine schedule regrows fewer weights per update as it goes, none once the mask is fixed.
+    per_update = [h["regrown"] / h["updates"] for h in rep["tasks"] if h["updates"]]
+    assert per_update == sorted(per_update, reverse=True) and per_update[0] > 0
+    assert rep["tasks"][-1]["updates"] == 0
+    assert r.resumed["method"] == rep  # the history survives an interruption
+
+
 @pytest.mark.parametrize("fmt", ["pt", "csr"])
 def test_export_round_trip_gives_identical_predictions(runs, fmt, tmp_path):
     from sparsecl.sparse.export import export_run

@@ -243,6 +243,8 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     if rep.get("task_views"):
         console.print(f"per-task subnetworks of {rep['task_views']} tasks: {_size(rep['task_view_bytes'])} of masks "
                       "and per-task tensors (select one with sparsecl.sparse.export.use_task)", soft_wrap=True)
+    if rep.get("classifier"):
+        console.print(f"classifier: {rep['classifier']} (the run's evaluation; load_export rebuilds it)", soft_wrap=True)
     console.print(f"wrote {path} ({rep['encoding']} encoding, {_size(rep['file_bytes'])} on disk); "
                   f"load with sparsecl.sparse.export.load_export", soft_wrap=True)
     return 0

@@ -35,7 +35,7 @@ from sparsecl.metrics.accuracy import summarize
 from sparsecl.metrics.efficiency import memory_footprint, peak_memory_bytes, reset_peak_memory
 from sparsecl.models import build_model
 from sparsecl.sparse.accounting import capacity_report, parameter_densities, sparsity_report
-from sparsecl.sparse.export import TASK_VIEWS, compact_task_views, method_task_views
+from sparsecl.sparse.export import INFERENCE_HEAD, TASK_VIEWS, compact_task_views, method_task_views
 from sparsecl.sparse.flops import FlopCounter, profile_layers
 
 CHECKPOINT = "checkpoint.pt"
@@ -416,6 +416,9 @@ class Trainer:
             views = method_task_views(self.method, self.stream.n_tasks)
             if views is not None:
                 atomic_torch_save(self.run_dir / TASK_VIEWS, compact_task_views(self.model.state_dict(), views))
+            head = self.method.inference_head()
+            if head is not None:  # e.g. iCaRL's class means: the export classifies as the run evaluated
+                atomic_torch_save(self.run_dir / INFERENCE_HEAD, head)
         result = self.result()
         if self.is_main:
             atomic_write_json(self.run_dir / RESULT, result)

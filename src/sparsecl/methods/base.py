@@ -218,6 +218,12 @@ class ContinualMethod:
         every task (the default). Methods that switch weights per task at evaluation implement it."""
         return None
 
+    def inference_head(self) -> dict[str, Any] | None:
+        """The classifier :meth:`eval_logits` applies instead of the model's own head, for the export
+        (``{"kind": ..., tensors}``), or ``None`` when the model's logits are the classifier (the
+        default). iCaRL returns its class means (``kind`` ``nearest-mean``)."""
+        return None
+
     def report(self) -> dict[str, Any]:
         """JSON-safe method-specific results, stored under ``result.json`` ``"method"`` after every
         task (e.g. per-stage data counts, backbone usage per task, model size per task)."""

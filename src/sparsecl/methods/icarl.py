@@ -25,6 +25,7 @@ herding at ``end_task``. Herding and class-mean passes are counted as forward-on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from sparsecl import SparseCLError
 from sparsecl.data.stream import Split, Task
 from sparsecl.methods.base import CLASS_IL, Batch, ContinualMethod, MethodOptions, register_method
 from sparsecl.methods.teacher import FrozenCopy
+from sparsecl.models.heads import nearest_mean_logits
 
 
 @dataclass
@@ -205,9 +207,12 @@ class ICaRL(ContinualMethod):
     def eval_logits(self, x: torch.Tensor, task_id: int) -> torch.Tensor:
         if not self.has_means:
             return self.model(x)
-        f = F.normalize(self.model.features(x).float(), dim=1)
-        dist = torch.cdist(f, self.class_means)
-        return (-dist).masked_fill(~self.seen, float("-inf"))
+        return nearest_mean_logits(self.model.features(x), self.class_means, self.seen)
+
+    def inference_head(self) -> dict[str, Any] | None:
+        if not self.has_means:
+            return None
+        return {"kind": "nearest-mean", "class_means": self.class_means.cpu(), "seen": self.seen.cpu()}
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:

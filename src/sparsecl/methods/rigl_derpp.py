@@ -73,6 +73,8 @@ class RigLDERpp(SparseDERpp):
         super().__init__(model, options, ctx)
         self.t = 0  # optimiser steps in the current schedule
         self.updates = 0  # topology updates done (whole run)
+        # Per task: topology updates and weights regrown (drop = grow), for report().
+        self.history: list[dict[str, int]] = []
         self._hook = None
         self._update_due = False
         self.install_masks(MaskSet.from_counts(model, self.layer_counts()))
@@ -92,6 +94,7 @@ class RigLDERpp(SparseDERpp):
         if self.opt.schedule == "task":
             self.t = 0
         self.t_end = int(self.opt.t_end * self.schedule_steps())
+        self.history.append({"task": task.index + 1, "updates": 0, "regrown": 0})
 
     def make_optimizer(self, params=None) -> torch.optim.Optimizer:
         optimizer = super().make_optimizer(params)
@@ -123,21 +126,33 @@ class RigLDERpp(SparseDERpp):
             return
         self._update_due = False
         frac = cosine_update_fraction(self.t, self.opt.drop_fraction, self.t_end)
+        regrown = 0
         for n in self.mask_names:
             k = int(frac * self.masks.active(n))
             if k > 0:
                 drop_and_grow_(self.masks, n, k, self.opt.grow, optimizer=self.optimizer)
+                regrown += k
         self.sync_masks()
         self.masks.push_flops()  # back to the mask's densities (also when nothing changed)
         self.updates += 1
+        if self.history:
+            self.history[-1]["updates"] += 1
+            self.history[-1]["regrown"] += regrown
+
+    def report(self) -> dict:
+        """Schedule and, per task, the topology updates and the weights they regrew."""
+        return {"schedule": self.opt.schedule, "grow": self.opt.grow, "delta_t": self.opt.delta_t,
+                "drop_fraction": self.opt.drop_fraction, "t_end_steps": self.t_end, "updates": self.updates,
+                "masked_weights": sum(self.masks.numel(n) for n in self.mask_names), "tasks": self.history}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["rigl"] = {"t": self.t, "updates": self.updates}
+        state["rigl"] = {"t": self.t, "updates": self.updates, "history": self.history}
         return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.t = int(state["rigl"]["t"])
         self.updates = int(state["rigl"]["updates"])
+        self.history = [dict(h) for h in state["rigl"].get("history", [])]

@@ -91,3 +91,25 @@ class ContinualNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, n_classes]`` in the global label space."""
         return self.head(self.backbone(x))
+
+
+def nearest_mean_logits(features: torch.Tensor, class_means: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Nearest-mean-of-exemplars scores (iCaRL): minus the Euclidean distance of the L2-normalised
+    ``features`` to each class mean, ``-inf`` for classes without a mean (``seen`` false)."""
+    f = torch.nn.functional.normalize(features.float(), dim=1)
+    return (-torch.cdist(f, class_means)).masked_fill(~seen, float("-inf"))
+
+
+class NearestMeanClassifier(nn.Module):
+    """A trained :class:`ContinualModel` classified by nearest mean of exemplars, as iCaRL
+    evaluates it: ``forward`` gives :func:`nearest_mean_logits` of ``model.features(x)`` (the
+    exported form of an iCaRL run; the linear head inside ``model`` is not used)."""
+
+    def __init__(self, model: nn.Module, class_means: torch.Tensor, seen: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("class_means", class_means.float())
+        self.register_buffer("seen", seen.bool())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nearest_mean_logits(self.model.features(x), self.class_means, self.seen)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from sparsecl import SparseCLError
+from sparsecl.models.heads import NearestMeanClassifier
 
 FORMAT = "sparsecl-export"
 VERSION = 1
@@ -140,6 +141,7 @@ def size_report(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Ten
 
 # ----------------------------------------------------------------------------- per-task views
 TASK_VIEWS = "task_views.pt"
+INFERENCE_HEAD = "inference_head.pt"  # the run's classifier when it is not the model's head (iCaRL)
 
 
 def compact_task_views(final: Mapping[str, torch.Tensor], views: list[Mapping[str, torch.Tensor]]
@@ -301,6 +303,13 @@ def export_run(run_dir: str | Path, fmt: str = "pt", out: str | Path | None = No
         report["task_view_bytes"] = sum(
             sum(math.ceil(m.numel() / 8) for m in v["masks"].values()) + sum(_nbytes(t) for t in v["dense"].values())
             for v in views)
+    head_path = run_dir / INFERENCE_HEAD
+    if head_path.exists():
+        try:
+            payload["inference_head"] = torch.load(head_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SparseCLError(f"{head_path} is unreadable ({type(e).__name__})") from None
+        report["classifier"] = payload["inference_head"]["kind"]
     path = Path(out) if out else run_dir / ("model-sparse.pt" if fmt == "pt" else "model-csr.pt")
     atomic_torch_save(path, payload)
     report["file"] = str(path)
@@ -315,7 +324,10 @@ def load_export(path: str | Path, device: torch.device | str = "cpu") -> tuple[n
     (inactive weights exactly zero), and ``info`` with ``masks`` (name -> bool tensor), the
     ``model`` spec, the ``encoding``, the stored ``sizes``, the run ``config`` (a dict) and
     ``task_views`` (``None``, or per-task views for :func:`use_task`; the model starts as the final
-    network, which is not every task's subnetwork for methods with views).
+    network, which is not every task's subnetwork for methods with views) and ``classifier``:
+    ``head`` (the model's logits) or ``nearest-mean`` (iCaRL runs: the model is then a
+    :class:`~sparsecl.models.heads.NearestMeanClassifier` around the network, whose parameter names
+    the ``masks`` use, at ``model.model``).
     """
     path = Path(path)
     try:
@@ -333,9 +345,15 @@ def load_export(path: str | Path, device: torch.device | str = "cpu") -> tuple[n
         state[n], masks[n] = decode(enc)
     model = build_from_spec(payload["model"])
     model.load_state_dict(state)
+    head = payload.get("inference_head")
+    if head is not None:
+        if head.get("kind") != "nearest-mean":
+            raise SparseCLError(f"{path}: unknown classifier {head.get('kind')!r} (this sparsecl knows nearest-mean)")
+        model = NearestMeanClassifier(model, head["class_means"], head["seen"])
     model.to(device).eval()
     info = {"masks": masks, "model": payload["model"], "encoding": payload["encoding"],
-            "sizes": payload["sizes"], "config": json.loads(payload["config"]), "task_views": None}
+            "sizes": payload["sizes"], "config": json.loads(payload["config"]), "task_views": None,
+            "classifier": head["kind"] if head is not None else "head"}
     if payload.get("task_views"):
         info["final_state"] = state
         info["task_views"] = [
