@@ -159,3 +159,31 @@ def test_peak_memory_cpu():
     reset_peak_memory("cpu")
     peak = peak_memory_bytes(torch.device("cpu"))
     assert isinstance(peak, int) and peak > 0
+
+
+def test_memory_batch_counts_samples_whose_activations_live_together():
+    """The footprint's B: DER++'s forwards under one loss add up, SAM-like sequential passes
+    (forward, backward, forward, backward) and autograd.grad passes count as their largest."""
+    from sparsecl.engine.trainer import SampleCounter
+
+    net = two_layer()
+    counter = SampleCounter(net, FlopCounter(profile_layers(net, (4,))))
+    counter.active = True
+    x = torch.randn(8, 4)
+
+    counter.new_step()
+    (net(x).sum() + net(x[:4]).sum() + net(x).sum()).backward()  # one graph: 20 samples alive
+    assert counter.step_samples == 20
+
+    counter.new_step()
+    net(x).sum().backward()
+    net(x).sum().backward()  # the first graph is freed before the second forward
+    assert counter.step_samples == 8
+
+    counter.new_step()
+    torch.autograd.grad(net(x[:4]).sum(), list(net.parameters()))
+    net(x).sum().backward()
+    assert counter.step_samples == 8
+    with torch.no_grad():
+        net(torch.randn(100, 4))  # forward-only passes hold no activations for a backward
+    assert counter.step_samples == 8 and counter.train_samples == 20 + 16 + 12

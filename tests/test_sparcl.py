@@ -194,3 +194,17 @@ def test_every_preset_loads_and_validates():
             for buf in (200, 500):
                 for s in (75, 90, 95):
                     assert f"{bench}-sparcl-{m}-{buf}-sp{s}" in names
+
+
+def test_importance_passes_do_not_inflate_the_activation_memory(tmp_path):
+    """SparCL's g_cur / g_buf passes run forward+backward before the DER++ step: the footprint's
+    activation term is that of DER++ (its three forwards under one loss), not their sum."""
+    from sparsecl.config import merge_config
+    from sparsecl.engine.trainer import run
+
+    common = dict(benchmark="digits", epochs=2, batch_size=16, seed=0, device="cpu")
+    opts = dict(lr=0.05, buffer_size=50, minibatch_size=16, alpha=0.3, beta=0.5)
+    der, _ = run(merge_config(dict(common, method="der++", method_options=opts)), tmp_path / "der")
+    sparcl, _ = run(merge_config(dict(common, method="sparcl-der++",
+                                      method_options=dict(opts, sparsity=0.75, delta_k=1, ddr=False))), tmp_path / "s")
+    assert sparcl["memory"]["footprint_bytes"]["activations"] == der["memory"]["footprint_bytes"]["activations"]

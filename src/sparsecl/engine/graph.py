@@ -32,7 +32,7 @@ class CapturedStep:
         self.idx = idx.clone()
         self.batch_size = int(idx.shape[0])
         train0, fwd0 = self.counter.train_samples, self.counter.forward_samples
-        self.counter.step_samples = 0
+        self.counter.new_step()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.loss_sum += self.step(self.idx)

@@ -75,11 +75,21 @@ class SampleCounter:
         self.active = False
         self.train_samples = 0
         self.forward_samples = 0
-        self.step_samples = 0  # samples of the current step (for the memory formula's batch size)
+        # The memory formula's batch size: the most training samples of the current step whose
+        # activations are alive at once. A forward adds its samples; a backward through its output
+        # frees the graph, so sequential passes (SAM's two, SparCL's importance passes) count as
+        # their largest, while DER++'s three forwards under one loss count together.
+        self.step_samples = 0
+        self._live = 0
         # Distributed, sharded step: each rank sees 1/world of the step's samples, so counts are
         # scaled by the world size and every rank holds the global (single-process) totals.
         self.scale = 1
         self._handle = model.register_forward_pre_hook(self._hook)
+        self._out_handle = model.register_forward_hook(self._watch_output)
+
+    def new_step(self) -> None:
+        """Called by the engine before each training step."""
+        self.step_samples = self._live = 0
 
     # Under --compile the hook runs eagerly beside the compiled graph (a graph break before the
     # forward), so its Python counting is not traced into, or frozen by, the compiled code.
@@ -89,7 +99,8 @@ class SampleCounter:
             return
         n = int(args[0].shape[0])
         if torch.is_grad_enabled():
-            self.step_samples += n  # per device: it sizes the activation memory
+            self._live += n  # per device: it sizes the activation memory
+            self.step_samples = max(self.step_samples, self._live)
             n *= self.scale
             self.train_samples += n
             self.flops.train_samples(n)
@@ -97,6 +108,14 @@ class SampleCounter:
             n *= self.scale
             self.forward_samples += n
             self.flops.forward_samples(n)
+
+    @torch.compiler.disable
+    def _watch_output(self, module: nn.Module, args: tuple, out: Any) -> None:
+        if self.active and isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(self._freed)
+
+    def _freed(self, grad: torch.Tensor) -> None:
+        self._live = 0  # a backward reached this forward's output: its graph is being freed
 
     def add(self, train: int, forward: int) -> None:
         """Count a step that ran without Python (a CUDA graph replay)."""
@@ -318,7 +337,7 @@ class Trainer:
                     graph = CapturedStep(lambda i: self._step(split, i, task_index), loss_sum, self.counter, method)
                     graph.capture(idx)
                 else:
-                    self.counter.step_samples = 0
+                    self.counter.new_step()
                     if side is not None and graph is None:
                         side.wait_stream(torch.cuda.current_stream(self.device))
                         with torch.cuda.stream(side):
