@@ -49,6 +49,10 @@ def _close(a, b, tol):
 @pytest.mark.parametrize("method, options", [
     ("der++", {"buffer_size": 100, "lr": 0.05}),
     ("rigl-der++", {"buffer_size": 100, "lr": 0.05, "sparsity": 0.8, "delta_t": 5}),
+    # importance passes (autograd.grad through the compiled module), DDR's forward hook, DGM
+    ("sparcl-der++", {"buffer_size": 100, "lr": 0.05, "sparsity": 0.8, "delta_k": 0.25, "ddr_cutoff": 2}),
+    # SAM's ascent and descent passes, Frank-Wolfe, the end-of-task prune
+    ("esacl-der++", {"buffer_size": 60, "lr": 0.1, "sparsity": 0.8, "k_frac": 0.1, "tau": 10.0}),
 ])
 def test_compiled_run_equals_eager_run(method, options, tmp_path):
     """torch.compile through dynamo and AOT autograd (the aot_eager backend: inductor's code
@@ -56,13 +60,17 @@ def test_compiled_run_equals_eager_run(method, options, tmp_path):
     training: the same samples and FLOPs, the same accuracies to float tolerance, masks respected."""
     base = {**DIGITS, "method": method, "method_options": options}
     eager, _ = run(merge_config(base), tmp_path / "eager")
+    torch._dynamo.reset()  # fresh caches and counters: the compiled run must compile its own graphs
+    torch._dynamo.utils.counters.clear()
     compiled, run_dir = run(merge_config({**base, "compile": "aot_eager", "fused_optimizer": True}), tmp_path / "compiled")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # training forwards went through it
     assert compiled["samples"] == eager["samples"]
     assert compiled["flops"]["train"] == eager["flops"]["train"]
     for key in ("class_il", "task_il"):
         assert _close(compiled["accuracy"][key]["matrix"], eager["accuracy"][key]["matrix"], 1.0), key
-    if method == "rigl-der++":
+    if method != "der++":
         assert compiled["sparsity"]["overall"]["density"] == pytest.approx(0.2, abs=1e-3)
+        assert compiled["sparsity"]["overall"]["density"] == eager["sparsity"]["overall"]["density"]
         weights = torch.load(run_dir / "model.pt", weights_only=True)
         for name, layer in compiled["sparsity"]["per_layer"].items():
             if layer["masked"]:
@@ -72,6 +80,8 @@ def test_compiled_run_equals_eager_run(method, options, tmp_path):
 @pytest.mark.parametrize("argv, expected", [
     (["--compile", "no-such-backend"], "unknown --compile backend 'no-such-backend'"),
     (["--method", "lwf", "--compile"], "method 'lwf' does not support --compile"),
+    (["--compile", "aot_eager:reduce-overhead"], "modes are for inductor only"),
+    (["--compile", "inductor:fastest"], "modes are for inductor only"),
 ])
 def test_bad_compile_requests_are_one_error_line(argv, expected, capsys, tmp_path):
     assert main(["run", *argv, "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "r")]) == 2

@@ -158,20 +158,26 @@ def build_method(cfg: RunConfig, stream: TaskStream, device: torch.device, augme
     return cls(model, options, ctx)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def compile_net(model: nn.Module, cfg: RunConfig) -> nn.Module:
     """``torch.compile`` of ``model`` for the training forwards (``method.net``; the parameters
     stay the model's own, so masks applied in place, checkpoints and evaluation are unchanged).
-    Only methods whose training forwards all go through ``method.net`` (those that declare
-    distributed support) can use it; fixed shapes, so a new batch size compiles a new graph."""
+    ``cfg.compile`` is ``BACKEND`` or ``inductor:MODE`` (e.g. ``inductor:reduce-overhead``, which
+    adds CUDA graphs). Only methods whose training forwards all go through ``method.net`` can use
+    it; fixed shapes, so a new batch size compiles a new graph."""
     if cfg.cuda_graph:
         raise SparseCLError("--compile and --cuda-graph cannot be combined (pick one way to capture the step)")
-    if not METHODS.get(cfg.method).distributed_support():
+    if not METHODS.get(cfg.method).compile_support():
         raise SparseCLError(f"method {cfg.method!r} does not support --compile (its training forwards do not all "
                             "go through method.net)")
-    known = torch.compiler.list_backends(exclude_tags=())
-    if cfg.compile not in known:
-        raise SparseCLError(f"unknown --compile backend {cfg.compile!r} (e.g. inductor, aot_eager, eager)")
-    return torch.compile(model, backend=cfg.compile, dynamic=False)
+    backend, _, mode = cfg.compile.partition(":")
+    if backend not in torch.compiler.list_backends(exclude_tags=()):
+        raise SparseCLError(f"unknown --compile backend {backend!r} (e.g. inductor, aot_eager, eager)")
+    if mode and (backend != "inductor" or mode not in COMPILE_MODES):
+        raise SparseCLError(f"--compile {cfg.compile!r}: modes are for inductor only ({', '.join(COMPILE_MODES)})")
+    return torch.compile(model, backend=backend, mode=mode or None, dynamic=False)
 
 
 def check_distributed(cfg: RunConfig, world_size: int) -> None:

@@ -102,6 +102,10 @@ class ContinualMethod:
     # through :attr:`net`, its buffer draws through ``ctx.dist``. Read from the class's own body
     # only (see :meth:`distributed_support`): a subclass that changes the step must opt in again.
     supports_distributed: ClassVar[bool] = False
+    # True when every training forward goes through :attr:`net`, so ``--compile`` (which makes
+    # ``net`` a compiled module) covers the step. Read from the class's own body; methods that
+    # support distributed training qualify too (the same requirement).
+    supports_compile: ClassVar[bool] = False
     # Sparse methods set these (sparsecl.sparse); the engine reports per-layer densities, mask
     # bytes, the memory footprint's mask term and capacity from them. None = dense / no isolation.
     masks: MaskSet | None = None
@@ -127,6 +131,11 @@ class ContinualMethod:
     def distributed_support(cls) -> bool:
         """Whether this very class declared ``supports_distributed = True`` (not inherited)."""
         return bool(vars(cls).get("supports_distributed", False))
+
+    @classmethod
+    def compile_support(cls) -> bool:
+        """Whether ``--compile`` covers this class's training step (see ``supports_compile``)."""
+        return bool(vars(cls).get("supports_compile", False)) or cls.distributed_support()
 
     # ------------------------------------------------------------------ hooks
     def begin_task(self, task: Task) -> None:

@@ -424,6 +424,7 @@ class EsaCL(EsaCLMixin, ContinualMethod):
     name = "esacl"
     description = "EsaCL: SAM + Frank-Wolfe in K-sparse polytopes, one-shot prune per task, loss-based data selection"
     options_cls = EsaCLOptions
+    supports_compile = True  # SAM's two passes go through self.net (the selection pass is forward-only)
 
 
 @dataclass
@@ -438,6 +439,7 @@ class EsaCLER(EsaCLMixin, ER):
     name = "esacl-er"
     description = "EsaCL-ER: EsaCL with experience replay"
     options_cls = EsaCLEROptions
+    supports_compile = True
 
 
 @dataclass
@@ -452,6 +454,7 @@ class EsaCLDERpp(EsaCLMixin, DERpp):
     name = "esacl-der++"
     description = "EsaCL-DER++: EsaCL with DER++ replay"
     options_cls = EsaCLDERppOptions
+    supports_compile = True
 
 
 @dataclass

@@ -195,6 +195,7 @@ class SparCL(MaskedTraining):
             return None
         return torch.nonzero(~self._removed).squeeze(1)
 
+    @torch.compiler.disable  # under --compile: runs eagerly after the compiled forward
     def _count_misclassified(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         """Forward hook: the first training forward of a step holds the current batch first."""
         if self._capture is None or not isinstance(out, torch.Tensor):
@@ -229,13 +230,13 @@ class SparCL(MaskedTraining):
                 if n in known:
                     flops.set_density(n, self.masks.density(n), self.masks.density(n))
         with frozen_bn_stats(self.model):
-            logits = self.model(batch.x)
+            logits = self.net(batch.x)
             loss = F.cross_entropy(self.mask_logits(logits, batch.task_id), batch.y)
             torch._foreach_add_(self._g_cur, torch.autograd.grad(loss, weights))
             self._n_cur += 1
             if not self.buffer.is_empty:
                 bx, by, bt = self.draw("y", "task")
-                loss = self.loss(self.model(bx), by, bt)
+                loss = self.loss(self.net(bx), by, bt)
                 torch._foreach_add_(self._g_buf, torch.autograd.grad(loss, weights))
                 self._n_buf += 1
         if flops is not None and self.masks.grad_masks:
@@ -383,6 +384,7 @@ class SparCLER(SparCL, ER):
     name = "sparcl-er"
     description = "SparCL-ER: ER with task-aware dynamic masking, dynamic data removal, gradient masking"
     options_cls = SparCLEROptions
+    supports_compile = True  # the importance passes and the replay step go through self.net
 
 
 @dataclass
@@ -402,3 +404,4 @@ class SparCLDERpp(SparCL, DERpp):
     name = "sparcl-der++"
     description = "SparCL-DER++: DER++ with task-aware dynamic masking, dynamic data removal, gradient masking"
     options_cls = SparCLDERppOptions
+    supports_compile = True
