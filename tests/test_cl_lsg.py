@@ -234,6 +234,9 @@ def test_growth_is_skipped_when_stage_one_meets_the_target(tmp_path):
     n_met, n_missed = met["samples"]["trained_per_task"], missed["samples"]["trained_per_task"]
     assert n_met[0] == n_missed[0]
     assert all((2 * a == b) == bool(g) for a, b, g in zip(n_met[1:], n_missed[1:], grew[1:]))
+    # A skipped epoch has no loss (None in result.json), a trained one a positive loss.
+    assert all(loss is None for per_task in met["loss_per_epoch"][1:] for loss in per_task[1:])
+    assert all(loss > 0 for per_task in met["loss_per_epoch"][1:] for loss in per_task[:1])
     assert missed["method"]["open_channels"][-1] > rep["open_channels"][-1]
 
 

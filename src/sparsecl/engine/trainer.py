@@ -358,14 +358,16 @@ class Trainer:
             total = loss_sum
             if self.dist is not None:  # mean over ranks: the global loss, the same NaN check everywhere
                 total = self.dist.all_reduce_sum_(loss_sum.clone()) / self.dist.world_size
-            mean_loss = total.item() / max(n_batches, 1)  # one host sync per epoch
-            if not math.isfinite(mean_loss):
+            # One host sync per epoch. An epoch the method skipped (no batches, e.g. CL-LSG once its
+            # target is met) has no loss: recorded as None, not 0.
+            mean_loss = total.item() / n_batches if n_batches else None
+            if mean_loss is not None and not math.isfinite(mean_loss):
                 raise SparseCLError(
                     f"loss became {mean_loss} in task {task_index + 1}, epoch {epoch + 1} "
                     f"(method {cfg.method}, lr {method.opt.lr}): lower the learning rate"
                 )
             losses.append(mean_loss)
-            if self.tb is not None:
+            if self.tb is not None and mean_loss is not None:
                 log_epoch(self.tb, task_index * cfg.epochs + epoch + 1, task_index, mean_loss)
             method.end_epoch(task, epoch)
             bar.epoch_done()
