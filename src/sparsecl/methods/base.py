@@ -7,9 +7,9 @@ of :class:`MethodOptions`) filled from presets, YAML files and CLI flags.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -251,12 +251,44 @@ METHODS: Registry[type[ContinualMethod]] = Registry("method")
 
 class TaskSubnetworks:
     """Mixin for methods that evaluate task j through its own subnetwork (PackNet, continual DST,
-    CL-LSG, scratch). The method's ``evaluation()`` saves the live tensors in ``self._saved`` (and
-    restores them on exit); its ``_use_task(j)`` loads task j's view into the model and sets
-    ``self._view = j``. This gives :meth:`eval_logits` and the export's :meth:`task_view`."""
+    CL-LSG, scratch). :meth:`evaluation` saves the live tensors that views overwrite
+    (:meth:`_view_tensors`) in ``self._saved`` and restores them on exit; the method's
+    ``_use_task(j)`` loads task j's view into the model and sets ``self._view = j``. This gives
+    :meth:`eval_logits` and the export's :meth:`task_view`."""
 
     _saved: dict[str, torch.Tensor] | None
     _view: int | None
+    shared_names: list[str]  # parameters/buffers every task trains (biases, BN...), per-task copies
+
+    def _view_tensors(self) -> dict[str, torch.Tensor]:
+        """The live tensors a task view overwrites (saved when evaluation starts, restored after)."""
+        raise NotImplementedError
+
+    def _views_active(self, active: bool) -> None:
+        """Called as evaluation starts (True) and ends (False), e.g. CL-LSG's gates to eval mode."""
+
+    @contextmanager
+    def evaluation(self) -> Iterator[None]:
+        live = self._view_tensors()
+        self._saved = {n: v.detach().clone() for n, v in live.items()}
+        self._view = None
+        self._views_active(True)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, v in live.items():
+                    v.copy_(self._saved[n])
+            self._views_active(False)
+            self._saved, self._view = None, None
+
+    def _model_tensors(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer of the model by name (the live tensors)."""
+        return {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+
+    def _shared_state(self) -> dict[str, torch.Tensor]:
+        tensors = self._model_tensors()
+        return {n: tensors[n] for n in self.shared_names}
 
     def eval_logits(self, x: torch.Tensor, task_id: int) -> torch.Tensor:
         """Logits of task ``task_id``'s subnetwork (inside ``evaluation()``)."""

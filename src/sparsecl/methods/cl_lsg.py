@@ -48,9 +48,8 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -321,32 +320,17 @@ class CLLSG(TaskSubnetworks, ContinualMethod):
         self.size_total.append(self.ownership.used_fraction())
 
     # ---------------------------------------------------------------- evaluation
-    def _shared_state(self) -> dict[str, torch.Tensor]:
-        state = dict(self.model.named_parameters())
-        state.update(self.model.named_buffers())
-        return {n: state[n] for n in self.shared_names}
-
     def _gate_buffers(self) -> dict[str, torch.Tensor]:
         out = {f"c.{k}": v for k, v in self.gates.channel.state_dict(keep_vars=True).items() if not k.endswith(".s")}
         out.update({f"k.{k}": v for k, v in self.gates.kernel.state_dict(keep_vars=True).items()
                     if not k.endswith(".logit")})
         return out
 
-    @contextmanager
-    def evaluation(self) -> Iterator[None]:
-        shared = self._shared_state()
-        gate_bufs = self._gate_buffers()
-        self._saved = {n: v.detach().clone() for n, v in {**shared, **gate_bufs}.items()}
-        self._view = None
-        self.gates.train(False)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, v in {**shared, **gate_bufs}.items():
-                    v.copy_(self._saved[n])
-            self.gates.train(True)
-            self._saved, self._view = None, None
+    def _view_tensors(self) -> dict[str, torch.Tensor]:
+        return {**self._shared_state(), **self._gate_buffers()}
+
+    def _views_active(self, active: bool) -> None:
+        self.gates.train(not active)
 
     @torch.no_grad()
     def _use_task(self, j: int) -> None:

@@ -51,9 +51,8 @@ Optimiser (the paper's): Adam, lr 1e-3, multiplied by 0.1 at 1/2 and 3/4 of the 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -356,29 +355,14 @@ class ContinualDST(TaskSubnetworks, ContinualMethod):
         })
 
     # ---------------------------------------------------------------- evaluation
-    def _shared_state(self) -> dict[str, torch.Tensor]:
-        state = dict(self.model.named_parameters())
-        state.update(self.model.named_buffers())
-        return {n: state[n] for n in self.shared_names}
-
-    @contextmanager
-    def evaluation(self) -> Iterator[None]:
-        state = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
-        names = list(self.names) + self.shared_names
-        self._saved = {n: state[n].detach().clone() for n in names}
-        self._view = None
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, v in self._saved.items():
-                    state[n].copy_(v)
-            self._saved, self._view = None, None
+    def _view_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = self._model_tensors()
+        return {n: tensors[n] for n in [*self.names, *self.shared_names]}
 
     @torch.no_grad()
     def _use_task(self, j: int) -> None:
         """Weights of tasks <= j (and the mask in training if j is its task or later), task j's shared tensors."""
-        state = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        state = self._model_tensors()
         for n in self.names:
             keep = self.ownership.owned(n, upto=j)
             if self.current is not None and j >= self.current_task:

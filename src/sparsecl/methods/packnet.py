@@ -20,9 +20,7 @@ as PackNet prunes all layers); per-task heads are frozen whole once their task i
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -133,29 +131,14 @@ class PackNet(TaskSubnetworks, ContinualMethod):
         masks.unhook()
 
     # ---------------------------------------------------------------- evaluation
-    def _shared_state(self) -> dict[str, torch.Tensor]:
-        state = dict(self.model.named_parameters())
-        state.update(self.model.named_buffers())
-        return {n: state[n] for n in self.shared_names}
-
-    @contextmanager
-    def evaluation(self) -> Iterator[None]:
-        state = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
-        names = list(self.isolated) + self.shared_names
-        self._saved = {n: state[n].detach().clone() for n in names}
-        self._view = None
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, v in self._saved.items():
-                    state[n].copy_(v)
-            self._saved, self._view = None, None
+    def _view_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = self._model_tensors()
+        return {n: tensors[n] for n in [*self.isolated, *self.shared_names]}
 
     @torch.no_grad()
     def _use_task(self, j: int) -> None:
         """Weights of tasks <= j (others zero) and task j's shared tensors."""
-        state = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        state = self._model_tensors()
         for n in self.isolated:
             state[n].copy_(self._saved[n] * self.ownership.owned(n, upto=j))
         shared = self.snapshots[j] if j < len(self.snapshots) else self._saved

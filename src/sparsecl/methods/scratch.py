@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -94,15 +93,8 @@ class Scratch(TaskSubnetworks, ContinualMethod):
     def end_task(self, task: Task) -> None:
         self.models.append({k: v.detach().clone() for k, v in self.model.backbone.state_dict().items()})
 
-    @contextmanager
-    def evaluation(self) -> Iterator[None]:
-        self._saved = {k: v.detach().clone() for k, v in self.model.backbone.state_dict().items()}
-        self._view = None
-        try:
-            yield
-        finally:
-            self.model.backbone.load_state_dict(self._saved)
-            self._saved, self._view = None, None
+    def _view_tensors(self) -> dict[str, torch.Tensor]:
+        return self.model.backbone.state_dict(keep_vars=True)
 
     def _use_task(self, j: int) -> None:
         """Task j's own backbone (a task not trained yet: the live one)."""
