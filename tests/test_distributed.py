@@ -100,6 +100,18 @@ def test_resume_under_torchrun_continues_identically(ddp_runs, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_compiled_ddp_matches_one_eager_process(ddp_runs, tmp_path):
+    """--compile under torchrun compiles the DDP module (aot_eager here: dynamo + AOT autograd
+    without inductor's minutes of CPU code generation): the single-process eager result."""
+    proc = torchrun([*BASE, *CASES["der++"], "--compile", "aot_eager", "--out", str(tmp_path / "c")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((tmp_path / "c" / "result.json").read_text())
+    one = json.loads((ddp_runs["der++"] / "result.json").read_text())  # equal to one process (test above)
+    assert ddp["samples"] == one["samples"] and ddp["flops"]["train"] == one["flops"]["train"]
+    for a, b in zip(ddp["accuracy"]["class_il"]["matrix"], one["accuracy"]["class_il"]["matrix"]):
+        assert all(abs(x - y) <= 1.0 for x, y in zip(a, b) if x is not None)
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_batch_not_divisible_by_world_size_is_one_error_line(rank, monkeypatch, capsys, tmp_path):
     # What each torchrun rank does: the check runs before the ranks meet, only rank 0 prints.

@@ -162,7 +162,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def compile_net(model: nn.Module, cfg: RunConfig) -> nn.Module:
-    """``torch.compile`` of ``model`` for the training forwards (``method.net``; the parameters
+    """``torch.compile`` of ``model`` (or its DDP wrapper) for the training forwards (``method.net``; the parameters
     stay the model's own, so masks applied in place, checkpoints and evaluation are unchanged).
     ``cfg.compile`` is ``BACKEND`` or ``inductor:MODE`` (e.g. ``inductor:reduce-overhead``, which
     adds CUDA graphs). Only methods whose training forwards all go through ``method.net`` can use
@@ -191,8 +191,6 @@ def check_distributed(cfg: RunConfig, world_size: int) -> None:
                             "(the batch size is the global batch, split evenly over the ranks)")
     if cfg.cuda_graph:
         raise SparseCLError("--cuda-graph is not supported with distributed training")
-    if cfg.compile:
-        raise SparseCLError("--compile is not supported with distributed training yet")
     if cfg.sync_bn and not (cfg.device in ("auto", "cuda") and torch.cuda.is_available()):
         raise SparseCLError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
 
@@ -258,8 +256,6 @@ class Trainer:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
         if cfg.cuda_graph and not type(self.method).graph_capturable:
             raise SparseCLError(f"method {cfg.method!r} does not support --cuda-graph yet")
-        if cfg.compile:
-            self.method.net = compile_net(self.model, cfg)
         if cfg.cuda_graph:
             self.augment.prepare(self.device)
         self.layers = profile_layers(self.model, stream.input_shape)
@@ -281,6 +277,8 @@ class Trainer:
             self._load_checkpoint()
         if dist is not None:
             self.method.net = dist.wrap(self.model)
+        if cfg.compile:  # under torchrun the DDP module is compiled (dynamo splits it at its buckets)
+            self.method.net = compile_net(self.method.net, cfg)
 
     # ------------------------------------------------------------ training
     def _step(self, split, idx: torch.Tensor, task_index: int) -> torch.Tensor:
