@@ -12,19 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections import defaultdict
 from typing import Any
 
-from sparsecl.report import collect_results
+from sparsecl.report import collect_results, mean_std
 from sparsecl.sweep import SPEED_KEYS
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return m, s
 
 
 def speed_options(cfg: dict[str, Any]) -> str:
@@ -59,8 +52,8 @@ def speed_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "base": base, "options": options, "method": cfg["method"], "benchmark": cfg["benchmark"],
             "sparsity": sparsity, "epochs": cfg["epochs"], "seeds": sorted(r["seed"] for r in runs),
             "devices": sorted({r["device"] for r in runs}),
-            "cil": _mean_std(cil) if cil else None, "til": _mean_std(til),
-            "train_s": _mean_std(train_s), "samples_s": _mean_std(samples)[0],
+            "cil": mean_std(cil) if cil else None, "til": mean_std(til),
+            "train_s": mean_std(train_s), "samples_s": mean_std(samples)[0],
         })
     plain = {row["base"]: row for row in rows if row["options"] == "plain eager"}
     for row in rows:

@@ -58,7 +58,8 @@ def row_of(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
     m = sum(values) / len(values)
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
     return m, sd
@@ -75,7 +76,7 @@ def aggregate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         agg["seed"] = ",".join(str(m["seed"]) for m in members)
         for key in NUMERIC:
             vals = [m[key] for m in members if m[key] is not None]
-            agg[key] = _mean_std(vals) if vals else None
+            agg[key] = mean_std(vals) if vals else None
         out.append(agg)
     return out
 
@@ -145,7 +146,7 @@ def render_dst_table(results: list[dict[str, Any]], fmt: str = "md") -> str:
             members = by_sp.get(s, [])
             for m in ("acc", "bwt", "fwt"):
                 vals = [a[m] for a in members if a.get(m) is not None]
-                cells.append(_cell(m, _mean_std(vals)) if vals else "-")
+                cells.append(_cell(m, mean_std(vals)) if vals else "-")
         cells.append(",".join(str(len(by_sp.get(s, []))) for s in sps))
         lines.append(cells)
     if fmt == "csv":

@@ -162,8 +162,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def compile_net(model: nn.Module, cfg: RunConfig) -> nn.Module:
-    """``torch.compile`` of ``model`` (or its DDP wrapper) for the training forwards (``method.net``; the parameters
-    stay the model's own, so masks applied in place, checkpoints and evaluation are unchanged).
+    """``torch.compile`` of ``model`` (or its DDP wrapper) for the training forwards
+    (``method.net``; the parameters stay the model's own, so masks applied in place, checkpoints
+    and evaluation are unchanged).
     ``cfg.compile`` is ``BACKEND`` or ``inductor:MODE`` (e.g. ``inductor:reduce-overhead``, which
     adds CUDA graphs). Only methods whose training forwards all go through ``method.net`` can use
     it; fixed shapes, so a new batch size compiles a new graph."""
