@@ -33,6 +33,17 @@ def test_grid_expands_lists_and_seeds(tmp_path):
     assert default[0].config["method"] == "der++" and default[0].config["epochs"] == 1  # entry overrides preset
 
 
+def test_speed_options_name_their_runs(tmp_path):
+    """The same preset with and without speed options (benchmarks/speed_table.py) gets distinct run
+    directories named after the options."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text("seeds: [0]\nruns:\n  - {preset: default}\n  - {preset: default, fused_optimizer: true, "
+                    "compile: 'inductor:reduce-overhead'}\n")
+    jobs, _ = load_grid(grid)
+    assert [j.name for j in jobs] == ["default-s0", "default-fused_optimizer-compileinductor_reduce-overhead-s0"]
+    assert jobs[1].config["compile"] == "inductor:reduce-overhead" and jobs[1].config["fused_optimizer"] is True
+
+
 def test_bad_grid_is_one_clear_error(tmp_path):
     grid = tmp_path / "g.yaml"
     grid.write_text("runs: [{method: er, method_options: {bogus: 1}}]\n")
