@@ -42,6 +42,14 @@ def test_fused_optimizer_steps_equal_the_default_ones(optimizer, extra):
         assert torch.allclose(params[True][k], v, atol=1e-5, rtol=1e-5), k
 
 
+def test_channels_last_on_cpu_is_one_error_line(capsys, tmp_path):
+    """torch's CPU channels_last convolution backward crashes the process for narrow strided 1x1
+    convolutions (a ResNet-18 with nf 4's shortcut): refused before anything trains."""
+    assert main(["run", "--channels-last", "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--channels-last is supported on CUDA devices only" in err[0]
+
+
 def _close(a, b, tol):
     return all(abs(x - y) <= tol for ra, rb in zip(a, b) for x, y in zip(ra, rb) if x is not None)
 

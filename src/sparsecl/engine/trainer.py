@@ -242,6 +242,10 @@ class Trainer:
         self.stream = stream.to(self.device)
         if cfg.amp and self.device.type != "cuda":
             raise SparseCLError("--amp (bf16 autocast) is supported on CUDA devices only")
+        if cfg.channels_last and self.device.type != "cuda":
+            # torch 2.13's CPU kernels crash (heap corruption) in the backward of a channels_last
+            # strided 1x1 convolution with few input channels, e.g. a narrow ResNet's shortcut.
+            raise SparseCLError("--channels-last is supported on CUDA devices only")
         if cfg.cuda_graph and self.device.type != "cuda":
             raise SparseCLError("--cuda-graph is supported on CUDA devices only")
         if self.device.type == "cuda":
