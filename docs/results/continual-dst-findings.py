@@ -1,8 +1,10 @@
-"""Summaries behind the findings of docs/results/continual-dst.md (run from the repository root)."""
-import json, glob, statistics as st
+"""Summaries behind the findings of docs/results/continual-dst.md (run from the repository root;
+argument: the sweep folder, default runs/sweep-seq-mnist-continual-dst)."""
+import json, glob, statistics as st, sys
 from collections import defaultdict
+root = sys.argv[1] if len(sys.argv) > 1 else 'runs/sweep-seq-mnist-continual-dst'
 d = defaultdict(list)
-for f in glob.glob('runs/sweep-seq-mnist-continual-dst/*/result.json'):
+for f in glob.glob(f'{root}/*/result.json'):
     r = json.load(open(f))
     if not r.get('complete'): continue
     mo = r['config']['method_options']
