@@ -10,9 +10,18 @@ for f in glob.glob(f'{root}/*/result.json'):
     mo = r['config']['method_options']
     d[(mo['init'], mo['grow'], mo['sparsity'])].append(r['accuracy']['task_il']['acc'])
 m = {k: st.mean(v) for k, v in d.items()}
+def fmt(v):
+    return '-' if v is None else '%.2f' % v
+
+
+print('| sparsity | init | mean ACC, fixed modes | range over them | adaptive `random:2,gradient:3` | fixed random | fixed gradient |')
+print('|---|---|---|---|---|---|---|')
 for sp in (0.8, 0.9, 0.95):
     for init in ('uniform', 'erk'):
         vals = {g: m.get((init, g, sp)) for g in ('random', 'unfired', 'gradient', 'momentum', 'random:2,gradient:3')}
         fixed = [v for g, v in vals.items() if v is not None and ':' not in g]
-        print(sp, init, 'mean fixed %.2f range %.2f' % (st.mean(fixed), max(fixed) - min(fixed)), 'adaptive %.2f random %.2f gradient %.2f' % (vals['random:2,gradient:3'], vals['random'], vals['gradient']))
-print({k: len(v) for k, v in d.items() if len(v) > 1})
+        if not fixed:
+            continue
+        print(f"| {sp} | {'ERK' if init == 'erk' else init} | {fmt(st.mean(fixed))} ({len(fixed)} modes) | "
+              f"{fmt(max(fixed) - min(fixed))} | {fmt(vals['random:2,gradient:3'])} | {fmt(vals['random'])} | {fmt(vals['gradient'])} |")
+print('seeds per configuration:', sorted({len(v) for v in d.values()}))
