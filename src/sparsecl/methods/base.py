@@ -198,14 +198,16 @@ class ContinualMethod:
     def make_optimizer(self, params: Any = None) -> torch.optim.Optimizer:
         params = self.model.parameters() if params is None else params
         o = self.opt
-        fused = True if self.ctx.fused_optimizer else None  # None: torch's default (foreach)
+        # Passed only when asked for: the default stays torch's (foreach), and older torch
+        # versions without a fused SGD still run.
+        fused = {"fused": True} if self.ctx.fused_optimizer else {}
         if o.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused)
+            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **fused)
         # Adam's step counter must live on the device when the step is a graph replay.
         cap = self.ctx.cuda_graph
         if o.optimizer == "adam":
-            return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, capturable=cap, fused=fused)
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, capturable=cap, fused=fused)
+            return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, capturable=cap, **fused)
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, capturable=cap, **fused)
 
     def mask_logits(self, logits: torch.Tensor, task_ids: torch.Tensor | int) -> torch.Tensor:
         """Set logits of classes outside each sample's task to -inf (Task-IL training)."""
