@@ -56,8 +56,8 @@ def _run_parser(sub) -> None:
                    help="under torchrun on CUDA: SyncBatchNorm, batch statistics of the global batch")
     p.add_argument("--fused-optimizer", action="store_true", default=None,
                    help="torch's fused SGD/Adam/AdamW step (not Frank-Wolfe)")
-    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
-                   help="torch.compile the training forward/backward (default backend: inductor)")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND[:MODE]",
+                   help="torch.compile the training forward/backward (default: inductor; e.g. inductor:reduce-overhead)")
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="write TensorBoard event files to RUN_DIR/tensorboard")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed task")

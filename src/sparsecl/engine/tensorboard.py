@@ -188,14 +188,11 @@ def log_epoch(writer: EventWriter, step: int, task: int, loss: float) -> None:
 def log_task(writer: EventWriter, result: dict[str, Any], task: int) -> None:
     """Scalars of ``result`` (the run's result dict) after task index ``task``, at step task + 1."""
     values: dict[str, float | None] = {}
-    for key, label in (("class_il", "class_il"), ("task_il", "task_il")):
-        acc = result["accuracy"].get(key)
-        if acc is None:
-            continue
+    for key, acc in result["accuracy"].items():  # class_il (Class-IL runs) and task_il
         row = acc["matrix"][task][:task + 1]
-        values[f"accuracy/{label}"] = sum(row) / len(row)
+        values[f"accuracy/{key}"] = sum(row) / len(row)
         for j, a in enumerate(row):
-            values[f"accuracy_per_task/{label}/task_{j + 1}"] = a
+            values[f"accuracy_per_task/{key}/task_{j + 1}"] = a
     flops, timing = result["flops"], result["timing"]
     values["flops/train_cumulative"] = flops["train"]
     values["flops/ratio_to_dense"] = flops["ratio"]

@@ -101,7 +101,7 @@ def nearest_mean_logits(features: torch.Tensor, class_means: torch.Tensor, seen:
 
 
 class NearestMeanClassifier(nn.Module):
-    """A trained :class:`ContinualModel` classified by nearest mean of exemplars, as iCaRL
+    """A trained :class:`ContinualNet` classified by nearest mean of exemplars, as iCaRL
     evaluates it: ``forward`` gives :func:`nearest_mean_logits` of ``model.features(x)`` (the
     exported form of an iCaRL run; the linear head inside ``model`` is not used)."""
 
