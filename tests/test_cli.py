@@ -92,3 +92,16 @@ def test_module_entry_point_default_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for word in ("Class-IL", "Task-IL", "ACC", "BWT", "FWT", "forgetting", "training FLOPs", "wall time"):
         assert word in proc.stdout
+
+
+def test_validation_run_is_scored_on_held_out_train_data(tmp_path):
+    """A run with --validation reports on the held-out split and says so in result.json."""
+    import json
+
+    out = tmp_path / "val"
+    rc = main(["run", "--validation", "0.2", "--epochs", "1", "--method", "sgd", "--quiet", "--out", str(out)])
+    assert rc == 0
+    r = json.loads((out / "result.json").read_text())
+    assert r["benchmark"]["evaluated_on"] == "validation"
+    full = [288, 288, 291, 288, 283]  # digits' training examples per task
+    assert [a + b for a, b in zip(r["benchmark"]["train_sizes"], r["benchmark"]["eval_sizes"])] == full

@@ -725,3 +725,26 @@ def test_augment_rejects_bad_input():
     aug = DeviceAugment(AugmentSpec(), (1, 4, 4))
     with pytest.raises(TypeError, match="uint8"):
         aug.train(torch.zeros(2, 1, 4, 4))
+
+
+def test_validation_holds_out_exact_stratified_share_of_train_and_replaces_test():
+    """`--validation 0.1`: each class gives exactly round(0.1 n) training examples to the
+    evaluation split, which replaces the test set; the split is the same whatever the run seed."""
+    from sparsecl.data.stream import hold_out_validation
+
+    stream = load_benchmark("digits")
+    val = hold_out_validation(stream, 0.1)
+    assert hold_out_validation(stream, 0.1).tasks[2].test.y.tolist() == val.tasks[2].test.y.tolist()
+    for before, after in zip(stream.tasks, val.tasks):
+        for c in before.classes:
+            n = int((before.train.y == c).sum())
+            assert int((after.test.y == c).sum()) == round(0.1 * n)
+            assert int((after.train.y == c).sum()) == n - round(0.1 * n)
+        # the held-out images are training images, never test images, and none is in both parts
+        train_rows = {bytes(r) for r in before.train.x.flatten(1).numpy()}
+        kept = [bytes(r) for r in after.train.x.flatten(1).numpy()]
+        held = [bytes(r) for r in after.test.x.flatten(1).numpy()]
+        assert set(held) <= train_rows and len(kept) + len(held) == len(before.train)
+        assert sorted(kept + held) == sorted(bytes(r) for r in before.train.x.flatten(1).numpy())
+    with pytest.raises(SparseCLError, match="fraction"):
+        hold_out_validation(stream, 1.0)

@@ -40,6 +40,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--n-tasks", type=int)
     p.add_argument("--image-size", type=int)
     p.add_argument("--no-download", action="store_true", help="never try to download missing data")
+    p.add_argument("--validation", type=float, metavar="FRAC",
+                   help="hold out FRAC of each class's training data and evaluate on it instead of the test set")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--buffer", type=int, help="replay buffer size (methods with a buffer)")
@@ -76,7 +78,7 @@ def build_config(args: argparse.Namespace):
         layers.append(load_yaml(args.config))
     flags: dict[str, Any] = {}
     for name in ("method", "benchmark", "setting", "backbone", "data_dir", "data_root", "class_order", "n_tasks",
-                 "image_size", "epochs", "batch_size", "seed", "device", "out", "keep_checkpoints", "amp",
+                 "image_size", "validation", "epochs", "batch_size", "seed", "device", "out", "keep_checkpoints", "amp",
                  "channels_last", "cuda_graph", "sync_bn", "fused_optimizer", "compile", "tensorboard"):
         value = getattr(args, name)
         if value is not None:
@@ -132,7 +134,8 @@ def _flops(v: float | None) -> str:
 
 def print_result(result: dict[str, Any], run_dir: Path, console: Console) -> None:
     cfg = result["config"]
-    table = Table(title=f"{cfg['method']} on {cfg['benchmark']} (seed {cfg['seed']}, {result['device']})")
+    split = f", validation {cfg['validation']:g} of train" if cfg.get("validation") else ""
+    table = Table(title=f"{cfg['method']} on {cfg['benchmark']}{split} (seed {cfg['seed']}, {result['device']})")
     for col in ("setting", "ACC", "BWT", "FWT", "forgetting"):
         table.add_column(col, justify="right")
     for key, label in (("class_il", "Class-IL"), ("task_il", "Task-IL")):

@@ -32,6 +32,8 @@ class RunConfig:
     n_tasks: int | None = None
     image_size: int | None = None
     download: bool = True
+    validation: float | None = None  # hold out this fraction of each class's training data and
+    # evaluate on it instead of the test set (hyper-parameter search)
     epochs: int = 1
     batch_size: int = 32
     eval_batch_size: int = 512
@@ -59,6 +61,8 @@ class RunConfig:
             raise SparseCLError("batch sizes must be >= 1")
         if self.keep_checkpoints not in ("last", "all"):
             raise SparseCLError("keep_checkpoints must be 'last' or 'all'")
+        if self.validation is not None and not 0.0 < self.validation < 1.0:
+            raise SparseCLError(f"validation must be a fraction in (0, 1), got {self.validation}")
         if self.n_tasks is not None and self.n_tasks < 1:
             raise SparseCLError(f"n_tasks must be >= 1, got {self.n_tasks}")
 

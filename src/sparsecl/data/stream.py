@@ -8,9 +8,16 @@ position, not the dataset's raw label); this keeps Task-IL masking a slice.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
+
+from sparsecl import SparseCLError
+
+# The held-out examples do not depend on the run's seed: every run of a hyper-parameter search
+# is scored on the same validation set.
+VALIDATION_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -79,3 +86,31 @@ class TaskStream:
             self.name, [t.to(device) for t in self.tasks], self.input_shape, self.n_classes,
             self.augment, self.default_backbone, self.class_names, self.class_order, self.settings,
         )
+
+
+def hold_out_validation(stream: TaskStream, fraction: float) -> TaskStream:
+    """``stream`` with ``fraction`` of every class's training examples moved into the evaluation
+    split, replacing the test set (for hyper-parameter selection without looking at test data).
+
+    The count per class is exact (``round(fraction * n_class)``, at least one example) and the
+    examples are drawn by a fixed generator (:data:`VALIDATION_SEED`), so every run, whatever its
+    seed, trains and is scored on the same split. The remaining training examples keep their order."""
+    if not 0.0 < fraction < 1.0:
+        raise SparseCLError(f"validation must be a fraction in (0, 1), got {fraction}")
+    rng = np.random.default_rng(VALIDATION_SEED)
+    tasks = []
+    for task in stream.tasks:
+        y = task.train.y.cpu().numpy()
+        held = np.zeros(y.shape[0], dtype=bool)
+        for c in task.classes:  # stratified: every class keeps its share in both parts
+            idx = np.flatnonzero(y == c)
+            k = max(1, int(round(fraction * idx.size)))
+            if k >= idx.size:
+                raise SparseCLError(f"validation={fraction} leaves no training example of class "
+                                    f"{stream.class_names[c]!r} ({idx.size} examples)")
+            held[rng.choice(idx, size=k, replace=False)] = True
+        keep = torch.from_numpy(np.flatnonzero(~held)).to(task.train.y.device)
+        val = torch.from_numpy(np.flatnonzero(held)).to(task.train.y.device)
+        tasks.append(Task(task.index, list(task.classes), Split(task.train.x[keep], task.train.y[keep]),
+                          Split(task.train.x[val], task.train.y[val])))
+    return replace(stream, tasks=tasks)

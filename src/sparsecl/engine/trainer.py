@@ -21,7 +21,7 @@ from sparsecl import SparseCLError
 from sparsecl.config import RunConfig, build_options, config_from_text, save_config
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.benchmarks import load_benchmark
-from sparsecl.data.stream import TaskStream
+from sparsecl.data.stream import TaskStream, hold_out_validation
 from sparsecl.engine.distributed import Distributed
 from sparsecl.engine.evaluate import evaluate_all
 from sparsecl.engine.graph import CapturedStep
@@ -233,10 +233,11 @@ class Trainer:
         seed_everything(cfg.seed)  # the same seed on every rank: identical init, orders and draws
 
         def load() -> TaskStream:
-            return load_benchmark(
+            stream = load_benchmark(
                 cfg.benchmark, cfg.data_dir, class_order=cfg.class_order, n_tasks=cfg.n_tasks,
                 root=cfg.data_root, image_size=cfg.image_size, download=cfg.download,
             )
+            return hold_out_validation(stream, cfg.validation) if cfg.validation else stream
 
         stream = load() if dist is None else dist.everywhere(load)
         self.stream = stream.to(self.device)
@@ -522,6 +523,8 @@ class Trainer:
                if self.dist is not None else {}),
             "benchmark": {"name": self.stream.name, "classes_per_task": [len(t.classes) for t in self.stream.tasks],
                           "train_sizes": [len(t.train) for t in self.stream.tasks],
+                          "evaluated_on": "validation" if cfg.validation else "test",
+                          "eval_sizes": [len(t.test) for t in self.stream.tasks],
                           "class_order": self.stream.class_order},
             "accuracy": accuracy,
             "timing": {
