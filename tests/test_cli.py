@@ -105,3 +105,39 @@ def test_validation_run_is_scored_on_held_out_train_data(tmp_path):
     assert r["benchmark"]["evaluated_on"] == "validation"
     full = [288, 288, 291, 288, 283]  # digits' training examples per task
     assert [a + b for a, b in zip(r["benchmark"]["train_sizes"], r["benchmark"]["eval_sizes"])] == full
+
+
+def test_report_tells_apart_configurations_that_differ_in_options():
+    """Aggregated rows of a sweep over lr (and an option only SparCL has) get an options label,
+    and seeds of the same configuration are averaged together; shared options are not shown."""
+    from sparsecl.report import render_table
+
+    def result(method, seed, acc, **opts):
+        return {"_path": f"r/{method}-{opts}-{seed}", "complete": True,
+                "config": {"method": method, "benchmark": "seq-mnist", "seed": seed, "out": f"o{seed}", "epochs": 1,
+                           "method_options": {"buffer_size": 500, "alpha": 1.0, **opts}},
+                "accuracy": {"class_il": {"acc": acc}, "task_il": {"acc": 99.0}},
+                "flops": {"train": 1e9, "ratio": 1.0}, "timing": {"train_seconds": 1.0}}
+
+    results = [result("der++", s, 90.0 + s, lr=0.1) for s in (0, 1)]
+    results += [result("sparcl-der++", s, 80.0 + s, lr=lr, delta_k=0.25) for s in (0, 1) for lr in (0.2, 0.3)]
+    lines = render_table(results, aggregate=True).splitlines()[2:]
+    assert len(lines) == 3
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert [c[3] for c in cells] == ["lr=0.1", "lr=0.2", "lr=0.3"]  # alpha and delta_k are shared
+    assert all(c[4] == "0,1" and c[5].endswith("± 0.71") for c in cells)
+
+
+def test_report_shows_an_option_set_by_only_some_runs_of_a_method():
+    """`-o tdm=false` in one group of a sweep: its rows say so, even though the other rows leave
+    tdm at its default rather than setting it."""
+    from sparsecl.report import varied_options
+
+    def result(**opts):
+        return {"config": {"method": "sparcl-der++", "benchmark": "seq-mnist", "seed": 0,
+                           "method_options": {"lr": 0.2, **opts}}}
+
+    assert varied_options([result(dgm=False), result(tdm=False)]) == ["dgm=False", "tdm=False"]
+    # an option that only one of two methods has is not a difference between the runs
+    other = {"config": {"method": "der++", "benchmark": "seq-mnist", "seed": 0, "method_options": {"lr": 0.2}}}
+    assert varied_options([result(delta_k=0.1), other]) == ["", ""]

@@ -29,13 +29,17 @@ def _label(cfg: dict[str, Any]) -> str:
 
 def _groups(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Configurations with the seed-mean of their accuracy matrices, ACC and FLOPs."""
+    from sparsecl.report import varied_options
+
     groups: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
+    extra: dict[str, str] = {}  # options that tell this configuration apart from the others
+    for r, options in zip(results, varied_options(results, skip=("sparsity", "allocation"))):
         cfg = r["config"]
         key = json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "out", "device")}, sort_keys=True)
         groups.setdefault(key, []).append(r)
+        extra[key] = options
     out = []
-    for members in groups.values():
+    for key, members in groups.items():
         cfg = members[0]["config"]
         setting = "class_il" if "class_il" in members[0]["accuracy"] else "task_il"
         done = min(m["tasks_completed"] for m in members)
@@ -43,7 +47,7 @@ def _groups(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         mats = np.array([[row[:done] for row in m["accuracy"][setting]["matrix"][:done]] for m in members], dtype=float)
         out.append({
-            "label": f"{_label(cfg)} ({cfg['benchmark']})", "setting": setting, "matrix": mats.mean(0),
+            "label": " ".join(filter(None, (_label(cfg), extra[key]))) + f" ({cfg['benchmark']})", "setting": setting, "matrix": mats.mean(0),
             "acc": float(np.mean([m["accuracy"][setting]["acc"] for m in members])),
             "flops": float(np.mean([m["flops"]["train"] for m in members])), "n": len(members),
         })

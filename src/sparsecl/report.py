@@ -9,7 +9,7 @@ from typing import Any, Sequence
 from sparsecl import SparseCLError
 
 COLUMNS = [
-    ("method", "method"), ("benchmark", "benchmark"), ("buffer", "buffer"), ("seed", "seed"),
+    ("method", "method"), ("benchmark", "benchmark"), ("buffer", "buffer"), ("options", "options"), ("seed", "seed"),
     ("cil_acc", "Class-IL ACC"), ("til_acc", "Task-IL ACC"), ("cil_bwt", "Class-IL BWT"), ("cil_fwt", "Class-IL FWT"),
     ("cil_forgetting", "Class-IL forgetting"), ("til_bwt", "Task-IL BWT"), ("flops", "train FLOPs"),
     ("flops_ratio", "FLOPs / dense"), ("density", "weight density"), ("train_s", "train time (s)"),
@@ -58,6 +58,40 @@ def row_of(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# Never shown in the options column: they have their own column or do not change the result.
+_NOT_OPTIONS = {"method", "benchmark", "seed", "out", "device", "data_dir", "data_root", "download",
+                "keep_checkpoints", "tensorboard", "method_options.buffer_size"}
+
+
+def _flat_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    flat = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return {k: v for k, v in flat.items() if k not in _NOT_OPTIONS}
+
+
+def varied_options(results: list[dict[str, Any]], skip: Sequence[str] = ()) -> list[str]:
+    """Per result, the settings that differ between the runs of ``results`` (``lr=0.1
+    delta_k=0.25``), so that runs of a sweep over options can be told apart. An option counts as
+    varied when the runs that set it do not all share one value, or when runs of one method differ
+    in setting it at all (unset = the method's default); options that only some methods have are
+    not varied for that alone. ``skip`` names options (without ``method_options.``) shown elsewhere."""
+    flats = [_flat_config(r["config"]) for r in results]
+    methods = [r["config"].get("method") for r in results]
+    keys = sorted({k for f in flats for k in f if k.split(".", 1)[-1] not in skip})
+
+    def varied(k: str) -> bool:
+        if len({json.dumps(f[k], sort_keys=True) for f in flats if k in f}) > 1:
+            return True
+        return any(len({k in f for f, m in zip(flats, methods) if m == method}) > 1 for method in set(methods))
+
+    shown = [k for k in keys if varied(k)]
+    return [" ".join(f"{k.split('.', 1)[-1]}={flat[k]}" for k in shown if k in flat) for flat in flats]
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     m = sum(values) / len(values)
@@ -99,9 +133,11 @@ def _cell(key: str, v: Any) -> str:
 def render_table(results: list[dict[str, Any]], fmt: str = "md", aggregate: bool = False) -> str:
     """Markdown or CSV table, one row per run (or per configuration with ``aggregate``)."""
     rows = [row_of(r) for r in results]
+    for row, options in zip(rows, varied_options(results)):
+        row["options"] = options
     if aggregate:
         rows = aggregate_rows(rows)
-    rows.sort(key=lambda r: (r["benchmark"], r["method"], str(r["buffer"]), str(r["seed"])))
+    rows.sort(key=lambda r: (r["benchmark"], r["method"], str(r["buffer"]), r["options"], str(r["seed"])))
     headers = [h for _, h in COLUMNS]
     cells = [[_cell(k, r[k]) + ("" if r.get("complete", True) or k != "method" else " (incomplete)") for k, _ in COLUMNS] for r in rows]
     if fmt == "csv":
