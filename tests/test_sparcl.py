@@ -142,10 +142,12 @@ def test_cwi_ranks_a_weight_with_buffer_gradient_above_an_equal_weight_without(t
     assert m.masks.active(name) == len(active)  # shrink-and-expand keeps the density
 
 
-def test_resume_gives_identical_result(tmp_path):
-    c = cfg("sparcl-er", epochs=3, delta_k=1, ddr_cutoff=1)
+@pytest.mark.parametrize("init_scale", ["dense", "fan-in"])  # fan-in: a resume must not scale again
+def test_resume_gives_identical_result(tmp_path, init_scale):
+    c = cfg("sparcl-er", epochs=3, delta_k=1, ddr_cutoff=1, init_scale=init_scale)
     full, full_dir = run(c, tmp_path / "full")
-    run_interrupted(cfg("sparcl-er", epochs=3, delta_k=1, ddr_cutoff=1), tmp_path / "cut", at_task=2)
+    run_interrupted(cfg("sparcl-er", epochs=3, delta_k=1, ddr_cutoff=1, init_scale=init_scale), tmp_path / "cut",
+                    at_task=2)
     resumed, cut_dir = resume(tmp_path / "cut")
     assert resumed["accuracy"] == full["accuracy"]
     assert resumed["flops"]["train"] == full["flops"]["train"]

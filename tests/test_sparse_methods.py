@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from sparsecl import SparseCLError
 from sparsecl.cli import main
 from sparsecl.config import merge_config
 from sparsecl.data.augment import DeviceAugment
@@ -227,3 +228,28 @@ def test_derpp_at_sparsity_09_on_seq_cifar10_shapes_costs_a_tenth_of_the_masked_
     assert result["flops"]["ratio"] == pytest.approx(expected, rel=1e-3)
     assert 0.1 < result["flops"]["ratio"] < 0.12  # stem, 1x1 shortcuts and head are ~1.5% of ResNet-18's MACs
     assert result["flops"]["dense_equivalent"] == 6 * sum(macs.values()) * result["samples"]["trained"]
+
+
+@pytest.mark.parametrize("method", ["snip-der++", "rigl-der++", "sparcl-der++"])
+def test_fan_in_init_scale_multiplies_surviving_weights_by_inverse_sqrt_density(method, tmp_path):
+    """`init_scale=fan-in`: when the mask is created, each masked layer's surviving weights are its
+    dense initial weights times sqrt(numel / active); other layers are untouched."""
+    extra = {"delta_k": 0.5, "ddr": False} if method == "sparcl-der++" else {}
+    trainers = {}
+    for s in ("dense", "fan-in"):  # one after the other: each starts from the seeded RNG state
+        t = trainers[s] = trainer_mod.Trainer(cfg(method, init_scale=s, sparsity=0.8, **extra), tmp_path / s)
+        t.method.begin_task(t.stream.tasks[0])  # SNIP draws its mask here
+    dense, scaled = (dict(trainers[s].model.named_parameters()) for s in ("dense", "fan-in"))
+    masks = trainers["fan-in"].method.masks
+    assert torch.equal(masks.masks[masks.names[0]], trainers["dense"].method.masks.masks[masks.names[0]])
+    for name in dense:
+        if name in masks.names:
+            m = masks.masks[name]
+            factor = math.sqrt(m.numel() / int(m.sum()))
+            assert factor == pytest.approx(math.sqrt(5), rel=1e-3)
+            torch.testing.assert_close(scaled[name][m], dense[name][m] * factor)
+            assert bool((scaled[name][~m] == 0).all())
+        else:
+            assert torch.equal(scaled[name], dense[name])
+    with pytest.raises(SparseCLError, match="unknown init_scale 'he'"):
+        trainer_mod.Trainer(cfg(method, init_scale="he", **extra), tmp_path / "bad")

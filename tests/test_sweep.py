@@ -76,3 +76,15 @@ def test_sweep_runs_skips_finished_and_resumes_killed_runs(tmp_path, capsys):
     for name in ("accuracy_matrices.png", "accuracy_vs_flops.png", "accuracy_per_task.png"):
         data = (plots / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_an_entry_can_run_its_own_seeds(tmp_path):
+    """`seeds:` inside an entry replaces the grid's seeds for that entry only; bad seeds are one error."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text("seeds: [0, 1]\nruns:\n  - {preset: default}\n  - {preset: default, epochs: 2, seeds: [2, 3, 4]}\n")
+    jobs, _ = load_grid(grid)
+    assert [(j.config["seed"], j.config["epochs"]) for j in jobs] == [(0, 10), (1, 10), (2, 2), (3, 2), (4, 2)]
+    assert all("seeds" not in j.config for j in jobs)
+    grid.write_text("runs:\n  - {preset: default, seeds: 3}\n")
+    with pytest.raises(SparseCLError, match="'seeds' must be a non-empty list of integers"):
+        load_grid(grid)

@@ -12,7 +12,7 @@ A grid file::
 Every entry of ``runs`` is merged over ``base`` (a ``preset`` key loads that preset first); a list
 value, at the top level or inside ``method_options``/``backbone_options``, expands into one
 configuration per element (the cartesian product over all lists). Each configuration runs once per
-seed, in its own process, ``--jobs`` at a time, with the CPU threads split between them and devices
+seed (an entry's own ``seeds: [...]`` replaces the grid's), in its own process, ``--jobs`` at a time, with the CPU threads split between them and devices
 handed out round-robin (``--devices cuda:0,cuda:1``).
 
 Restartable: a run whose ``result.json`` is complete is skipped, one with a checkpoint is resumed
@@ -85,6 +85,12 @@ def _slug(cfg: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9+._=-]+", "_", text)
 
 
+def _seeds(value: Any, path: str | Path) -> list[int]:
+    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        raise SparseCLError(f"grid file {path}: 'seeds' must be a non-empty list of integers")
+    return value
+
+
 def load_grid(path: str | Path) -> tuple[list[SweepJob], Path]:
     """Expand a grid file into jobs (validated now, so a typo fails before anything runs)."""
     grid = load_yaml(path)
@@ -94,15 +100,15 @@ def load_grid(path: str | Path) -> tuple[list[SweepJob], Path]:
     runs = grid.get("runs")
     if not isinstance(runs, list) or not runs:
         raise SparseCLError(f"grid file {path}: 'runs' must be a non-empty list of run options")
-    seeds = grid.get("seeds", [0])
-    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
-        raise SparseCLError(f"grid file {path}: 'seeds' must be a list of integers")
+    seeds = _seeds(grid.get("seeds", [0]), path)
     base = grid.get("base") or {}
     out = Path(grid.get("out", "runs/sweep"))
     jobs: list[SweepJob] = []
     for entry in runs:
         if not isinstance(entry, dict):
             raise SparseCLError(f"grid file {path}: every item of 'runs' must be a mapping")
+        entry = dict(entry)
+        entry_seeds = _seeds(entry.pop("seeds"), path) if "seeds" in entry else seeds
         for variant in _expand(entry):
             layers = [dict(base)]
             preset = variant.pop("preset", None)
@@ -120,7 +126,7 @@ def load_grid(path: str | Path) -> tuple[list[SweepJob], Path]:
             run_cfg = merge_config(merged)  # validates run keys and types now
             method = METHODS.get(run_cfg.method)
             build_options(method.options_cls, dict(run_cfg.method_options), f"method {run_cfg.method!r}")
-            for seed in seeds:
+            for seed in entry_seeds:
                 cfg = {**merged, "seed": seed}
                 jobs.append(SweepJob(f"{stem}-s{seed}", cfg))
     names = [j.name for j in jobs]

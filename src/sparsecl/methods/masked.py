@@ -21,6 +21,9 @@ from sparsecl.sparse.masks import MaskSet
 from sparsecl.sparse.policy import PRESETS, MaskPolicy
 
 
+INIT_SCALES = ("dense", "fan-in")
+
+
 @dataclass
 class MaskOptions:
     """Option fields of a masked network (mixed into a method's options dataclass)."""
@@ -31,6 +34,11 @@ class MaskOptions:
     include_shortcuts: bool = False  # also mask 1x1 shortcut convs
     include_head: bool = False  # also mask the classifier
     allocation: str = "uniform"  # uniform (SparCL) | erk
+    # dense: weights keep the dense initialisation; fan-in: the surviving weights of each masked
+    # layer are scaled by 1/sqrt(density) when the mask is created, so a sparse layer's outputs
+    # start with the variance of the dense layer's (Evci et al., "Gradient flow in sparse neural
+    # networks", AAAI 2022, per layer rather than per neuron)
+    init_scale: str = "dense"
 
     def validate_masks(self, allocations: tuple[str, ...] = ALLOCATIONS) -> None:
         """Raise :class:`SparseCLError` for an impossible sparsity or an unknown policy/allocation."""
@@ -39,6 +47,8 @@ class MaskOptions:
             raise SparseCLError(f"unknown mask policy {self.policy!r} (known: {', '.join(PRESETS)})")
         if self.allocation not in allocations:
             raise SparseCLError(f"unknown allocation {self.allocation!r} (known: {', '.join(allocations)})")
+        if self.init_scale not in INIT_SCALES:
+            raise SparseCLError(f"unknown init_scale {self.init_scale!r} (known: {', '.join(INIT_SCALES)})")
 
     def mask_policy(self) -> MaskPolicy:
         return MaskPolicy(self.policy, self.include_first, self.include_shortcuts, self.include_head)
@@ -74,10 +84,15 @@ class MaskedTraining:
         """Build the masks before ``task`` (called while :attr:`masks` is None); None = not yet."""
         return None
 
-    def install_masks(self, masks: MaskSet) -> None:
-        """Adopt ``masks``: zero the inactive weights, bind the FLOP counter, hook the optimiser."""
+    def install_masks(self, masks: MaskSet, fresh: bool = True) -> None:
+        """Adopt ``masks``: zero the inactive weights, bind the FLOP counter, hook the optimiser.
+        ``fresh``: masks just created (``init_scale`` applies), not restored from a checkpoint."""
         self.masks = masks
         masks.apply_()
+        if fresh and self.opt.init_scale == "fan-in":
+            with torch.no_grad():
+                for n in masks.names:
+                    masks.params[n].mul_((masks.numel(n) / max(masks.active(n), 1)) ** 0.5)
         self.sync_masks()
         if self.ctx.flops is not None:
             masks.bind_flops(self.ctx.flops)
@@ -123,4 +138,4 @@ class MaskedTraining:
         if state.get("masks") is not None:
             masks = MaskSet(self.model, state["masks"]["masks"])
             masks.load_state_dict(state["masks"])
-            self.install_masks(masks)
+            self.install_masks(masks, fresh=False)
