@@ -68,6 +68,13 @@ def test_sweep_runs_skips_finished_and_resumes_killed_runs(tmp_path, capsys):
     assert "6 to run" in log and "6 of 6 runs complete" in log
     assert main(["sweep", str(grid)]) == 0  # restarted: nothing left to do
     assert "6 already complete, 0 to run" in capsys.readouterr().out
+    # an edited base (or preset: neither is in the run names) no longer matches the finished runs:
+    # refused, not silently skipped
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(GRID.format(out=tmp_path / "runs").replace("batch_size: 16", "batch_size: 8"))
+    assert main(["sweep", str(edited)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was run with another configuration (batch_size: 16 -> 8)" in err
 
     plots = tmp_path / "plots"
     assert main(["report", str(out), "--aggregate", "--plots", str(plots)]) == 0

@@ -148,6 +148,33 @@ def job_state(run_dir: Path) -> str:
     return "resume" if (run_dir / "checkpoint.pt").exists() else "new"
 
 
+def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
+    """``key: old -> new`` for the first setting where two configuration layers differ, else None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            diff = _first_difference(old.get(key), new.get(key), f"{where}{key}.")
+            if diff:
+                return diff
+        return None
+    return None if old == new else f"{where.rstrip('.')}: {old!r} -> {new!r}"
+
+
+def check_unchanged(run_dir: Path, job: SweepJob) -> None:
+    """A run directory kept from an earlier sweep must hold the job's configuration: after a preset
+    or grid edit, skipping or resuming it would silently report the old settings."""
+    saved = run_dir / "sweep-config.yaml"
+    if not saved.exists():
+        return
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except yaml.YAMLError:
+        old = None
+    diff = _first_difference(old, job.config) if isinstance(old, dict) else "unreadable sweep-config.yaml"
+    if diff:
+        raise SparseCLError(f"{run_dir} was run with another configuration ({diff}); delete it to rerun, "
+                            "or give the sweep another 'out'")
+
+
 def run_sweep(path: str | Path, jobs: int = 1, devices: list[str] | None = None,
               log: Callable[[str], None] = print) -> dict[str, str]:
     """Run every job of the grid; returns run name -> 'done' | 'skipped' | 'failed (...)'."""
@@ -159,6 +186,8 @@ def run_sweep(path: str | Path, jobs: int = 1, devices: list[str] | None = None,
     todo = []
     for i, job in enumerate(job_list):
         state = job_state(out / job.name)
+        if state != "new":
+            check_unchanged(out / job.name, job)
         if state == "done":
             status[job.name] = "skipped"
         else:
