@@ -121,6 +121,7 @@ def test_report_tells_apart_configurations_that_differ_in_options():
 
     results = [result("der++", s, 90.0 + s, lr=0.1) for s in (0, 1)]
     results += [result("sparcl-der++", s, 80.0 + s, lr=lr, delta_k=0.25) for s in (0, 1) for lr in (0.2, 0.3)]
+    results.append(result("der++", 1, 91.0, lr=0.1))  # the same run again (another sweep entry): counted once
     lines = render_table(results, aggregate=True).splitlines()[2:]
     assert len(lines) == 3
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]

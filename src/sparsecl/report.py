@@ -100,10 +100,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Group rows of the same configuration (all but the seed) into mean +- std cells."""
+    """Group rows of the same configuration (all but the seed) into mean +- std cells; a seed that
+    appears twice in a group (the same configuration run in two directories) is counted once."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(row["_key"], []).append(row)
+        members = groups.setdefault(row["_key"], [])
+        if all(m["seed"] != row["seed"] for m in members):  # the same run twice (two sweep entries) counts once
+            members.append(row)
     out = []
     for members in groups.values():
         agg = dict(members[0])
