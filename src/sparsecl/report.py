@@ -76,9 +76,9 @@ def _flat_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def varied_options(results: list[dict[str, Any]], skip: Sequence[str] = ()) -> list[str]:
     """Per result, the settings that differ between the runs of ``results`` (``lr=0.1
     delta_k=0.25``), so that runs of a sweep over options can be told apart. An option counts as
-    varied when the runs that set it do not all share one value, or when runs of one method differ
-    in setting it at all (unset = the method's default); options that only some methods have are
-    not varied for that alone. ``skip`` names options (without ``method_options.``) shown elsewhere."""
+    varied when the runs that set it do not all share one value, or, for a method or backbone
+    option, when runs of one method differ in setting it at all (unset = the method's default);
+    options that only some methods have are not varied for that alone. ``skip`` names options (without ``method_options.``) shown elsewhere."""
     flats = [_flat_config(r["config"]) for r in results]
     methods = [r["config"].get("method") for r in results]
     keys = sorted({k for f in flats for k in f if k.split(".", 1)[-1] not in skip})
@@ -86,6 +86,8 @@ def varied_options(results: list[dict[str, Any]], skip: Sequence[str] = ()) -> l
     def varied(k: str) -> bool:
         if len({json.dumps(f[k], sort_keys=True) for f in flats if k in f}) > 1:
             return True
+        if "." not in k:  # a run option missing from a run's config: written by an older version
+            return False
         return any(len({k in f for f, m in zip(flats, methods) if m == method}) > 1 for method in set(methods))
 
     shown = [k for k in keys if varied(k)]
