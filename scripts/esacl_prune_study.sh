@@ -2,14 +2,21 @@
 # EsaCL's central claim on seq-mnist (CPU): current-task accuracy right before / right after the
 # end-of-task one-shot prune, EsaCL (SAM + Frank-Wolfe) against plain SGD pruned the same way, and the
 # SA / SP ablations. Usage: scripts/esacl_prune_study.sh OUT_DIR "SEEDS" "ABLATION_SEEDS"
-# Restartable: a run whose result.json exists is skipped. Needs ../shared/data (MNIST).
+# PROTOCOL=seq-cifar10-cpu: the same study on seq-cifar10-jpeg at a CPU budget (ResNet-18 nf 8,
+# 1 epoch per task, batch 32) instead of seq-mnist.
+# Restartable: a run whose result.json exists is skipped. Needs ../shared/data (MNIST, cifar10-jpeg).
 set -euo pipefail
 OUT=${1:-runs/esacl-prune}
 SEEDS=${2:-"0 1 2"}
-ABL_SEEDS=${3:-"0"}
+ABL_SEEDS=${3-"0"}  # "" = no ablation runs
 DATA=${DATA:-../shared/data}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-common=(--benchmark seq-mnist --data-dir "$DATA" --epochs 1 --batch-size 10 --quiet)
+case ${PROTOCOL:-seq-mnist} in
+  seq-mnist) common=(--benchmark seq-mnist --data-dir "$DATA" --epochs 1 --batch-size 10 --quiet) ;;
+  seq-cifar10-cpu) common=(--benchmark seq-cifar10-jpeg --data-dir "$DATA" --backbone-opt nf=8 --epochs 1
+                           --batch-size 32 --quiet) ;;
+  *) echo "unknown PROTOCOL ${PROTOCOL} (seq-mnist | seq-cifar10-cpu)" >&2; exit 2 ;;
+esac
 # EsaCL on seq-mnist: the paper's Split CIFAR-10 values (tau 5, K 0.05, lr 0.01, rho 0.05, 40% kept)
 esacl=(-o lr=0.01 -o tau=5 -o k_frac=0.05 -o rho=0.05 -o keep_frac=0.4)
 run() {  # name seed sparsity options...

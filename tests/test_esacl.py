@@ -223,6 +223,8 @@ def test_isolate_keeps_earlier_tasks_weights_bit_identical(runs):
     ({"isolate": True, "sparsity": 0.0}, "isolate"),
     ({"policy": "residual"}, "mask policy"),
     ({"sam": "maybe"}, "true/false"),
+    ({"selection": "random"}, "unknown selection 'random'"),
+    ({"bn_recalibrate": -1}, "bn_recalibrate must be >= 0"),
 ])
 def test_bad_options_are_one_line_errors(opts, match):
     with pytest.raises(SparseCLError, match=match) as e:
@@ -263,3 +265,59 @@ def test_er_and_ewc_variants_run_and_prune(tmp_path, method):
         steps = sum(b + math.ceil(0.4 * b) for n in sizes for b in [min(16, n - s) for s in range(0, n, 16)])
         assert r["samples"]["trained"] == steps + sum(sizes)
         assert r["flops"]["ratio"] < 1.0
+
+
+def test_per_class_selection_keeps_the_top_losses_of_each_class_in_proportion():
+    """`selection=per-class`: exactly J examples, each class's share its count x J / batch (largest
+    remainders), and within a class the highest losses; checked against a direct count."""
+    from sparsecl.methods.esacl import top_j_per_class
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        b = int(torch.randint(2, 40, (), generator=g))
+        n_classes = int(torch.randint(1, 6, (), generator=g))
+        y = torch.randint(n_classes, (b,), generator=g)
+        losses = torch.rand(b, generator=g)
+        j = int(torch.randint(1, b + 1, (), generator=g))
+        idx = top_j_per_class(losses, y, j, n_classes)
+        assert idx.numel() == j and len(set(idx.tolist())) == j
+        counts = [int((y == c).sum()) for c in range(n_classes)]
+        quota = [n * j // b for n in counts]
+        leftover = sorted(range(n_classes), key=lambda c: (-(counts[c] * j % b), c))[: j - sum(quota)]
+        for c in range(n_classes):
+            chosen = [i for i in idx.tolist() if y[i] == c]
+            assert len(chosen) == quota[c] + (c in leftover), (trial, c)
+            others = [float(losses[i]) for i in range(b) if y[i] == c and i not in chosen]
+            if chosen and others:
+                assert min(float(losses[i]) for i in chosen) >= max(others)
+
+
+def test_bn_recalibration_reestimates_running_statistics_without_touching_weights(tmp_path):
+    """`bn_recalibrate=N`: after the prune the BatchNorm running mean is the average of the batch
+    means of N fresh batches of the task's training data (the old statistics are gone), every
+    weight is unchanged, and the prune record holds the accuracy after the re-estimation."""
+    from sparsecl.engine.trainer import Trainer
+
+    c = cfg(bn_recalibrate=3, sse=False, ere=False)
+    c.backbone, c.backbone_options = "resnet18", {"nf": 4}
+    t = Trainer(c, tmp_path / "unit")
+    task = t.stream.tasks[0]
+    t.method.begin_task(task)
+    bn = next(m for m in t.model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn.running_mean.fill_(1000.0)
+    seen = []
+    hook = bn.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().mean(dim=(0, 2, 3))))
+    weights = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    assert t.method.recalibrate_bn(task)
+    hook.remove()
+    assert len(seen) == 3
+    torch.testing.assert_close(bn.running_mean, torch.stack(seen).mean(0))
+    assert all(torch.equal(p, weights[n]) for n, p in t.model.named_parameters())
+    assert bn.momentum == 0.1 and t.model.training
+
+    result, _ = run(c, tmp_path / "run")
+    for record in result["method"]["esacl"]["prune"]:
+        after = record["accuracy_after_bn_recalibration"]
+        assert set(after) == {"class_il", "task_il"}
+        assert record["drop_after_bn_recalibration"]["task_il"] == pytest.approx(
+            record["accuracy_before_prune"]["task_il"] - after["task_il"])

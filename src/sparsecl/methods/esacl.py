@@ -70,6 +70,30 @@ from sparsecl.sparse.policy import PRESETS, MaskPolicy
 RADIUS_MODES = ("init", "radius")
 
 
+SELECTIONS = ("batch", "per-class")
+
+
+def top_j_per_class(losses: torch.Tensor, y: torch.Tensor, j: int, n_classes: int) -> torch.Tensor:
+    """Indices of ``j`` examples: the highest ``losses`` within each class of ``y``, with ``j``
+    split over the classes present in proportion to their counts (largest remainders, ties to
+    the lower label). Runs on the device without a host synchronisation."""
+    b = y.shape[0]
+    counts = torch.zeros(n_classes, dtype=torch.long, device=y.device).scatter_add_(0, y, torch.ones_like(y))
+    quota = counts * j // b
+    remainder = counts * j % b  # the largest remainders get the j - sum(quota) leftover slots
+    extra = j - quota.sum()
+    order = torch.argsort(remainder * n_classes + (n_classes - 1 - torch.arange(n_classes, device=y.device)),
+                          descending=True)
+    bonus = torch.zeros_like(quota).scatter_(0, order, (torch.arange(n_classes, device=y.device) < extra).long())
+    quota = quota + bonus
+    by_loss = torch.argsort(losses, descending=True, stable=True)
+    ranked = by_loss[torch.argsort(y[by_loss], stable=True)]  # grouped by class, highest loss first
+    start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(b, device=y.device) - start[y[ranked]]
+    keep = rank < quota[y[ranked]]
+    return ranked[torch.argsort((~keep).to(torch.int8), stable=True)[:j]]
+
+
 @dataclass
 class EsaCLOptions(MethodOptions):
     """EsaCL's options (on top of the parent method's). Defaults: the paper's Split CIFAR-10 values."""
@@ -91,6 +115,15 @@ class EsaCLOptions(MethodOptions):
     sse: bool = True  # support-example selection for the SAM ascent
     ere: bool = True  # redundant-example elimination for the descent
     keep_frac: float = 0.4  # J = ceil(keep_frac * batch) examples kept by SSE / ERE
+    # batch: the J highest losses of the batch (paper, SPEC); per-class: the highest losses within
+    # each class of the batch, J split over the classes in proportion to their counts. On BatchNorm
+    # networks the batch-wide top J is often one class, whose batch statistics then cancel the very
+    # signal that separates it (docs/results/esacl.md).
+    selection: str = "batch"
+    # after each prune, re-estimate the BatchNorm running statistics of the pruned model from this
+    # many batches of the task's training data (forward passes only, no weight changes; 0 = off, as
+    # the paper). The dense model's statistics no longer fit the pruned layers' outputs.
+    bn_recalibrate: int = 0
     isolate: bool = False  # freeze the kept weights after each prune (Algorithm 1 as written)
     expand_scale: float = 0.1  # pruned positions restart at this times a fresh default init
 
@@ -113,6 +146,10 @@ class EsaCLOptions(MethodOptions):
             raise SparseCLError(f"unknown rescale {self.rescale!r} (known: {', '.join(RESCALES)})")
         if not 0.0 < self.keep_frac <= 1.0:
             raise SparseCLError(f"keep_frac must lie in (0, 1], got {self.keep_frac}")
+        if self.bn_recalibrate < 0:
+            raise SparseCLError(f"bn_recalibrate must be >= 0 batches, got {self.bn_recalibrate}")
+        if self.selection not in SELECTIONS:
+            raise SparseCLError(f"unknown selection {self.selection!r} (known: {', '.join(SELECTIONS)})")
         if not self.expand_scale >= 0:
             raise SparseCLError(f"expand_scale must be >= 0, got {self.expand_scale}")
         if self.polytope:
@@ -234,7 +271,11 @@ class EsaCLMixin:
         if (o.sse or o.ere) and j < b:
             with torch.no_grad(), _frozen_bn_stats(self.model):
                 logits = self.model(batch.x)
-            idx = torch.topk(self.example_losses(logits, batch.y, batch.task_id), j, sorted=False).indices
+            losses = self.example_losses(logits, batch.y, batch.task_id)
+            if o.selection == "per-class":
+                idx = top_j_per_class(losses, batch.y, j, logits.shape[1])
+            else:
+                idx = torch.topk(losses, j, sorted=False).indices
             sub = Batch(batch.x[idx], batch.y[idx], batch.x_raw[idx], batch.index[idx], batch.task_id)
             self._full, self._full_logits = batch, logits.detach().float()
         ascent = sub if o.sse else batch
@@ -324,6 +365,33 @@ class EsaCLMixin:
             masks.bind_flops(self.ctx.flops)
 
     @torch.no_grad()
+    @torch.no_grad()
+    def recalibrate_bn(self, task: Task) -> bool:
+        """Reset the BatchNorm running statistics and re-estimate them (cumulative average) from
+        ``bn_recalibrate`` batches of ``task``'s training data without augmentation; no weight
+        changes. The passes go through the model, so the FLOP counter charges them as forward-only
+        samples. Returns False when the model has no BatchNorm layer."""
+        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if not bns:
+            return False
+        split = self.train_split(task)
+        bs = self.ctx.batch_size
+        order = torch.randperm(len(split), device=self.device)[: self.opt.bn_recalibrate * bs]
+        saved = [m.momentum for m in bns]
+        was_training = self.model.training
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: every batch weighs the same
+        self.model.train()
+        try:
+            for start in range(0, len(order) - 1, bs):  # a last batch of one has no batch statistics
+                self.model(self.ctx.augment.eval(split.x[order[start : start + bs]]))
+        finally:
+            for m, mom in zip(bns, saved):
+                m.momentum = mom
+            self.model.train(was_training)
+        return True
+
     def current_task_accuracy(self, task: Task, batch_size: int = 500) -> dict[str, float]:
         """Class-IL and Task-IL accuracy (percent) on ``task``'s test split, eval mode.
 
@@ -351,6 +419,9 @@ class EsaCLMixin:
         before = self.current_task_accuracy(task)
         masks = self.prune(task.index)
         after = self.current_task_accuracy(task)
+        recalibrated = None
+        if self.opt.bn_recalibrate and self.recalibrate_bn(task):
+            recalibrated = self.current_task_accuracy(task)
         if self._guard is not None:
             self._guard.unhook()
             self._guard = None
@@ -362,6 +433,9 @@ class EsaCLMixin:
             "accuracy_before_prune": before,
             "accuracy_after_prune": after,
             "drop": {k: before[k] - after[k] for k in before},
+            **({"accuracy_after_bn_recalibration": recalibrated,
+                "drop_after_bn_recalibration": {k: before[k] - recalibrated[k] for k in before}}
+               if recalibrated is not None else {}),
             "density": masks.densities(),
             "density_overall": masks.density(),
             "nonzero": {n: int(torch.count_nonzero(params[n])) for n in self.layer_names},
