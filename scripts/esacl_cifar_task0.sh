@@ -7,6 +7,7 @@ set -uo pipefail
 OUT=${1:-runs/esacl-cifar-task0}
 DATA=${DATA:-../shared/data}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT"
 paper=(-o lr=0.01 -o tau=5 -o k_frac=0.05 -o rho=0.05 -o keep_frac=0.4)
 first_task() {  # name epochs options...
   local name=$1 epochs=$2; shift 2

@@ -14,6 +14,9 @@ One training step on a batch ``B`` of the current task (Algorithm 1):
    * |B|)`` examples with the highest loss are kept (40% by default). SSE uses them for the ascent,
    ERE for the descent; with both on (the default) both passes use the same ``J`` examples, as in
    Algorithm 1 (line 6 uses ``B_s`` for both). Replay methods add their buffer terms as usual.
+   ``selection=per-class`` keeps the highest losses within each class instead (J shared over the
+   batch's classes in proportion to their counts): with BatchNorm, a batch-wide top J is often one
+   class, whose batch statistics then remove the features that separate it.
 2. *SAM ascent*: the parent's loss on the support examples, ``eps = rho * g / ||g||``.
 3. *descent* at ``theta + eps`` on the kept examples; ``theta`` restored exactly, then the base
    optimiser steps: stochastic Frank-Wolfe over one K-sparse polytope per prunable layer
@@ -27,7 +30,9 @@ One training step on a batch ``B`` of the current task (Algorithm 1):
 End of each task: the current task's test accuracy (Class-IL and Task-IL) is measured right before
 and right after a one-shot magnitude pruning of every prunable layer (:class:`~sparsecl.sparse.MaskPolicy`,
 ``conv-linear`` by default) to sparsity ``s`` with exact per-layer counts (uniform allocation,
-top-k of ``|w|``), with no retraining; the evaluation after the task (the accuracy matrix) sees the
+top-k of ``|w|``), with no retraining (``bn_recalibrate=N`` then re-estimates the BatchNorm running
+statistics from N batches of the task's training data, weights untouched, and records the accuracy
+once more); the evaluation after the task (the accuracy matrix) sees the
 pruned model, and the masks are bound to the FLOP counter while in force. At the start of the next
 task the pruned positions are *expanded*: re-initialised to ``expand_scale`` (0.1) times a fresh
 default initialisation of the layer (PyTorch's ``reset_parameters`` on a copy), and the layers run
