@@ -50,13 +50,11 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from sparsecl import SparseCLError
 from sparsecl.data.stream import Task
@@ -65,6 +63,7 @@ from sparsecl.methods.derpp import DERpp, DERppOptions
 from sparsecl.methods.er import ER, ReplayOptions
 from sparsecl.methods.ewc import EWCOptions, OnlineEWC
 from sparsecl.metrics.efficiency import CAPACITY_GAMMA, model_capacity
+from sparsecl.models.batchnorm import frozen_bn_stats, reestimate_bn_stats
 from sparsecl.optim.frank_wolfe import RESCALES, StochasticFrankWolfe, ksparse_radius
 from sparsecl.optim.sam import SAM
 from sparsecl.sparse.allocation import allocate, check_sparsity, density_counts
@@ -170,20 +169,6 @@ class EsaCLOptions(MethodOptions):
         return MaskPolicy(self.policy, self.include_first, self.include_shortcuts, self.include_head)
 
 
-@contextmanager
-def _frozen_bn_stats(model: nn.Module) -> Iterator[None]:
-    """BatchNorm layers normalise with batch statistics but leave their running statistics as they are."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
-    try:
-        yield
-    finally:
-        for m, mom in zip(bns, saved):
-            m.momentum = mom
-
-
 def _rng_state(device: torch.device) -> torch.Tensor:
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
@@ -274,7 +259,7 @@ class EsaCLMixin:
         sub = batch
         self._full = self._full_logits = None
         if (o.sse or o.ere) and j < b:
-            with torch.no_grad(), _frozen_bn_stats(self.model):
+            with torch.no_grad(), frozen_bn_stats(self.model):
                 logits = self.model(batch.x)
             losses = self.example_losses(logits, batch.y, batch.task_id)
             if o.selection == "per-class":
@@ -295,7 +280,7 @@ class EsaCLMixin:
                     raise RuntimeError(f"{type(self).__name__}: the parent's observe did not step the optimiser")
                 _set_rng_state(self.device, rng)  # same buffer draws and augmentations in the descent
                 self._phase = "descent"
-                with _frozen_bn_stats(self.model):
+                with frozen_bn_stats(self.model):
                     loss = super().observe(descent)
             else:
                 self._phase = "single"
@@ -370,32 +355,17 @@ class EsaCLMixin:
             masks.bind_flops(self.ctx.flops)
 
     @torch.no_grad()
-    @torch.no_grad()
     def recalibrate_bn(self, task: Task) -> bool:
-        """Reset the BatchNorm running statistics and re-estimate them (cumulative average) from
-        ``bn_recalibrate`` batches of ``task``'s training data without augmentation; no weight
-        changes. The passes go through the model, so the FLOP counter charges them as forward-only
-        samples. Returns False when the model has no BatchNorm layer."""
-        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        if not bns:
-            return False
+        """Re-estimate the BatchNorm running statistics from ``bn_recalibrate`` batches of
+        ``task``'s training data without augmentation; no weight changes. The passes go through
+        the model, so the FLOP counter charges them as forward-only samples. Returns False when
+        the model has no BatchNorm layer."""
         split = self.train_split(task)
         bs = self.ctx.batch_size
         order = torch.randperm(len(split), device=self.device)[: self.opt.bn_recalibrate * bs]
-        saved = [m.momentum for m in bns]
-        was_training = self.model.training
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: every batch weighs the same
-        self.model.train()
-        try:
-            for start in range(0, len(order) - 1, bs):  # a last batch of one has no batch statistics
-                self.model(self.ctx.augment.eval(split.x[order[start : start + bs]]))
-        finally:
-            for m, mom in zip(bns, saved):
-                m.momentum = mom
-            self.model.train(was_training)
-        return True
+        batches = (self.ctx.augment.eval(split.x[order[i : i + bs]])
+                   for i in range(0, len(order) - 1, bs))  # a last batch of one has no batch statistics
+        return reestimate_bn_stats(self.model, batches)
 
     def current_task_accuracy(self, task: Task, batch_size: int = 500) -> dict[str, float]:
         """Class-IL and Task-IL accuracy (percent) on ``task``'s test split, eval mode.

@@ -46,9 +46,8 @@ epoch is shorter).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +59,7 @@ from sparsecl.methods.base import Batch, register_method
 from sparsecl.methods.derpp import DERpp, DERppOptions
 from sparsecl.methods.er import ER, ReplayOptions
 from sparsecl.methods.masked import MaskedTraining, MaskOptions
+from sparsecl.models.batchnorm import frozen_bn_stats
 from sparsecl.sparse.growth import drop_and_grow_, drop_lowest, grow
 from sparsecl.sparse.masks import MaskSet, topk_mask
 
@@ -108,21 +108,6 @@ class SparCLFields:
     def effective_grad_sparsity(self) -> float:
         s = self.sparsity  # a MaskOptions field of the combined options
         return s + 0.2 * (1.0 - s) if self.grad_sparsity is None else float(self.grad_sparsity)
-
-
-@contextmanager
-def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
-    """BatchNorm layers keep their running statistics (momentum 0) inside the block."""
-    saved = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.momentum is not None:
-            saved.append((m, m.momentum))
-            m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, mom in saved:
-            m.momentum = mom
 
 
 class SparCL(MaskedTraining):
