@@ -47,7 +47,8 @@ def _groups(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         mats = np.array([[row[:done] for row in m["accuracy"][setting]["matrix"][:done]] for m in members], dtype=float)
         out.append({
-            "label": " ".join(filter(None, (_label(cfg), extra[key]))) + f" ({cfg['benchmark']})", "setting": setting, "matrix": mats.mean(0),
+            "label": " ".join(filter(None, (_label(cfg), extra[key]))) + f" ({cfg['benchmark']})",
+            "setting": setting, "matrix": mats.mean(0),
             "acc": float(np.mean([m["accuracy"][setting]["acc"] for m in members])),
             "flops": float(np.mean([m["flops"]["train"] for m in members])), "n": len(members),
         })

@@ -78,7 +78,8 @@ def varied_options(results: list[dict[str, Any]], skip: Sequence[str] = ()) -> l
     delta_k=0.25``), so that runs of a sweep over options can be told apart. An option counts as
     varied when the runs that set it do not all share one value, or, for a method or backbone
     option, when runs of one method differ in setting it at all (unset = the method's default);
-    options that only some methods have are not varied for that alone. ``skip`` names options (without ``method_options.``) shown elsewhere."""
+    options that only some methods have are not varied for that alone. ``skip`` names options
+    (without ``method_options.``) shown elsewhere."""
     flats = [_flat_config(r["config"]) for r in results]
     methods = [r["config"].get("method") for r in results]
     keys = sorted({k for f in flats for k in f if k.split(".", 1)[-1] not in skip})

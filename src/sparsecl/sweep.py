@@ -12,8 +12,9 @@ A grid file::
 Every entry of ``runs`` is merged over ``base`` (a ``preset`` key loads that preset first); a list
 value, at the top level or inside ``method_options``/``backbone_options``, expands into one
 configuration per element (the cartesian product over all lists). Each configuration runs once per
-seed (an entry's own ``seeds: [...]`` replaces the grid's), in its own process, ``--jobs`` at a time, with the CPU threads split between them and devices
-handed out round-robin (``--devices cuda:0,cuda:1``).
+seed (an entry's own ``seeds: [...]`` replaces the grid's), in its own process, ``--jobs`` at a
+time, with the CPU threads split between them and devices handed out round-robin
+(``--devices cuda:0,cuda:1``).
 
 Restartable: a run whose ``result.json`` is complete is skipped, one with a checkpoint is resumed
 from its last completed task, anything else starts fresh. Killing the sweep and starting it again
@@ -86,7 +87,7 @@ def _slug(cfg: dict[str, Any]) -> str:
 
 
 def _seeds(value: Any, path: str | Path) -> list[int]:
-    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+    if not isinstance(value, list) or not value or not all(type(s) is int for s in value):  # bool is no seed
         raise SparseCLError(f"grid file {path}: 'seeds' must be a non-empty list of integers")
     return value
 
