@@ -73,3 +73,12 @@ def test_export_reproduces_every_tasks_accuracy(packnet_run, tmp_path, fmt):
     assert exported_task_il(run_dir, tmp_path / "m.pt", fmt) == final_row
     # Without the per-task views every task would see all later tasks' weights: accuracy changes.
     assert exported_task_il(run_dir, tmp_path / "m2.pt", fmt, per_task=False) != final_row
+
+
+def test_forward_transfer_reference_is_the_random_init_network(packnet_run, tmp_path):
+    """Before any task, PackNet evaluates the random-init network (all its weights), the same one
+    fine-tuning starts from with the same seed, not a backbone with every weight masked out."""
+    result, _ = packnet_run
+    sgd, _ = run(cfg(method="sgd", epochs=1, method_options={"lr": 0.1}), tmp_path / "sgd")
+    ref = result["accuracy"]["task_il"]["random_init"]
+    assert ref == sgd["accuracy"]["task_il"]["random_init"]

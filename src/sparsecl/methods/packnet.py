@@ -137,11 +137,15 @@ class PackNet(TaskSubnetworks, ContinualMethod):
 
     @torch.no_grad()
     def _use_task(self, j: int) -> None:
-        """Weights of tasks <= j (others zero) and task j's shared tensors."""
+        """Weights of tasks <= j (others zero) and task j's shared tensors; a task not finished yet
+        sees the network as it is now, the one its training starts from (before any task: the
+        random-init network, the forward-transfer reference, not an all-zero backbone; after a
+        prune the free weights are zero anyway)."""
         state = self._model_tensors()
+        done = j < len(self.snapshots)
         for n in self.isolated:
-            state[n].copy_(self._saved[n] * self.ownership.owned(n, upto=j))
-        shared = self.snapshots[j] if j < len(self.snapshots) else self._saved
+            state[n].copy_(self._saved[n] * self.ownership.owned(n, upto=j) if done else self._saved[n])
+        shared = self.snapshots[j] if done else self._saved
         for n in self.shared_names:
             state[n].copy_(shared[n])
         self._view = j
