@@ -142,3 +142,37 @@ def test_report_shows_an_option_set_by_only_some_runs_of_a_method():
     # an option that only one of two methods has is not a difference between the runs
     other = {"config": {"method": "der++", "benchmark": "seq-mnist", "seed": 0, "method_options": {"lr": 0.2}}}
     assert varied_options([result(delta_k=0.1), other]) == ["", ""]
+
+
+def test_report_baseline_compares_with_that_methods_runs_of_the_same_protocol():
+    """`report --baseline der++`: each row's Class-IL difference to and FLOPs ratio over DER++'s
+    mean under the same protocol (epochs here); no DER++ of that protocol -> '-'; an incomplete
+    DER++ run is no reference; two DER++ configurations under one protocol are refused."""
+    import pytest
+
+    from sparsecl import SparseCLError
+    from sparsecl.report import render_table
+
+    def result(method, seed, acc, flops, epochs=1, complete=True, **opts):
+        return {"_path": f"r/{method}-{epochs}-{opts}-{seed}", "complete": complete,
+                "config": {"method": method, "benchmark": "seq-mnist", "seed": seed, "epochs": epochs,
+                           "method_options": {"buffer_size": 500, **opts}},
+                "accuracy": {"class_il": {"acc": acc}, "task_il": {"acc": 99.0}},
+                "flops": {"train": flops, "ratio": 1.0}, "timing": {"train_seconds": 1.0}}
+
+    results = [result("der++", 0, 90.0, 4e9), result("der++", 1, 92.0, 4e9),
+               result("der++", 2, 10.0, 1e9, complete=False),  # interrupted: not part of the reference
+               result("sparcl-der++", 0, 88.0, 1e9), result("sparcl-der++", 1, 89.0, 1e9),
+               result("sparcl-der++", 0, 80.0, 2e9, epochs=2)]  # no DER++ at 2 epochs
+    lines = render_table(results, aggregate=True, baseline="der++").splitlines()
+    assert lines[0].endswith("| Class-IL vs der++ | FLOPs / der++ |")
+    cells = {(c[0], c[4]): c[-2:] for c in ([x.strip() for x in line.strip("|").split("|")] for line in lines[2:])}
+    assert cells[("der++", "0,1")] == ["+0.00", "1.000"]
+    assert cells[("sparcl-der++", "0,1")] == ["-2.50", "0.250"]  # 88.5 - 91.0, 1e9 / 4e9
+    assert cells[("sparcl-der++", "0")] == ["-", "-"]
+    per_run = render_table(results, baseline="der++")
+    assert "| -3.00 | 0.250 |" in per_run  # seed 0 of SparCL against DER++'s mean
+    with pytest.raises(SparseCLError, match="2 configurations of der\\+\\+ under one protocol"):
+        render_table([*results, result("der++", 0, 91.0, 4e9, lr=0.1)], baseline="der++")
+    with pytest.raises(SparseCLError, match="no complete sgd run"):
+        render_table(results, baseline="sgd")

@@ -197,7 +197,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     if getattr(args, "table", "runs") == "dst":
         text = render_dst_table(results, fmt=args.format)
     else:
-        text = render_table(results, fmt=args.format, aggregate=args.aggregate)
+        text = render_table(results, fmt=args.format, aggregate=args.aggregate, baseline=args.baseline)
     if args.output:
         from sparsecl.engine.io import atomic_write_text
 
@@ -271,6 +271,8 @@ def make_parser() -> argparse.ArgumentParser:
     rp.add_argument("--aggregate", action="store_true", help="mean +- std over seeds of the same configuration")
     rp.add_argument("--table", choices=["runs", "dst"], default="runs",
                     help="runs: one row per run/configuration; dst: continual-DST ACC/BWT/FWT per (init, growth) x sparsity")
+    rp.add_argument("--baseline", metavar="METHOD",
+                    help="add Class-IL ACC difference and training-FLOPs ratio to METHOD's runs of the same protocol")
     rp.add_argument("--output", help="write the table to this file")
     rp.add_argument("--plots", metavar="DIR", help="also write PNG figures (accuracy matrices, accuracy vs FLOPs, per-task curves)")
     sw = sub.add_parser("sweep", help="run a grid of configurations x seeds (restartable: finished runs are skipped)")

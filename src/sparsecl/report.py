@@ -16,6 +16,10 @@ COLUMNS = [
 ]
 NUMERIC = {"cil_acc", "til_acc", "cil_bwt", "cil_fwt", "cil_forgetting", "til_bwt", "flops", "flops_ratio", "density",
            "train_s"}
+# What two runs must share for one to be the other's reference (``report --baseline``): the task
+# stream, the network and the training budget; methods and their options may differ.
+PROTOCOL_KEYS = ("benchmark", "setting", "backbone", "backbone_options", "class_order", "n_tasks", "image_size",
+                 "validation", "epochs", "batch_size", "drop_last")
 
 
 def collect_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -55,6 +59,7 @@ def row_of(r: dict[str, Any]) -> dict[str, Any]:
         "density": ((r.get("sparsity") or {}).get("overall") or {}).get("density"),
         "complete": r.get("complete", False),
         "_key": json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "out", "device")}, sort_keys=True),
+        "_protocol": json.dumps({k: cfg.get(k) for k in PROTOCOL_KEYS}, sort_keys=True),
     }
 
 
@@ -104,10 +109,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def aggregate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Group rows of the same configuration (all but the seed) into mean +- std cells; a seed that
-    appears twice in a group (the same configuration run in two directories) is counted once."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    appears twice in a group (the same configuration run in two directories) is counted once.
+    Incomplete runs are grouped apart from complete ones (their metrics cover fewer tasks)."""
+    groups: dict[tuple[str, bool], list[dict[str, Any]]] = {}
     for row in rows:
-        members = groups.setdefault(row["_key"], [])
+        members = groups.setdefault((row["_key"], bool(row["complete"])), [])
         if all(m["seed"] != row["seed"] for m in members):  # the same run twice (two sweep entries) counts once
             members.append(row)
     out = []
@@ -129,23 +135,66 @@ def _cell(key: str, v: Any) -> str:
         return f"{_cell(key, m)} ± {_cell(key, sd)}"
     if key == "flops":
         return f"{v:.3e}"
-    if key in ("flops_ratio", "density"):
+    if key in ("flops_ratio", "density", "flops_vs"):
         return f"{v:.3f}"
+    if key == "cil_vs":
+        return f"{v:+.2f}"
     if isinstance(v, float):
         return f"{v:.2f}"
     return str(v)
 
 
-def render_table(results: list[dict[str, Any]], fmt: str = "md", aggregate: bool = False) -> str:
-    """Markdown or CSV table, one row per run (or per configuration with ``aggregate``)."""
+def _mean(v: Any) -> float | None:
+    return v[0] if isinstance(v, tuple) else v
+
+
+def baseline_references(rows: list[dict[str, Any]], baseline: str) -> dict[str, tuple[float | None, float]]:
+    """Per protocol (:data:`PROTOCOL_KEYS`), the mean over seeds of method ``baseline``'s Class-IL
+    ACC and training FLOPs, from per-run rows. Several configurations of the baseline under one
+    protocol would make the reference ambiguous: that is an error. Incomplete runs are left out
+    (their FLOPs cover only the tasks done)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in aggregate_rows([r for r in rows if r["method"] == baseline and r["complete"]]):
+        groups.setdefault(row["_protocol"], []).append(row)
+    if not groups:
+        raise SparseCLError(f"--baseline {baseline}: no complete {baseline} run among the results")
+    refs = {}
+    for protocol, group in groups.items():
+        if len(group) > 1:
+            options = "; ".join(r["options"] or "(defaults)" for r in group)
+            raise SparseCLError(f"--baseline {baseline}: {len(group)} configurations of {baseline} under one protocol "
+                                f"({options}); report them separately or keep one")
+        refs[protocol] = (_mean(group[0]["cil_acc"]), _mean(group[0]["flops"]))
+    return refs
+
+
+def _compare(row: dict[str, Any], refs: dict[str, tuple[float | None, float]]) -> None:
+    """``cil_vs`` (Class-IL ACC minus the reference's) and ``flops_vs`` (FLOPs over the reference's)."""
+    ref_cil, ref_flops = refs.get(row["_protocol"], (None, None))
+    cil, flops = _mean(row["cil_acc"]), _mean(row["flops"])
+    row["cil_vs"] = cil - ref_cil if cil is not None and ref_cil is not None else None
+    row["flops_vs"] = flops / ref_flops if flops is not None and ref_flops else None
+
+
+def render_table(results: list[dict[str, Any]], fmt: str = "md", aggregate: bool = False,
+                 baseline: str | None = None) -> str:
+    """Markdown or CSV table, one row per run (or per configuration with ``aggregate``); with
+    ``baseline`` (a method name) two more columns compare each row with that method's runs under
+    the same protocol: Class-IL ACC difference and training FLOPs ratio."""
     rows = [row_of(r) for r in results]
     for row, options in zip(rows, varied_options(results)):
         row["options"] = options
+    columns = list(COLUMNS)
+    refs = baseline_references(rows, baseline) if baseline is not None else None
     if aggregate:
         rows = aggregate_rows(rows)
+    if refs is not None:
+        for row in rows:
+            _compare(row, refs)
+        columns += [("cil_vs", f"Class-IL vs {baseline}"), ("flops_vs", f"FLOPs / {baseline}")]
     rows.sort(key=lambda r: (r["benchmark"], r["method"], str(r["buffer"]), r["options"], str(r["seed"])))
-    headers = [h for _, h in COLUMNS]
-    cells = [[_cell(k, r[k]) + ("" if r.get("complete", True) or k != "method" else " (incomplete)") for k, _ in COLUMNS] for r in rows]
+    headers = [h for _, h in columns]
+    cells = [[_cell(k, r[k]) + ("" if r.get("complete", True) or k != "method" else " (incomplete)") for k, _ in columns] for r in rows]
     if fmt == "csv":
         import csv
         import io
