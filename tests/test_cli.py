@@ -72,6 +72,9 @@ def test_run_then_report_markdown_and_csv(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--format", "csv"]) == 0
     csv_lines = capsys.readouterr().out.strip().splitlines()
     assert len(csv_lines) == 3 and csv_lines[0].startswith("method,")
+    header, first = csv_lines[0].split(","), csv_lines[1].split(",")
+    footprint = json.loads((tmp_path / "er0" / "result.json").read_text())["memory"]["footprint_bytes"]["total"]
+    assert first[header.index("footprint (MB)")] == f"{footprint / 1e6:.2f}"
     assert main(["report", str(tmp_path), "--aggregate"]) == 0
     md = capsys.readouterr().out
     assert "±" in md and "0,1" in md

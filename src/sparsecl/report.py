@@ -12,10 +12,11 @@ COLUMNS = [
     ("method", "method"), ("benchmark", "benchmark"), ("buffer", "buffer"), ("options", "options"), ("seed", "seed"),
     ("cil_acc", "Class-IL ACC"), ("til_acc", "Task-IL ACC"), ("cil_bwt", "Class-IL BWT"), ("cil_fwt", "Class-IL FWT"),
     ("cil_forgetting", "Class-IL forgetting"), ("til_bwt", "Task-IL BWT"), ("flops", "train FLOPs"),
-    ("flops_ratio", "FLOPs / dense"), ("density", "weight density"), ("train_s", "train time (s)"),
+    ("flops_ratio", "FLOPs / dense"), ("density", "weight density"), ("footprint_mb", "footprint (MB)"),
+    ("train_s", "train time (s)"),
 ]
 NUMERIC = {"cil_acc", "til_acc", "cil_bwt", "cil_fwt", "cil_forgetting", "til_bwt", "flops", "flops_ratio", "density",
-           "train_s"}
+           "footprint_mb", "train_s"}
 # What two runs must share for one to be the other's reference (``report --baseline``): the task
 # stream, the network and the training budget; methods and their options may differ.
 PROTOCOL_KEYS = ("benchmark", "setting", "backbone", "backbone_options", "class_order", "n_tasks", "image_size",
@@ -45,6 +46,10 @@ def collect_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     return results
 
 
+def _megabytes(n: float | None) -> float | None:
+    return None if n is None else n / 1e6
+
+
 def row_of(r: dict[str, Any]) -> dict[str, Any]:
     cfg = r["config"]
     acc = r["accuracy"]
@@ -57,6 +62,8 @@ def row_of(r: dict[str, Any]) -> dict[str, Any]:
         "flops": r["flops"]["train"], "flops_ratio": r["flops"]["ratio"], "train_s": r["timing"]["train_seconds"],
         # active fraction of the masked layers at the end (1.0 dense; '-' for runs older than the sparse core)
         "density": ((r.get("sparsity") or {}).get("overall") or {}).get("density"),
+        # training memory footprint per SPEC (weights, gradients, activations, masks, buffer), 1e6 bytes
+        "footprint_mb": _megabytes(((r.get("memory") or {}).get("footprint_bytes") or {}).get("total")),
         "complete": r.get("complete", False),
         "_key": json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "out", "device")}, sort_keys=True),
         "_protocol": json.dumps({k: cfg.get(k) for k in PROTOCOL_KEYS}, sort_keys=True),
