@@ -151,8 +151,6 @@ def test_report_baseline_compares_with_that_methods_runs_of_the_same_protocol():
     """`report --baseline der++`: each row's Class-IL difference to and FLOPs ratio over DER++'s
     mean under the same protocol (epochs here); no DER++ of that protocol -> '-'; an incomplete
     DER++ run is no reference; two DER++ configurations under one protocol are refused."""
-    import pytest
-
     from sparsecl import SparseCLError
     from sparsecl.report import render_table
 
