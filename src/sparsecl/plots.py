@@ -3,7 +3,6 @@ accuracy against training FLOPs (the Pareto view across methods and sparsities) 
 accuracy curves. Runs of the same configuration (all but the seed) are averaged."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +28,12 @@ def _label(cfg: dict[str, Any]) -> str:
 
 def _groups(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Configurations with the seed-mean of their accuracy matrices, ACC and FLOPs."""
-    from sparsecl.report import varied_options
+    from sparsecl.report import config_key, varied_options
 
     groups: dict[str, list[dict[str, Any]]] = {}
     extra: dict[str, str] = {}  # options that tell this configuration apart from the others
     for r, options in zip(results, varied_options(results, skip=("sparsity", "allocation"))):
-        cfg = r["config"]
-        key = json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "out", "device")}, sort_keys=True)
+        key = config_key(r["config"])
         groups.setdefault(key, []).append(r)
         extra[key] = options
     out = []

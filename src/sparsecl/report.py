@@ -46,6 +46,12 @@ def collect_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     return results
 
 
+def config_key(cfg: dict[str, Any]) -> str:
+    """A run's configuration without seed, output folder and device: runs with equal keys are
+    seeds of one configuration (aggregated in tables and plots)."""
+    return json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "out", "device")}, sort_keys=True)
+
+
 def _megabytes(n: float | None) -> float | None:
     return None if n is None else n / 1e6
 
@@ -65,7 +71,7 @@ def row_of(r: dict[str, Any]) -> dict[str, Any]:
         # training memory footprint per SPEC (weights, gradients, activations, masks, buffer), 1e6 bytes
         "footprint_mb": _megabytes(((r.get("memory") or {}).get("footprint_bytes") or {}).get("total")),
         "complete": r.get("complete", False),
-        "_key": json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "out", "device")}, sort_keys=True),
+        "_key": config_key(cfg),
         "_protocol": json.dumps({k: cfg.get(k) for k in PROTOCOL_KEYS}, sort_keys=True),
     }
 
