@@ -5,7 +5,8 @@ import torch
 
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.benchmarks import load_benchmark
-from sparsecl.sparse.export import export_run, load_export, use_task
+from sparsecl.engine.io import export_run
+from sparsecl.sparse.export import load_export, use_task
 
 
 def exported_task_il(run_dir: Path, out: Path, fmt: str = "pt", per_task: bool = True) -> list[float]:

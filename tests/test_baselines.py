@@ -16,7 +16,8 @@ from sparsecl.methods.agem import project
 from sparsecl.methods.base import Batch
 from sparsecl.methods.icarl import herding
 from sparsecl.methods.lwf import distillation
-from sparsecl.sparse.export import export_run, load_export
+from sparsecl.engine.io import export_run
+from sparsecl.sparse.export import load_export
 
 from export_check import exported_task_il
 from interrupt import run_interrupted

@@ -145,7 +145,7 @@ def test_rigl_reports_its_topology_updates_per_task(runs):
 
 @pytest.mark.parametrize("fmt", ["pt", "csr"])
 def test_export_round_trip_gives_identical_predictions(runs, fmt, tmp_path):
-    from sparsecl.sparse.export import export_run
+    from sparsecl.engine.io import export_run
 
     r = runs["rigl-der++"]
     path, rep = export_run(r.full_dir, fmt, tmp_path / f"m-{fmt}.pt")

@@ -229,7 +229,7 @@ def _size(n: int) -> str:
 
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
-    from sparsecl.sparse.export import export_run
+    from sparsecl.engine.io import export_run
 
     path, rep = export_run(args.run_dir, args.format, args.out)
     table = Table(title="sizes of the final model")

@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written result or checkpoint."""
+"""Atomic file writes: a reader (or a crash) never sees a half-written result, checkpoint or export."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from sparsecl.sparse.export import build_export, default_export_path
 
 
 def _atomic(path: Path, write) -> None:
@@ -36,6 +38,20 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
     _atomic(path, lambda f: torch.save(obj, f))
+
+
+def export_run(run_dir: str | Path, fmt: str = "pt", out: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """Write the final model of ``run_dir`` with its masks in format ``fmt`` (``'pt'`` or ``'csr'``).
+
+    Returns ``(path written, size report)``; the report also holds the file's size on disk.
+    Default output: ``RUN_DIR/model-sparse.pt`` (pt) or ``RUN_DIR/model-csr.pt`` (csr).
+    """
+    payload, report = build_export(run_dir, fmt)
+    path = Path(out) if out else default_export_path(run_dir, fmt)
+    atomic_torch_save(path, payload)
+    report["file"] = str(path)
+    report["file_bytes"] = path.stat().st_size
+    return path, report
 
 
 def _json_default(o: Any) -> Any:

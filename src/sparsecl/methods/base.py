@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,6 @@ from sparsecl.data.stream import Split, Task, TaskStream
 from sparsecl.registry import Registry
 
 if TYPE_CHECKING:  # only for annotations: the sparse core never imports methods
-    from sparsecl.engine.distributed import Distributed
     from sparsecl.sparse.flops import FlopCounter
     from sparsecl.sparse.masks import MaskSet
     from sparsecl.sparse.ownership import TaskOwnership
@@ -63,6 +62,21 @@ class Batch:
     full_y: torch.Tensor | None = None
 
 
+class RankView(Protocol):
+    """What a method may use of its rank's process group under torchrun (``ctx.dist``); the
+    engine's :class:`~sparsecl.engine.distributed.Distributed` provides it. Outside a sharded
+    step ``shard`` and ``gather`` are identities."""
+
+    def shard(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a global-step tensor."""
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's slice concatenated in rank order."""
+
+    def broadcast_(self, t: torch.Tensor) -> None:
+        """Overwrite ``t`` with rank 0's values."""
+
+
 @dataclass
 class MethodContext:
     """What a method may know about the run, handed over at construction."""
@@ -82,7 +96,7 @@ class MethodContext:
     # forward pre-hook cannot see (per-sample gradients under torch.func, backbone-only passes).
     count_samples: Callable[[int, int], None] | None = None
     # This rank's process group and step-sharding state under torchrun; None in a single process.
-    dist: Distributed | None = None
+    dist: RankView | None = None
 
 
 class ContinualMethod:

@@ -261,14 +261,16 @@ def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
                        task_classes=spec.get("task_classes"), **(spec.get("backbone_options") or {}))
 
 
-def export_run(run_dir: str | Path, fmt: str = "pt", out: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
-    """Write the final model of ``run_dir`` with its masks in format ``fmt`` (``'pt'`` or ``'csr'``).
+def default_export_path(run_dir: str | Path, fmt: str) -> Path:
+    """Where ``sparsecl export`` writes by default: ``RUN_DIR/model-sparse.pt`` or ``model-csr.pt``."""
+    return Path(run_dir) / ("model-sparse.pt" if fmt == "pt" else "model-csr.pt")
 
-    Returns ``(path written, size report)``; the report also holds the file's size on disk.
-    Default output: ``RUN_DIR/model-sparse.pt`` (pt) or ``RUN_DIR/model-csr.pt`` (csr).
+
+def build_export(run_dir: str | Path, fmt: str = "pt") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The export payload of ``run_dir``'s final model with its masks in format ``fmt``
+    (``'pt'`` or ``'csr'``), and its size report. Writing it is the caller's
+    (:func:`sparsecl.engine.io.export_run`): the sparse core does no run-directory writes.
     """
-    from sparsecl.engine.io import atomic_torch_save
-
     if fmt not in ENCODINGS:
         raise SparseCLError(f"unknown export format {fmt!r} (known: {', '.join(ENCODINGS)})")
     run_dir = Path(run_dir)
@@ -310,11 +312,7 @@ def export_run(run_dir: str | Path, fmt: str = "pt", out: str | Path | None = No
         except Exception as e:
             raise SparseCLError(f"{head_path} is unreadable ({type(e).__name__})") from None
         report["classifier"] = payload["inference_head"]["kind"]
-    path = Path(out) if out else run_dir / ("model-sparse.pt" if fmt == "pt" else "model-csr.pt")
-    atomic_torch_save(path, payload)
-    report["file"] = str(path)
-    report["file_bytes"] = path.stat().st_size
-    return path, report
+    return payload, report
 
 
 def load_export(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
