@@ -129,7 +129,7 @@ def test_report_tells_apart_configurations_that_differ_in_options():
     assert len(lines) == 3
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     assert [c[3] for c in cells] == ["lr=0.1", "lr=0.2", "lr=0.3"]  # alpha and delta_k are shared
-    assert all(c[4] == "0,1" and c[5].endswith("± 0.71") for c in cells)
+    assert all(c[4] == "0,1" and c[5] == "2" and c[6].endswith("± 0.71") for c in cells)  # 2 seeds each
 
 
 def test_report_shows_an_option_set_by_only_some_runs_of_a_method():
