@@ -88,14 +88,11 @@ class RunDirLock:
     def __init__(self, run_dir: Path, *, exclusive_create: bool = False) -> None:
         """``exclusive_create``: the directory must not exist yet (a default name: unique by mkdir)."""
         self.run_dir = Path(run_dir)
-        self.created = False
+        # the directory and its missing parents, made here (removed again if nothing is written)
+        self.created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
         try:
-            if exclusive_create:
+            if exclusive_create or not self.run_dir.is_dir():
                 self.run_dir.mkdir(parents=True)
-                self.created = True
-            elif not self.run_dir.is_dir():
-                self.run_dir.mkdir(parents=True)
-                self.created = True
             self._fd = os.open(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except FileExistsError:
             if exclusive_create:
@@ -120,6 +117,9 @@ class RunDirLock:
             return
         if remove_if_empty and self.created and [p.name for p in self.run_dir.iterdir()] == [LOCK]:
             (self.run_dir / LOCK).unlink()
-            self.run_dir.rmdir()
+            for p in self.created:
+                if any(p.iterdir()):
+                    break
+                p.rmdir()
         os.close(self._fd)
         self._fd = -1
