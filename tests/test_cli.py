@@ -177,3 +177,106 @@ def test_report_baseline_compares_with_that_methods_runs_of_the_same_protocol():
         render_table([*results, result("der++", 0, 91.0, 4e9, lr=0.1)], baseline="der++")
     with pytest.raises(SparseCLError, match="no complete sgd run"):
         render_table(results, baseline="sgd")
+
+
+# --------------------------------------------- bad input: one line, non-zero exit, no traceback
+NO_DATA = ["--benchmark", "seq-mnist", "--data-dir", "missing-data", "--no-download"]
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda t: (t / "f").write_text("") or ["--out", str(t / "f")], "it is a file"),
+        (lambda t: (t / "f").write_text("") or ["--out", str(t / "f" / "below")], "not a directory"),
+        (lambda t: ["--out", "/proc/sparsecl-run"], "cannot create run directory /proc/sparsecl-run"),
+        (lambda t: ["--out", "/sys/sparsecl-run"], "cannot create run directory /sys/sparsecl-run"),
+    ],
+    ids=["file", "below-a-file", "proc", "sys"],
+)
+def test_unusable_out_is_refused_before_data_is_loaded(make, expected, tmp_path, capsys):
+    # the data is missing too: the --out error coming first shows it is checked before loading
+    assert main(["run", *make(tmp_path), *NO_DATA, *FAST]) == 2
+    assert expected in error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--device", "mps"], "device 'mps' is not supported"),
+        (["--device", "meta"], "device 'meta' is not supported"),
+        (["--device", "xpu:0"], "device 'xpu:0' is not supported"),
+        (["--seed", str(2**70)], "seed must be an integer in [0, 2**32)"),
+        (["--seed", "-1"], "seed must be an integer in [0, 2**32)"),
+        (["--backbone", "resnet18", "--backbone-opt", "nf=0"], "option nf must be positive, got 0"),
+        (["--backbone-opt", "hidden=[0, 8]"], "option hidden must be positive"),
+    ],
+)
+def test_bad_device_seed_and_backbone_option(argv, expected, capsys):
+    assert main(["run", *argv, "--epochs", "1", "--quiet"]) == 2
+    assert expected in error_line(capsys)
+
+
+def test_binary_or_directory_config_is_one_line(tmp_path, capsys):
+    (tmp_path / "bin.yaml").write_bytes(b"\x00\xff\xfe\x81")
+    assert main(["run", "--config", str(tmp_path / "bin.yaml"), *FAST]) == 2
+    assert "is not a text file" in error_line(capsys)
+    assert main(["run", "--config", str(tmp_path), *FAST]) == 2
+    assert "is a directory, not a YAML file" in error_line(capsys)
+
+
+def test_failed_run_leaves_no_empty_directory(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path / "a" / "b"), *NO_DATA, *FAST]) == 2
+    assert "missing-data" in error_line(capsys)
+    assert not (tmp_path / "a").exists()
+
+
+def _one_run(tmp_path, name="r", *extra):
+    assert main(["run", "--method", "er", "--buffer", "20", "--out", str(tmp_path / name), *extra, *FAST]) == 0
+
+
+def test_report_skips_a_malformed_result_with_a_warning(tmp_path, capsys):
+    _one_run(tmp_path)
+    for name, text in (("bad-json", "{not json"), ("not-a-run", '{"config": 3}'), ("list", "[1, 2]")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text(text)
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.strip().splitlines()) == 2  # header + the one good run
+    warnings = err.strip().splitlines()
+    assert len(warnings) == 3 and all(w.startswith("sparsecl: warning: skipping ") for w in warnings)
+
+
+def test_unwritable_report_output_plots_and_export_out(tmp_path, capsys):
+    _one_run(tmp_path)
+    (tmp_path / "file").write_text("")
+    below = str(tmp_path / "file" / "x")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "r"), "--output", below]) == 2
+    assert f"cannot write {below}: not a directory" in error_line(capsys)
+    assert main(["report", str(tmp_path / "r"), "--output", str(tmp_path / "t.md"), "--plots", below]) == 2
+    assert f"cannot write plots to {below}: not a directory" in error_line(capsys)
+    assert main(["export", str(tmp_path / "r"), "--out", below]) == 2
+    assert f"cannot write {below}: not a directory" in error_line(capsys)
+
+
+def test_resume_and_export_of_a_foreign_checkpoint_are_one_line(tmp_path, capsys):
+    """Another run's (valid) checkpoint copied into a run directory."""
+    import shutil
+
+    _one_run(tmp_path, "a")
+    _one_run(tmp_path, "b", "--seed", "1")
+    shutil.copy(tmp_path / "b" / "checkpoint.pt", tmp_path / "a" / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "a")]) == 2
+    assert "belongs to another run than" in error_line(capsys)
+    assert main(["run", "--resume", str(tmp_path / "a")]) == 2
+    assert "belongs to another run than" in error_line(capsys)
+    import torch
+
+    torch.save({"model": {"fc.weight": torch.zeros(3, 3)}}, tmp_path / "a" / "checkpoint.pt")
+    (tmp_path / "a" / "model.pt").unlink()
+    assert main(["export", str(tmp_path / "a")]) == 2
+    assert "do not fit the model of its result.json" in error_line(capsys)
+    assert main(["run", "--resume", str(tmp_path / "a")]) == 2
+    assert "is not a sparsecl checkpoint" in error_line(capsys)

@@ -229,8 +229,14 @@ def _named(items) -> list[tuple[str, str]]:
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from sparsecl.engine.io import os_error
     from sparsecl.report import collect_results, render_dst_table, render_table
 
+    if args.plots:  # an unusable folder fails before anything is written
+        try:
+            Path(args.plots).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise os_error("write plots to", args.plots, e) from None
     results = collect_results(args.runs, warn=lambda m: print(f"sparsecl: warning: {m}", file=sys.stderr))
     if getattr(args, "table", "runs") == "dst":
         text = render_dst_table(results, fmt=args.format)
@@ -246,7 +252,11 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     if args.plots:
         from sparsecl.plots import write_plots
 
-        for path in write_plots(results, args.plots):  # stderr: `> table.csv` holds the table only
+        try:
+            paths = write_plots(results, args.plots)
+        except OSError as e:
+            raise os_error("write plots to", args.plots, e) from None
+        for path in paths:  # stderr: `> table.csv` holds the table only
             print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -200,6 +200,12 @@ def save_config(cfg: RunConfig, path: Path, recorded: dict[str, Any] | None = No
     atomic_write_text(path, yaml.safe_dump({**cfg.to_dict(), **(recorded or {})}, sort_keys=False))
 
 
+def run_identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A configuration (as a dict) without what may differ between a run and its resume or
+    export (device, data location, output folder): what makes two runs the same run."""
+    return {k: v for k, v in cfg.items() if k not in ("device", "data_dir", "data_root", "out")}
+
+
 def first_difference(old: Any, new: Any, where: str = "") -> str | None:
     """``key: old -> new`` for the first setting where two configurations differ, else None."""
     if isinstance(old, dict) and isinstance(new, dict):

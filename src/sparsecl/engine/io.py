@@ -19,8 +19,13 @@ TMP_GLOB = ".*.tmp"  # what _atomic leaves behind when a process dies mid-write
 
 
 def os_error(action: str, path: Path | str, e: OSError) -> SparseCLError:
-    """One line for a failed file operation: disk full says so by name, others give the OS reason."""
+    """One line for a failed file operation: disk full says so by name, a file where a folder
+    should be is named, others give the OS reason."""
     reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e)).lower()
+    if isinstance(e, (FileExistsError, NotADirectoryError)):
+        blocking = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            reason = f"not a directory ({blocking} is a file)"
     return SparseCLError(f"cannot {action} {path}: {reason}")
 
 

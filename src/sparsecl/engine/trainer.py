@@ -19,7 +19,7 @@ from torch import nn
 
 import sparsecl
 from sparsecl import SparseCLError
-from sparsecl.config import RunConfig, build_options, config_from_text, first_difference, save_config
+from sparsecl.config import RunConfig, build_options, config_from_text, first_difference, run_identity, save_config
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.benchmarks import load_benchmark
 from sparsecl.data.stream import TaskStream, hold_out_validation
@@ -532,7 +532,7 @@ class Trainer:
         if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
             raise SparseCLError(f"cannot resume: {path} is not a sparsecl checkpoint")
         if "config" in ckpt:  # older checkpoints carry none; their state must still fit below
-            diff = first_difference(_identity(ckpt["config"]), _identity(self.cfg.to_dict()))
+            diff = first_difference(run_identity(ckpt["config"]), run_identity(self.cfg.to_dict()))
             if diff:
                 raise SparseCLError(f"cannot resume: {path} belongs to another run than {self.run_dir / CONFIG} "
                                     f"({diff})")
@@ -636,11 +636,6 @@ def _train(make: Any, run_dir: Path, locks: list[RunDirLock]) -> tuple[dict[str,
     finally:
         for lock in locks:
             lock.release(remove_if_empty=True)
-
-
-def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A configuration without what may change between a run and its resume (device, data location)."""
-    return {k: v for k, v in cfg.items() if k not in ("device", "data_dir", "data_root", "out")}
 
 
 def resume(run_dir: str | Path, *, device: str | None = None, data_dir: str | None = None,
