@@ -1,5 +1,9 @@
 """sparsecl sweep: grid expansion, parallel runs, restart after a kill; report plots."""
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +99,72 @@ def test_an_entry_can_run_its_own_seeds(tmp_path):
     grid.write_text("runs:\n  - {preset: default, seeds: 3}\n")
     with pytest.raises(SparseCLError, match="'seeds' must be a non-empty list of integers"):
         load_grid(grid)
+
+
+def _alive(pid: int) -> bool:
+    """A process that still runs (a zombie waiting for its reaper is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["TERM", "INT", "KILL"])
+def test_no_run_outlives_a_killed_sweep(sig, tmp_path):
+    """The sweep's runs die with it however it is killed; their directories stay resumable."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"out: {tmp_path / 'runs'}\nseeds: [0, 1]\n"
+                    "base: {epochs: 400, device: cpu}\nruns: [{method: sgd, benchmark: digits}]\n")
+    sweep = subprocess.Popen([sys.executable, "-m", "sparsecl", "sweep", str(grid), "--jobs", "2"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    locks = [tmp_path / "runs" / f"sgd-digits-s{s}" / ".lock" for s in (0, 1)]
+    deadline = time.monotonic() + 120
+    while not all(lock.exists() and lock.read_text().strip() for lock in locks):  # each run writes its pid
+        assert sweep.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    children = [int(lock.read_text()) for lock in locks]
+    assert all(_alive(pid) for pid in children)
+    sweep.send_signal(sig)
+    sweep.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in children):
+        assert time.monotonic() < deadline, f"runs {children} outlived the sweep"
+        time.sleep(0.05)
+
+
+def test_sweep_data_dir_and_stop_after_identical_failures(tmp_path, capsys):
+    """--data-dir reaches every run; three runs failing alike stop the sweep with one line; no
+    directory is left for runs never started."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"out: {tmp_path / 'runs'}\nseeds: [0, 1, 2, 3, 4]\n"
+                    "base: {device: cpu, download: false}\nruns: [{method: sgd, benchmark: seq-mnist}]\n")
+    assert main(["sweep", str(grid), "--data-dir", str(tmp_path / "nowhere")]) == 1
+    out = capsys.readouterr().out
+    stops = [line for line in out.splitlines() if "stopping" in line]
+    assert len(stops) == 1 and "3 runs failed with:" in stops[0] and "nowhere" in stops[0]
+    assert "0 of 5 runs complete, 3 failed (see sweep.log in their run directories), 2 not started" in out
+    dirs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert dirs == ["sgd-seq-mnist-s0", "sgd-seq-mnist-s1", "sgd-seq-mnist-s2"]
+    assert all(any(p.iterdir()) for p in (tmp_path / "runs").rglob("*") if p.is_dir())  # none empty
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_sweep_finds_data_with_data_dir_or_sparsecl_data(how, tmp_path, capsys, monkeypatch):
+    """A grid without data_dir (as every grid in benchmarks/grids): the data comes from
+    --data-dir or $SPARSECL_DATA, as for `sparsecl run`."""
+    data = Path(__file__).parent / "fixtures" / "mnist-slice"
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"out: {tmp_path / 'runs'}\nseeds: [0]\n"
+                    "base: {device: cpu, download: false}\nruns: [{method: sgd, benchmark: seq-mnist}]\n")
+    if how == "env":
+        monkeypatch.setenv("SPARSECL_DATA", str(data))
+    assert main(["sweep", str(grid), *(["--data-dir", str(data)] if how == "flag" else [])]) == 0
+    assert "1 of 1 runs complete" in capsys.readouterr().out
+    assert json.loads((tmp_path / "runs" / "sgd-seq-mnist-s0" / "result.json").read_text())["complete"]
+
+
+def test_no_grid_names_a_data_directory():
+    grids = sorted((Path(__file__).parents[1] / "benchmarks" / "grids").glob("*.yaml"))
+    assert grids and not [g.name for g in grids if "data_dir" in g.read_text()]
