@@ -280,3 +280,92 @@ def test_resume_and_export_of_a_foreign_checkpoint_are_one_line(tmp_path, capsys
     assert "do not fit the model of its result.json" in error_line(capsys)
     assert main(["run", "--resume", str(tmp_path / "a")]) == 2
     assert "is not a sparsecl checkpoint" in error_line(capsys)
+
+
+# ------------------------------------------------------------------ defaults and messages
+def test_matching_preset_is_used_and_said_unless_no_preset(capsys):
+    """`--method der++ --benchmark seq-mnist --buffer 500` gets the tuned preset (what the README's
+    table reports), with one line saying so; --no-preset gives the bare defaults."""
+    from sparsecl.cli import build_config, make_parser
+    from sparsecl.config import load_preset, merge_config
+
+    argv = ["run", "--method", "der++", "--benchmark", "seq-mnist", "--buffer", "500"]
+    cfg = build_config(make_parser().parse_args(argv))
+    assert cfg == merge_config(load_preset("seq-mnist-der++-500"))
+    assert capsys.readouterr().err.strip() == ("sparsecl: using the hyper-parameters of preset seq-mnist-der++-500 "
+                                               "(--no-preset for the bare defaults)")
+    bare = build_config(make_parser().parse_args([*argv, "--no-preset"]))
+    assert bare.method_options == {"buffer_size": 500} and bare.batch_size == 32
+    assert capsys.readouterr().err == ""
+    lr = build_config(make_parser().parse_args([*argv, "--lr", "0.1"]))  # flags still override the preset
+    assert lr.method_options["lr"] == 0.1 and lr.method_options["alpha"] == 1.0
+    build_config(make_parser().parse_args(["run", "--method", "sparcl-der++", "--benchmark", "seq-mnist", "--buffer", "500"]))
+    assert "tuned presets for this: seq-mnist-sparcl-der++-500-sp75, seq-mnist-sparcl-der++-500-sp90" in capsys.readouterr().err
+
+
+def test_resume_says_which_flags_it_ignores(tmp_path, capsys):
+    from interrupt import run_interrupted
+    from sparsecl.config import merge_config
+
+    run_interrupted(merge_config({"method": "sgd", "device": "cpu"}), tmp_path / "r", at_task=2)
+    assert main(["run", "--resume", str(tmp_path / "r"), "--epochs", "3", "--lr", "0.5", "--device", "cpu", "--quiet"]) == 0
+    assert "sparsecl: --resume continues the run's own configuration; ignoring --epochs, --lr" in capsys.readouterr().err
+
+
+def test_ctrl_c_names_the_real_run_directory(capsys, monkeypatch):
+    """A default-named run interrupted after two tasks: the message gives its directory."""
+    from sparsecl.engine import trainer as trainer_mod
+
+    original = trainer_mod.Trainer._train_task
+
+    def crash(self, t, bar):
+        if t == 2:
+            raise KeyboardInterrupt
+        return original(self, t, bar)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_train_task", crash)
+    assert main(["run", "--method", "sgd", *FAST]) == 130
+    line = error_line(capsys)
+    run_dir = next(iter(__import__("pathlib").Path("runs").iterdir()))
+    assert line == (f"sparsecl: interrupted; 2 task(s) checkpointed in {run_dir} "
+                    f"(continue with: sparsecl run --resume {run_dir})")
+
+
+def test_piped_output_keeps_tags_and_does_not_wrap():
+    """`sparsecl list | less`: one line per entry, however long, and the [class-il/task-il] tags."""
+    proc = subprocess.run([sys.executable, "-m", "sparsecl", "list"], capture_output=True, text=True, timeout=120)
+    lines = proc.stdout.splitlines()
+    der = [line for line in lines if line.strip().startswith("der++ ")]
+    assert len(der) == 1 and der[0].endswith("[class-il/task-il]")
+    sections = ["methods", "benchmarks", "backbones", "presets"]
+    assert [line for line in lines if not line.startswith("  ")] == sections  # no wrapped tails
+    methods = lines[1:lines.index("benchmarks")]
+    assert len(methods) == len(list(METHODS.items()))
+
+
+def test_piped_run_prints_a_line_per_epoch(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sparsecl", "run", "--method", "sgd", "--epochs", "2", "--device", "cpu",
+                           "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("task ")]
+    assert len(lines) == 10  # 5 tasks x 2 epochs
+    assert lines[0].startswith("task 1/5 epoch 1/2: loss ") and "samples/s, ETA " in lines[0]
+    assert lines[-1].startswith("task 5/5 epoch 2/2: loss ") and "ETA" not in lines[-1]
+    table = [line for line in proc.stdout.splitlines() if "Class-IL" in line]
+    assert len(table) == 1  # the result table, on stdout, one row per setting
+
+
+def test_aggregate_shows_seed_count_and_no_spread_for_one_seed():
+    from sparsecl.report import render_table
+
+    def result(seed, acc, lr):
+        return {"_path": f"r/{lr}-{seed}", "complete": True,
+                "config": {"method": "er", "benchmark": "digits", "seed": seed, "method_options": {"lr": lr}},
+                "accuracy": {"class_il": {"acc": acc}, "task_il": {"acc": 99.0}},
+                "flops": {"train": 1e9, "ratio": 1.0}, "timing": {"train_seconds": 1.0}}
+
+    lines = render_table([result(0, 90.0, 0.1), result(1, 92.0, 0.1), result(0, 80.0, 0.2)], aggregate=True).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    seeds, acc = header.index("seeds"), header.index("Class-IL ACC")
+    assert [(r[seeds], r[acc]) for r in rows] == [("2", "91.00 ± 1.41"), ("1", "80.00")]
