@@ -168,3 +168,30 @@ def test_sweep_finds_data_with_data_dir_or_sparsecl_data(how, tmp_path, capsys, 
 def test_no_grid_names_a_data_directory():
     grids = sorted((Path(__file__).parents[1] / "benchmarks" / "grids").glob("*.yaml"))
     assert grids and not [g.name for g in grids if "data_dir" in g.read_text()]
+
+
+def test_plot_axes_are_readable():
+    """FLOPs within one decade get a linear axis with labelled ticks (a log axis would show none);
+    over several decades a log axis; groups carry the spread over seeds for the error bars."""
+    import matplotlib.pyplot as plt
+
+    from sparsecl.plots import _flops_axis, _groups
+
+    fig, (a, b) = plt.subplots(1, 2)
+    a.plot([1.2e9, 3.5e9], [1, 2])
+    _flops_axis(a, [1.2e9, 3.5e9])
+    b.plot([1e8, 5e10], [1, 2])
+    _flops_axis(b, [1e8, 5e10])
+    fig.canvas.draw()
+    assert a.get_xscale() == "linear" and len([t for t in a.get_xticklabels() if t.get_text()]) >= 3
+    assert b.get_xscale() == "log"
+    plt.close(fig)
+
+    def result(seed, acc):
+        return {"config": {"method": "er", "benchmark": "digits", "seed": seed, "method_options": {}},
+                "tasks_completed": 2, "flops": {"train": 1e9 + seed},
+                "accuracy": {"class_il": {"acc": acc, "matrix": [[100.0, None], [50.0, acc]]}}}
+
+    (g,) = _groups([result(0, 60.0), result(1, 80.0)])
+    assert g["n"] == 2 and g["acc"] == 70.0 and round(g["acc_sd"], 2) == 14.14
+    assert list(g["curve"]) == [100.0, 60.0] and round(float(g["curve_sd"][1]), 2) == 7.07
