@@ -353,6 +353,8 @@ def test_piped_run_prints_a_line_per_epoch(tmp_path):
     assert lines[-1].startswith("task 5/5 epoch 2/2: loss ") and "ETA" not in lines[-1]
     table = [line for line in proc.stdout.splitlines() if "Class-IL" in line]
     assert len(table) == 1  # the result table, on stdout, one row per setting
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("training FLOPs")]
+    assert len(summary) == 1 and len(summary[0]) > 80 and summary[0].endswith("samples/s")  # not wrapped
 
 
 def test_aggregate_shows_seed_count_and_no_spread_for_one_seed():

@@ -195,3 +195,21 @@ def test_plot_axes_are_readable():
     (g,) = _groups([result(0, 60.0), result(1, 80.0)])
     assert g["n"] == 2 and g["acc"] == 70.0 and round(g["acc_sd"], 2) == 14.14
     assert list(g["curve"]) == [100.0, 60.0] and round(float(g["curve_sd"][1]), 2) == 7.07
+
+
+def test_a_restarted_sweep_never_trains_a_locked_directory_twice(tmp_path, capsys):
+    """A run of an earlier sweep still holds its directory: the restarted sweep's run of it stops
+    at once with one line instead of training the same directory twice."""
+    from sparsecl.engine.io import RunDirLock
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(GRID.format(out=tmp_path / "runs"))
+    jobs, out = load_grid(grid)
+    held = RunDirLock(out / jobs[0].name)  # as the still-running run of the first sweep would
+    try:
+        assert main(["sweep", str(grid)]) == 1
+    finally:
+        held.release()
+    log = capsys.readouterr().out
+    assert "5 of 6 runs complete, 1 failed" in log
+    assert f"{jobs[0].name} failed (sparsecl: error: run directory {out / jobs[0].name} is in use by another run" in log
