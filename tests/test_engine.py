@@ -288,3 +288,28 @@ def test_thread_count_is_recorded_in_config_and_result(tmp_path):
     assert result["torch_threads"] == torch.get_num_threads()
     assert f"torch_threads: {torch.get_num_threads()}" in (run_dir / "config.yaml").read_text()
     assert config_from_file(run_dir / "config.yaml") == cfg(epochs=1)  # read back: not an option
+
+
+def test_progress_lines_when_not_a_terminal(capsys, monkeypatch):
+    """Piped: a line per epoch with loss, samples/s and ETA, and one per tenth of a long epoch."""
+    from rich.console import Console
+
+    from sparsecl.engine import progress as progress_mod
+
+    monkeypatch.setattr(progress_mod, "LINE_EVERY_S", 0.0)  # every epoch counts as long here
+    bar = progress_mod.RunProgress(2, True, console=Console(stderr=True, force_terminal=False))
+    assert bar.mode == "lines"
+    with bar:
+        for t in range(2):
+            bar.start_task(t, 1)
+            bar.start_epoch(20, samples=t * 640)
+            for _ in range(20):
+                bar.batch_done()
+            bar.epoch_done(0.5, samples=(t + 1) * 640)
+            bar.task_done()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 * (9 + 1)  # 10 %, ..., 90 %, then the epoch's own line
+    assert lines[0].startswith("task 1/2 epoch 1/1: 10% of the epoch, ETA ")
+    assert lines[9].startswith("task 1/2 epoch 1/1: loss 0.5000, ") and "samples/s, ETA " in lines[9]
+    assert lines[-1].startswith("task 2/2 epoch 1/1: loss 0.5000, ") and "ETA" not in lines[-1]
+    assert progress_mod.RunProgress(2, False).mode == "off"

@@ -82,8 +82,9 @@ def test_sweep_runs_skips_finished_and_resumes_killed_runs(tmp_path, capsys):
 
     plots = tmp_path / "plots"
     assert main(["report", str(out), "--aggregate", "--plots", str(plots)]) == 0
-    table = capsys.readouterr().out
+    table, err = capsys.readouterr()
     assert table.count("0,1") == 3  # three configurations, two seeds each
+    assert "wrote" not in table and err.count("wrote") == 3  # `> table.md` holds the table only
     for name in ("accuracy_matrices.png", "accuracy_vs_flops.png", "accuracy_per_task.png"):
         data = (plots / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

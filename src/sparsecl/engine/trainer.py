@@ -3,7 +3,6 @@ every task, efficiency accounting, atomic results and resumable checkpoints."""
 from __future__ import annotations
 
 import io
-import itertools
 import math
 import platform
 import sys
@@ -232,13 +231,12 @@ def claim_run_dir(cfg: RunConfig, out: str | Path | None = None) -> RunDirLock:
             raise SparseCLError(f"run directory {lock.run_dir} already holds a run: use --resume {lock.run_dir} "
                                 "or another --out")
         return lock
-    base = default_run_dir(cfg)
-    for i in itertools.count(1):
+    base, i = default_run_dir(cfg), 1
+    while True:
         try:
             return RunDirLock(base if i == 1 else base.with_name(f"{base.name}-{i}"), exclusive_create=True)
         except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
+            i += 1
 
 
 class RunInterrupted(KeyboardInterrupt):
