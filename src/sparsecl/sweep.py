@@ -55,7 +55,6 @@ SAME_FAILURES = 3  # this many runs failing with one message stop the sweep
 LOCATION_KEYS = ("data_dir", "data_root")
 
 
-
 @dataclass(frozen=True)
 class SweepJob:
     name: str  # run directory name, unique in the sweep
