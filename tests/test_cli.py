@@ -129,7 +129,7 @@ def test_report_tells_apart_configurations_that_differ_in_options():
     assert len(lines) == 3
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     assert [c[3] for c in cells] == ["lr=0.1", "lr=0.2", "lr=0.3"]  # alpha and delta_k are shared
-    assert all(c[4] == "0,1" and c[5].endswith("± 0.71") for c in cells)
+    assert all(c[4] == "0,1" and c[5] == "2" and c[6].endswith("± 0.71") for c in cells)  # 2 seeds each
 
 
 def test_report_shows_an_option_set_by_only_some_runs_of_a_method():
@@ -177,3 +177,197 @@ def test_report_baseline_compares_with_that_methods_runs_of_the_same_protocol():
         render_table([*results, result("der++", 0, 91.0, 4e9, lr=0.1)], baseline="der++")
     with pytest.raises(SparseCLError, match="no complete sgd run"):
         render_table(results, baseline="sgd")
+
+
+# --------------------------------------------- bad input: one line, non-zero exit, no traceback
+NO_DATA = ["--benchmark", "seq-mnist", "--data-dir", "missing-data", "--no-download"]
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda t: (t / "f").write_text("") or ["--out", str(t / "f")], "it is a file"),
+        (lambda t: (t / "f").write_text("") or ["--out", str(t / "f" / "below")], "not a directory"),
+        (lambda t: ["--out", "/proc/sparsecl-run"], "cannot create run directory /proc/sparsecl-run"),
+        (lambda t: ["--out", "/sys/sparsecl-run"], "cannot create run directory /sys/sparsecl-run"),
+    ],
+    ids=["file", "below-a-file", "proc", "sys"],
+)
+def test_unusable_out_is_refused_before_data_is_loaded(make, expected, tmp_path, capsys):
+    # the data is missing too: the --out error coming first shows it is checked before loading
+    assert main(["run", *make(tmp_path), *NO_DATA, *FAST]) == 2
+    assert expected in error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--device", "mps"], "device 'mps' is not supported"),
+        (["--device", "meta"], "device 'meta' is not supported"),
+        (["--device", "xpu:0"], "device 'xpu:0' is not supported"),
+        (["--seed", str(2**70)], "seed must be an integer in [0, 2**32)"),
+        (["--seed", "-1"], "seed must be an integer in [0, 2**32)"),
+        (["--backbone", "resnet18", "--backbone-opt", "nf=0"], "option nf must be positive, got 0"),
+        (["--backbone-opt", "hidden=[0, 8]"], "option hidden must be positive"),
+    ],
+)
+def test_bad_device_seed_and_backbone_option(argv, expected, capsys):
+    assert main(["run", *argv, "--epochs", "1", "--quiet"]) == 2
+    assert expected in error_line(capsys)
+
+
+def test_binary_or_directory_config_is_one_line(tmp_path, capsys):
+    (tmp_path / "bin.yaml").write_bytes(b"\x00\xff\xfe\x81")
+    assert main(["run", "--config", str(tmp_path / "bin.yaml"), *FAST]) == 2
+    assert "is not a text file" in error_line(capsys)
+    assert main(["run", "--config", str(tmp_path), *FAST]) == 2
+    assert "is a directory, not a YAML file" in error_line(capsys)
+
+
+def test_failed_run_leaves_no_empty_directory(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path / "a" / "b"), *NO_DATA, *FAST]) == 2
+    assert "missing-data" in error_line(capsys)
+    assert not (tmp_path / "a").exists()
+
+
+def _one_run(tmp_path, name="r", *extra):
+    assert main(["run", "--method", "er", "--buffer", "20", "--out", str(tmp_path / name), *extra, *FAST]) == 0
+
+
+def test_report_skips_a_malformed_result_with_a_warning(tmp_path, capsys):
+    _one_run(tmp_path)
+    for name, text in (("bad-json", "{not json"), ("not-a-run", '{"config": 3}'), ("list", "[1, 2]")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text(text)
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.strip().splitlines()) == 2  # header + the one good run
+    warnings = err.strip().splitlines()
+    assert len(warnings) == 3 and all(w.startswith("sparsecl: warning: skipping ") for w in warnings)
+
+
+def test_unwritable_report_output_plots_and_export_out(tmp_path, capsys):
+    _one_run(tmp_path)
+    (tmp_path / "file").write_text("")
+    below = str(tmp_path / "file" / "x")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "r"), "--output", below]) == 2
+    assert f"cannot write {below}: not a directory" in error_line(capsys)
+    assert main(["report", str(tmp_path / "r"), "--output", str(tmp_path / "t.md"), "--plots", below]) == 2
+    assert f"cannot write plots to {below}: not a directory" in error_line(capsys)
+    assert main(["export", str(tmp_path / "r"), "--out", below]) == 2
+    assert f"cannot write {below}: not a directory" in error_line(capsys)
+
+
+def test_resume_and_export_of_a_foreign_checkpoint_are_one_line(tmp_path, capsys):
+    """Another run's (valid) checkpoint copied into a run directory."""
+    import shutil
+
+    _one_run(tmp_path, "a")
+    _one_run(tmp_path, "b", "--seed", "1")
+    shutil.copy(tmp_path / "b" / "checkpoint.pt", tmp_path / "a" / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "a")]) == 2
+    assert "belongs to another run than" in error_line(capsys)
+    assert main(["run", "--resume", str(tmp_path / "a")]) == 2
+    assert "belongs to another run than" in error_line(capsys)
+    import torch
+
+    torch.save({"model": {"fc.weight": torch.zeros(3, 3)}}, tmp_path / "a" / "checkpoint.pt")
+    (tmp_path / "a" / "model.pt").unlink()
+    assert main(["export", str(tmp_path / "a")]) == 2
+    assert "do not fit the model of its result.json" in error_line(capsys)
+    assert main(["run", "--resume", str(tmp_path / "a")]) == 2
+    assert "is not a sparsecl checkpoint" in error_line(capsys)
+
+
+# ------------------------------------------------------------------ defaults and messages
+def test_matching_preset_is_used_and_said_unless_no_preset(capsys):
+    """`--method der++ --benchmark seq-mnist --buffer 500` gets the tuned preset (what the README's
+    table reports), with one line saying so; --no-preset gives the bare defaults."""
+    from sparsecl.cli import build_config, make_parser
+    from sparsecl.config import load_preset, merge_config
+
+    argv = ["run", "--method", "der++", "--benchmark", "seq-mnist", "--buffer", "500"]
+    cfg = build_config(make_parser().parse_args(argv))
+    assert cfg == merge_config(load_preset("seq-mnist-der++-500"))
+    assert capsys.readouterr().err.strip() == ("sparsecl: using the hyper-parameters of preset seq-mnist-der++-500 "
+                                               "(--no-preset for the bare defaults)")
+    bare = build_config(make_parser().parse_args([*argv, "--no-preset"]))
+    assert bare.method_options == {"buffer_size": 500} and bare.batch_size == 32
+    assert capsys.readouterr().err == ""
+    lr = build_config(make_parser().parse_args([*argv, "--lr", "0.1"]))  # flags still override the preset
+    assert lr.method_options["lr"] == 0.1 and lr.method_options["alpha"] == 1.0
+    build_config(make_parser().parse_args(["run", "--method", "sparcl-der++", "--benchmark", "seq-mnist", "--buffer", "500"]))
+    assert "tuned presets for this: seq-mnist-sparcl-der++-500-sp75, seq-mnist-sparcl-der++-500-sp90" in capsys.readouterr().err
+
+
+def test_resume_says_which_flags_it_ignores(tmp_path, capsys):
+    from interrupt import run_interrupted
+    from sparsecl.config import merge_config
+
+    run_interrupted(merge_config({"method": "sgd", "device": "cpu"}), tmp_path / "r", at_task=2)
+    assert main(["run", "--resume", str(tmp_path / "r"), "--epochs", "3", "--lr", "0.5", "--device", "cpu", "--quiet"]) == 0
+    assert "sparsecl: --resume continues the run's own configuration; ignoring --epochs, --lr" in capsys.readouterr().err
+
+
+def test_ctrl_c_names_the_real_run_directory(capsys, monkeypatch):
+    """A default-named run interrupted after two tasks: the message gives its directory."""
+    from sparsecl.engine import trainer as trainer_mod
+
+    original = trainer_mod.Trainer._train_task
+
+    def crash(self, t, bar):
+        if t == 2:
+            raise KeyboardInterrupt
+        return original(self, t, bar)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_train_task", crash)
+    assert main(["run", "--method", "sgd", *FAST]) == 130
+    line = error_line(capsys)
+    run_dir = next(iter(__import__("pathlib").Path("runs").iterdir()))
+    assert line == (f"sparsecl: interrupted; 2 task(s) checkpointed in {run_dir} "
+                    f"(continue with: sparsecl run --resume {run_dir})")
+
+
+def test_piped_output_keeps_tags_and_does_not_wrap():
+    """`sparsecl list | less`: one line per entry, however long, and the [class-il/task-il] tags."""
+    proc = subprocess.run([sys.executable, "-m", "sparsecl", "list"], capture_output=True, text=True, timeout=120)
+    lines = proc.stdout.splitlines()
+    der = [line for line in lines if line.strip().startswith("der++ ")]
+    assert len(der) == 1 and der[0].endswith("[class-il/task-il]")
+    sections = ["methods", "benchmarks", "backbones", "presets"]
+    assert [line for line in lines if not line.startswith("  ")] == sections  # no wrapped tails
+    methods = lines[1:lines.index("benchmarks")]
+    assert len(methods) == len(list(METHODS.items()))
+
+
+def test_piped_run_prints_a_line_per_epoch(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sparsecl", "run", "--method", "sgd", "--epochs", "2", "--device", "cpu",
+                           "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("task ")]
+    assert len(lines) == 10  # 5 tasks x 2 epochs
+    assert lines[0].startswith("task 1/5 epoch 1/2: loss ") and "samples/s, ETA " in lines[0]
+    assert lines[-1].startswith("task 5/5 epoch 2/2: loss ") and "ETA" not in lines[-1]
+    table = [line for line in proc.stdout.splitlines() if "Class-IL" in line]
+    assert len(table) == 1  # the result table, on stdout, one row per setting
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("training FLOPs")]
+    assert len(summary) == 1 and len(summary[0]) > 80 and summary[0].endswith("samples/s")  # not wrapped
+
+
+def test_aggregate_shows_seed_count_and_no_spread_for_one_seed():
+    from sparsecl.report import render_table
+
+    def result(seed, acc, lr):
+        return {"_path": f"r/{lr}-{seed}", "complete": True,
+                "config": {"method": "er", "benchmark": "digits", "seed": seed, "method_options": {"lr": lr}},
+                "accuracy": {"class_il": {"acc": acc}, "task_il": {"acc": 99.0}},
+                "flops": {"train": 1e9, "ratio": 1.0}, "timing": {"train_seconds": 1.0}}
+
+    lines = render_table([result(0, 90.0, 0.1), result(1, 92.0, 0.1), result(0, 80.0, 0.2)], aggregate=True).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    seeds, acc = header.index("seeds"), header.index("Class-IL ACC")
+    assert [(r[seeds], r[acc]) for r in rows] == [("2", "91.00 ± 1.41"), ("1", "80.00")]

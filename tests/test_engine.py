@@ -152,3 +152,164 @@ def test_method_can_leave_data_out_per_epoch_and_report_results(tmp_path):
     assert result["samples"]["trained_per_task"] == [n + (n + 1) // 2 for n in sizes]
     assert result["method"]["odd_in_second_epoch"] == 0
     assert result["method"]["observed_batches"] == sum(-(-n // 16) + -(-((n + 1) // 2) // 16) for n in sizes)
+
+
+# ------------------------------------------------------------------ the run directory
+def test_second_run_on_a_locked_directory_fails_at_once_and_the_first_is_intact(tmp_path, capsys):
+    """Two runs given one --out: while the first trains (it holds the lock), the second exits 2
+    with one line, and the first finishes with its own results."""
+    import subprocess
+    import sys
+    import time
+
+    from sparsecl.cli import main
+
+    out = tmp_path / "shared"
+    first = subprocess.Popen([sys.executable, "-m", "sparsecl", "run", "--method", "sgd", "--epochs", "150", "--seed", "5",
+                              "--device", "cpu", "--quiet", "--out", str(out)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "config.yaml").exists():  # written once the lock is held
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    assert main(["run", "--method", "er", "--epochs", "1", "--seed", "6", "--device", "cpu", "--quiet",
+                 "--out", str(out)]) == 2
+    assert first.poll() is None  # the refusal came while the first was still training
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"run directory {out} is in use by another run (pid {first.pid})" in err[0]
+    assert first.wait(timeout=600) == 0, first.stderr.read()
+    result = json.loads((out / "result.json").read_text())
+    assert result["complete"] and result["config"]["method"] == "sgd" and result["seed"] == 5
+
+
+def test_default_run_names_are_unique_within_one_second(monkeypatch):
+    """A shell loop starting runs in the same second: each gets its own directory."""
+    from pathlib import Path
+
+    from sparsecl.engine import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "default_run_dir", lambda c: Path("runs") / "same-second")
+    a, dir_a = run(cfg(epochs=1))
+    b, dir_b = run(cfg(epochs=1, seed=4))
+    assert dir_a == Path("runs/same-second") and dir_b == Path("runs/same-second-2")
+    assert json.loads((dir_a / "result.json").read_text())["seed"] == 3
+    assert json.loads((dir_b / "result.json").read_text())["seed"] == 4
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
+    """A directory mixing two runs (another run's checkpoint next to this config.yaml)."""
+    import shutil
+
+    run_interrupted(cfg(), tmp_path / "a", at_task=2)
+    run_interrupted(cfg(seed=4), tmp_path / "b", at_task=2)
+    shutil.copy(tmp_path / "b" / "checkpoint.pt", tmp_path / "a" / "checkpoint.pt")
+    with pytest.raises(SparseCLError, match=r"checkpoint.pt belongs to another run than .*config.yaml \(seed: 4 -> 3\)"):
+        resume(tmp_path / "a")
+
+
+def test_resume_refuses_a_foreign_checkpoint(tmp_path):
+    """A valid torch file that is no checkpoint, or one of another architecture without the
+    configuration (older format): one line each, no traceback."""
+    run_interrupted(cfg(), tmp_path / "a", at_task=2)
+    ckpt_path = tmp_path / "a" / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    torch.save({"weights": torch.zeros(3)}, ckpt_path)
+    with pytest.raises(SparseCLError, match="is not a sparsecl checkpoint"):
+        resume(tmp_path / "a")
+    del ckpt["config"]
+    ckpt["model"] = {k: torch.zeros(2, 2) for k in ckpt["model"]}  # another shape for every tensor
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(SparseCLError, match="does not fit the run in"):
+        resume(tmp_path / "a")
+
+
+def test_resume_removes_stale_temporary_files(tmp_path):
+    run_interrupted(cfg(), tmp_path / "a", at_task=2)
+    stale = tmp_path / "a" / ".checkpoint.pt.abc123.tmp"  # a write killed half-way
+    stale.write_bytes(b"partial")
+    result, _ = resume(tmp_path / "a")
+    assert result["complete"] and not stale.exists()
+    assert not list((tmp_path / "a").glob(".*.tmp"))
+
+
+def test_complete_flag_is_written_after_every_final_file(tmp_path, monkeypatch):
+    """result.json says complete only once model.pt (and task_views.pt) exist; killed between
+    them, the run is not complete."""
+    from sparsecl.engine import trainer as trainer_mod
+
+    writes = []
+    save, write_json = trainer_mod.atomic_torch_save, trainer_mod.atomic_write_json
+
+    def logged_save(path, obj):
+        writes.append(path.name)
+        save(path, obj)
+
+    def logged_json(path, obj):
+        writes.append(f"{path.name} complete={obj['complete']}")
+        write_json(path, obj)
+
+    monkeypatch.setattr(trainer_mod, "atomic_torch_save", logged_save)
+    monkeypatch.setattr(trainer_mod, "atomic_write_json", logged_json)
+    run(cfg(method="packnet", setting="task-il", epochs=1, method_options={"lr": 0.05}), tmp_path / "r")
+    assert writes[-3:] == ["model.pt", "task_views.pt", "result.json complete=True"]
+    assert writes.count("result.json complete=True") == 1
+
+    def killed(path, obj):
+        if path.name == "model.pt":
+            raise KeyboardInterrupt
+        save(path, obj)
+
+    monkeypatch.setattr(trainer_mod, "atomic_torch_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg(epochs=1), tmp_path / "k")
+    assert not json.loads((tmp_path / "k" / "result.json").read_text())["complete"]
+
+
+def test_disk_full_during_a_checkpoint_write_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from sparsecl.engine import io as io_mod
+
+    def full(obj, f):
+        f.write(b"some bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io_mod.torch, "save", full)
+    with pytest.raises(SparseCLError) as e:
+        run(cfg(epochs=1), tmp_path / "r")
+    assert str(e.value) == f"cannot write {tmp_path / 'r' / 'checkpoint.pt'}: no space left on device"
+    assert not list((tmp_path / "r").glob(".*.tmp"))  # the partial write is gone
+
+
+def test_thread_count_is_recorded_in_config_and_result(tmp_path):
+    from sparsecl.config import config_from_file
+
+    result, run_dir = run(cfg(epochs=1), tmp_path / "r")
+    assert result["torch_threads"] == torch.get_num_threads()
+    assert f"torch_threads: {torch.get_num_threads()}" in (run_dir / "config.yaml").read_text()
+    assert config_from_file(run_dir / "config.yaml") == cfg(epochs=1)  # read back: not an option
+
+
+def test_progress_lines_when_not_a_terminal(capsys, monkeypatch):
+    """Piped: a line per epoch with loss, samples/s and ETA, and one per tenth of a long epoch."""
+    from rich.console import Console
+
+    from sparsecl.engine import progress as progress_mod
+
+    monkeypatch.setattr(progress_mod, "LINE_EVERY_S", 0.0)  # every epoch counts as long here
+    bar = progress_mod.RunProgress(2, True, console=Console(stderr=True, force_terminal=False))
+    assert bar.mode == "lines"
+    with bar:
+        for t in range(2):
+            bar.start_task(t, 1)
+            bar.start_epoch(20, samples=t * 640)
+            for _ in range(20):
+                bar.batch_done()
+            bar.epoch_done(0.5, samples=(t + 1) * 640)
+            bar.task_done()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 * (9 + 1)  # 10 %, ..., 90 %, then the epoch's own line
+    assert lines[0].startswith("task 1/2 epoch 1/1: 10% of the epoch, ETA ")
+    assert lines[9].startswith("task 1/2 epoch 1/1: loss 0.5000, ") and "samples/s, ETA " in lines[9]
+    assert lines[-1].startswith("task 2/2 epoch 1/1: loss 0.5000, ") and "ETA" not in lines[-1]
+    assert progress_mod.RunProgress(2, False).mode == "off"

@@ -1,5 +1,9 @@
 """sparsecl sweep: grid expansion, parallel runs, restart after a kill; report plots."""
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,8 +82,9 @@ def test_sweep_runs_skips_finished_and_resumes_killed_runs(tmp_path, capsys):
 
     plots = tmp_path / "plots"
     assert main(["report", str(out), "--aggregate", "--plots", str(plots)]) == 0
-    table = capsys.readouterr().out
+    table, err = capsys.readouterr()
     assert table.count("0,1") == 3  # three configurations, two seeds each
+    assert "wrote" not in table and err.count("wrote") == 3  # `> table.md` holds the table only
     for name in ("accuracy_matrices.png", "accuracy_vs_flops.png", "accuracy_per_task.png"):
         data = (plots / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -95,3 +100,117 @@ def test_an_entry_can_run_its_own_seeds(tmp_path):
     grid.write_text("runs:\n  - {preset: default, seeds: 3}\n")
     with pytest.raises(SparseCLError, match="'seeds' must be a non-empty list of integers"):
         load_grid(grid)
+
+
+def _alive(pid: int) -> bool:
+    """A process that still runs (a zombie waiting for its reaper is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["TERM", "INT", "KILL"])
+def test_no_run_outlives_a_killed_sweep(sig, tmp_path):
+    """The sweep's runs die with it however it is killed; their directories stay resumable."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"out: {tmp_path / 'runs'}\nseeds: [0, 1]\n"
+                    "base: {epochs: 400, device: cpu}\nruns: [{method: sgd, benchmark: digits}]\n")
+    sweep = subprocess.Popen([sys.executable, "-m", "sparsecl", "sweep", str(grid), "--jobs", "2"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    locks = [tmp_path / "runs" / f"sgd-digits-s{s}" / ".lock" for s in (0, 1)]
+    deadline = time.monotonic() + 120
+    while not all(lock.exists() and lock.read_text().strip() for lock in locks):  # each run writes its pid
+        assert sweep.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    children = [int(lock.read_text()) for lock in locks]
+    assert all(_alive(pid) for pid in children)
+    sweep.send_signal(sig)
+    sweep.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in children):
+        assert time.monotonic() < deadline, f"runs {children} outlived the sweep"
+        time.sleep(0.05)
+
+
+def test_sweep_data_dir_and_stop_after_identical_failures(tmp_path, capsys):
+    """--data-dir reaches every run; three runs failing alike stop the sweep with one line; no
+    directory is left for runs never started."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"out: {tmp_path / 'runs'}\nseeds: [0, 1, 2, 3, 4]\n"
+                    "base: {device: cpu, download: false}\nruns: [{method: sgd, benchmark: seq-mnist}]\n")
+    assert main(["sweep", str(grid), "--data-dir", str(tmp_path / "nowhere")]) == 1
+    out = capsys.readouterr().out
+    stops = [line for line in out.splitlines() if "stopping" in line]
+    assert len(stops) == 1 and "3 runs failed with:" in stops[0] and "nowhere" in stops[0]
+    assert "0 of 5 runs complete, 3 failed (see sweep.log in their run directories), 2 not started" in out
+    dirs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert dirs == ["sgd-seq-mnist-s0", "sgd-seq-mnist-s1", "sgd-seq-mnist-s2"]
+    assert all(any(p.iterdir()) for p in (tmp_path / "runs").rglob("*") if p.is_dir())  # none empty
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_sweep_finds_data_with_data_dir_or_sparsecl_data(how, tmp_path, capsys, monkeypatch):
+    """A grid without data_dir (as every grid in benchmarks/grids): the data comes from
+    --data-dir or $SPARSECL_DATA, as for `sparsecl run`."""
+    data = Path(__file__).parent / "fixtures" / "mnist-slice"
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"out: {tmp_path / 'runs'}\nseeds: [0]\n"
+                    "base: {device: cpu, download: false}\nruns: [{method: sgd, benchmark: seq-mnist}]\n")
+    if how == "env":
+        monkeypatch.setenv("SPARSECL_DATA", str(data))
+    assert main(["sweep", str(grid), *(["--data-dir", str(data)] if how == "flag" else [])]) == 0
+    assert "1 of 1 runs complete" in capsys.readouterr().out
+    assert json.loads((tmp_path / "runs" / "sgd-seq-mnist-s0" / "result.json").read_text())["complete"]
+
+
+def test_no_grid_names_a_data_directory():
+    grids = sorted((Path(__file__).parents[1] / "benchmarks" / "grids").glob("*.yaml"))
+    assert grids and not [g.name for g in grids if "data_dir" in g.read_text()]
+
+
+def test_plot_axes_are_readable():
+    """FLOPs within one decade get a linear axis with labelled ticks (a log axis would show none);
+    over several decades a log axis; groups carry the spread over seeds for the error bars."""
+    import matplotlib.pyplot as plt
+
+    from sparsecl.plots import _flops_axis, _groups
+
+    fig, (a, b) = plt.subplots(1, 2)
+    a.plot([1.2e9, 3.5e9], [1, 2])
+    _flops_axis(a, [1.2e9, 3.5e9])
+    b.plot([1e8, 5e10], [1, 2])
+    _flops_axis(b, [1e8, 5e10])
+    fig.canvas.draw()
+    assert a.get_xscale() == "linear" and len([t for t in a.get_xticklabels() if t.get_text()]) >= 3
+    assert b.get_xscale() == "log"
+    plt.close(fig)
+
+    def result(seed, acc):
+        return {"config": {"method": "er", "benchmark": "digits", "seed": seed, "method_options": {}},
+                "tasks_completed": 2, "flops": {"train": 1e9 + seed},
+                "accuracy": {"class_il": {"acc": acc, "matrix": [[100.0, None], [50.0, acc]]}}}
+
+    (g,) = _groups([result(0, 60.0), result(1, 80.0)])
+    assert g["n"] == 2 and g["acc"] == 70.0 and round(g["acc_sd"], 2) == 14.14
+    assert list(g["curve"]) == [100.0, 60.0] and round(float(g["curve_sd"][1]), 2) == 7.07
+
+
+def test_a_restarted_sweep_never_trains_a_locked_directory_twice(tmp_path, capsys):
+    """A run of an earlier sweep still holds its directory: the restarted sweep's run of it stops
+    at once with one line instead of training the same directory twice."""
+    from sparsecl.engine.io import RunDirLock
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(GRID.format(out=tmp_path / "runs"))
+    jobs, out = load_grid(grid)
+    held = RunDirLock(out / jobs[0].name)  # as the still-running run of the first sweep would
+    try:
+        assert main(["sweep", str(grid)]) == 1
+    finally:
+        held.release()
+    log = capsys.readouterr().out
+    assert "5 of 6 runs complete, 1 failed" in log
+    assert f"{jobs[0].name} failed (sparsecl: error: run directory {out / jobs[0].name} is in use by another run" in log

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sparsecl import SparseCLError
-from sparsecl.engine.launch import is_main_process
+from sparsecl.engine.launch import die_with_parent, is_main_process
 
 DEFAULT_PRESET = "default"
 
@@ -29,7 +30,9 @@ def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="train and evaluate one configuration (no arguments: the embedded default)")
     p.add_argument("--method", help="method name (see `sparsecl list`)")
     p.add_argument("--benchmark", help="benchmark name (see `sparsecl list`)")
-    p.add_argument("--preset", help="named preset of best-known hyper-parameters")
+    p.add_argument("--preset", help="named preset of best-known hyper-parameters (default: the preset of the "
+                   "named method, benchmark and buffer, if there is one)")
+    p.add_argument("--no-preset", action="store_true", help="the bare defaults, even where a matching preset exists")
     p.add_argument("--config", help="YAML file with run options (CLI flags override it)")
     p.add_argument("--setting", choices=["class-il", "task-il"])
     p.add_argument("--backbone")
@@ -63,7 +66,11 @@ def _run_parser(sub) -> None:
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="write TensorBoard event files to RUN_DIR/tensorboard")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed task")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress (bars on a terminal, else a line per epoch)")
+
+
+# What --resume still takes from the command line; every other run flag is the run's own.
+RESUME_FLAGS = {"resume", "device", "data_dir", "quiet"}
 
 
 def build_config(args: argparse.Namespace):
@@ -72,8 +79,9 @@ def build_config(args: argparse.Namespace):
     layers: list[dict[str, Any]] = []
     if not any([args.method, args.benchmark, args.preset, args.config]):
         layers.append(load_preset(DEFAULT_PRESET))
-    if args.preset:
-        layers.append(load_preset(args.preset))
+    preset = args.preset or (None if args.config or args.no_preset else matching_preset(args))
+    if preset:
+        layers.append(load_preset(preset))
     if args.config:
         layers.append(load_yaml(args.config))
     flags: dict[str, Any] = {}
@@ -104,6 +112,32 @@ def build_config(args: argparse.Namespace):
     return merge_config(*layers, flags)
 
 
+def matching_preset(args: argparse.Namespace) -> str | None:
+    """The preset named after ``--method``, ``--benchmark`` (and ``--buffer``), if one exists:
+    its hyper-parameters are the tuned ones, the bare defaults are not. Says so in one line; where
+    only variants exist (e.g. sparsities) it lists them instead."""
+    from sparsecl.config import RunConfig, preset_names
+
+    if not args.method:
+        return None
+    name = f"{args.benchmark or RunConfig.benchmark}-{args.method}"
+    if args.buffer is not None:
+        name += f"-{args.buffer}"
+    names = preset_names()
+    if name in names:
+        _note(f"using the hyper-parameters of preset {name} (--no-preset for the bare defaults)")
+        return name
+    variants = [n for n in names if n.startswith(f"{name}-")]
+    if variants:
+        _note(f"bare defaults; tuned presets for this: {', '.join(variants)} (pick one with --preset)")
+    return None
+
+
+def _note(message: str) -> None:
+    if is_main_process():
+        print(f"sparsecl: {message}", file=sys.stderr)
+
+
 def _yaml_scalar(text: str) -> Any:
     import yaml
 
@@ -113,9 +147,13 @@ def _yaml_scalar(text: str) -> Any:
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from sparsecl.engine.trainer import resume, run
 
-    progress = not args.quiet and sys.stderr.isatty()
+    progress = not args.quiet
     if args.resume:
-        result, run_dir = resume(args.resume, device=args.device, progress=progress)
+        ignored = [f"--{k.replace('_', '-')}" for k, v in sorted(vars(args).items())
+                   if k not in RESUME_FLAGS and k != "command" and v not in (None, False)]
+        if ignored and (Path(args.resume) / "config.yaml").is_file():  # an error alone is one line
+            _note(f"--resume continues the run's own configuration; ignoring {', '.join(ignored)}")
+        result, run_dir = resume(args.resume, device=args.device, data_dir=args.data_dir, progress=progress)
     else:
         cfg = build_config(args)
         result, run_dir = run(cfg, progress=progress)
@@ -171,16 +209,16 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     console.print("[bold]methods[/bold]")
     for name, cls in METHODS.items():
         settings = "/".join(sorted(cls.settings))
-        console.print(f"  {name:<14} {cls.description} [{settings}]", highlight=False)
+        console.print(escape(f"  {name:<14} {cls.description} [{settings}]"), highlight=False)
     console.print("[bold]benchmarks[/bold]")
     for name, desc in _named(benchmark_names()):
-        console.print(f"  {name:<22} {desc}", highlight=False)
+        console.print(escape(f"  {name:<22} {desc}"), highlight=False)
     console.print("[bold]backbones[/bold]")
     for name, desc in _named(backbone_names()):
-        console.print(f"  {name:<14} {desc}", highlight=False)
+        console.print(escape(f"  {name:<14} {desc}"), highlight=False)
     console.print("[bold]presets[/bold]")
     for name in preset_names():
-        console.print(f"  {name:<28} {preset_description(name)}", highlight=False)
+        console.print(escape(f"  {name:<28} {preset_description(name)}"), highlight=False)
     return 0
 
 
@@ -191,9 +229,15 @@ def _named(items) -> list[tuple[str, str]]:
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from sparsecl.engine.io import os_error
     from sparsecl.report import collect_results, render_dst_table, render_table
 
-    results = collect_results(args.runs)
+    if args.plots:  # an unusable folder fails before anything is written
+        try:
+            Path(args.plots).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise os_error("write plots to", args.plots, e) from None
+    results = collect_results(args.runs, warn=lambda m: print(f"sparsecl: warning: {m}", file=sys.stderr))
     if getattr(args, "table", "runs") == "dst":
         text = render_dst_table(results, fmt=args.format)
     else:
@@ -202,14 +246,18 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
         from sparsecl.engine.io import atomic_write_text
 
         atomic_write_text(Path(args.output), text)
-        console.print(f"wrote {args.output}")
+        print(f"wrote {args.output}", file=sys.stderr)
     else:
         print(text, end="")
     if args.plots:
         from sparsecl.plots import write_plots
 
-        for path in write_plots(results, args.plots):
-            console.print(f"wrote {path}")
+        try:
+            paths = write_plots(results, args.plots)
+        except OSError as e:
+            raise os_error("write plots to", args.plots, e) from None
+        for path in paths:  # stderr: `> table.csv` holds the table only
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -217,11 +265,14 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     from sparsecl.sweep import run_sweep
 
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
-    status = run_sweep(args.grid, jobs=args.jobs, devices=devices, log=lambda m: console.print(m, highlight=False))
+    status = run_sweep(args.grid, jobs=args.jobs, devices=devices, data_dir=args.data_dir,
+                       log=lambda m: console.print(m, highlight=False, markup=False))
     failed = sum(s.startswith("failed") for s in status.values())
-    console.print(f"sweep: {len(status) - failed} of {len(status)} runs complete"
-                  + (f", {failed} failed (see sweep.log in their run directories)" if failed else ""))
-    return 1 if failed else 0
+    not_run = sum(s == "not run" for s in status.values())
+    console.print(f"sweep: {len(status) - failed - not_run} of {len(status)} runs complete"
+                  + (f", {failed} failed (see sweep.log in their run directories)" if failed else "")
+                  + (f", {not_run} not started" if not_run else ""), markup=False)
+    return 1 if failed or not_run else 0
 
 
 def _size(n: int) -> str:
@@ -279,6 +330,7 @@ def make_parser() -> argparse.ArgumentParser:
     sw.add_argument("grid", help="grid YAML file (see sparsecl.sweep)")
     sw.add_argument("--jobs", type=int, default=1, help="runs at a time (CPU threads are split between them)")
     sw.add_argument("--devices", help="comma-separated devices handed out round-robin, e.g. cuda:0,cuda:1")
+    sw.add_argument("--data-dir", help="where datasets live, for every run (default: $SPARSECL_DATA or ./data)")
     ep = sub.add_parser("export", help="write a run's final sparse model with its masks; print dense/CSR/bitmask sizes")
     ep.add_argument("run_dir", help="run directory")
     ep.add_argument("--format", choices=["pt", "csr"], default="pt",
@@ -288,6 +340,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    die_with_parent()  # a run of a sweep: it ends with the sweep
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = ["run"]
@@ -296,7 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # usage errors (already printed as one line) and --help
         return int(e.code or 0)
-    console = Console()
+    # Piped or redirected: no wrapping at 80 columns (tables and lines stay one per row).
+    console = Console() if sys.stdout.isatty() else Console(width=1000, soft_wrap=True)
     handlers = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "export": cmd_export, "sweep": cmd_sweep}
     try:
         return handlers[args.command](args, console)
@@ -306,10 +360,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if is_main_process():
             print(f"sparsecl: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if is_main_process():
-            print("sparsecl: interrupted; completed tasks are checkpointed (continue with --resume RUN_DIR)", file=sys.stderr)
+            print(f"sparsecl: {_interrupted(e, args.command)}", file=sys.stderr)
         return 130
+
+
+def _interrupted(e: KeyboardInterrupt, command: str) -> str:
+    """Where an interrupted run or sweep stands and how to continue it."""
+    run_dir, done = getattr(e, "run_dir", None), getattr(e, "completed", 0)
+    if command == "sweep":
+        return "interrupted; its runs were stopped, completed tasks are checkpointed (rerun the sweep to continue)"
+    if run_dir is None:
+        return "interrupted"
+    if done:
+        return f"interrupted; {done} task(s) checkpointed in {run_dir} (continue with: sparsecl run --resume {run_dir})"
+    return f"interrupted before the first task was completed; nothing to resume in {run_dir}"
 
 
 if __name__ == "__main__":

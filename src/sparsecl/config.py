@@ -15,6 +15,9 @@ import yaml
 from sparsecl import SparseCLError
 
 SETTINGS = ("class-il", "task-il")
+SEED_LIMIT = 2**32  # numpy's legacy seeding takes 0 <= seed < 2**32
+# Facts a run records beside its options in config.yaml (not options: ignored when read back).
+RECORDED = ("torch_threads",)
 
 
 @dataclass
@@ -55,6 +58,8 @@ class RunConfig:
     def validate(self) -> None:
         if self.setting not in SETTINGS:
             raise SparseCLError(f"unknown setting {self.setting!r} (known: {', '.join(SETTINGS)})")
+        if type(self.seed) is not int or not 0 <= self.seed < SEED_LIMIT:
+            raise SparseCLError(f"seed must be an integer in [0, 2**32), got {self.seed}")
         if self.epochs < 1:
             raise SparseCLError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -128,6 +133,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         text = p.read_text()
     except FileNotFoundError:
         raise SparseCLError(f"config file not found: {p}") from None
+    except IsADirectoryError:
+        raise SparseCLError(f"config file {p} is a directory, not a YAML file") from None
+    except UnicodeDecodeError:
+        raise SparseCLError(f"config file {p} is not a text file (YAML expected)") from None
+    except OSError as e:
+        raise SparseCLError(f"cannot read config file {p}: {(e.strerror or str(e)).lower()}") from None
     return parse_yaml(text, p)
 
 
@@ -166,6 +177,8 @@ def merge_config(*layers: dict[str, Any]) -> RunConfig:
     for layer in layers:
         for key, value in layer.items():
             key = key.replace("-", "_")
+            if key in RECORDED:  # e.g. a run's config.yaml given as --config
+                continue
             if key not in known:
                 raise SparseCLError(f"unknown run option {key!r} (known: {', '.join(sorted(known))})")
             if key in ("method_options", "backbone_options"):
@@ -180,10 +193,28 @@ def merge_config(*layers: dict[str, Any]) -> RunConfig:
     return cfg
 
 
-def save_config(cfg: RunConfig, path: Path) -> None:
+def save_config(cfg: RunConfig, path: Path, recorded: dict[str, Any] | None = None) -> None:
+    """Write ``cfg`` as YAML, followed by the ``recorded`` facts (keys of :data:`RECORDED`)."""
     from sparsecl.engine.io import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump({**cfg.to_dict(), **(recorded or {})}, sort_keys=False))
+
+
+def run_identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A configuration (as a dict) without what may differ between a run and its resume or
+    export (device, data location, output folder): what makes two runs the same run."""
+    return {k: v for k, v in cfg.items() if k not in ("device", "data_dir", "data_root", "out")}
+
+
+def first_difference(old: Any, new: Any, where: str = "") -> str | None:
+    """``key: old -> new`` for the first setting where two configurations differ, else None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            diff = first_difference(old.get(key), new.get(key), f"{where}{key}.")
+            if diff:
+                return diff
+        return None
+    return None if old == new else f"{where.rstrip('.')}: {old!r} -> {new!r}"
 
 
 def config_from_file(path: Path) -> RunConfig:

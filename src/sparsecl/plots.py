@@ -3,6 +3,7 @@ accuracy against training FLOPs (the Pareto view across methods and sparsities) 
 accuracy curves. Runs of the same configuration (all but the seed) are averaged."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,36 @@ def _groups(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if done == 0:
             continue
         mats = np.array([[row[:done] for row in m["accuracy"][setting]["matrix"][:done]] for m in members], dtype=float)
+        # average accuracy on the tasks seen so far, after each task, per seed
+        curves = np.array([[R[t, : t + 1].mean() for t in range(done)] for R in mats])
+        accs = [m["accuracy"][setting]["acc"] for m in members]
+        flops = [m["flops"]["train"] for m in members]
         out.append({
             "label": " ".join(filter(None, (_label(cfg), extra[key]))) + f" ({cfg['benchmark']})",
             "setting": setting, "matrix": mats.mean(0),
-            "acc": float(np.mean([m["accuracy"][setting]["acc"] for m in members])),
-            "flops": float(np.mean([m["flops"]["train"] for m in members])), "n": len(members),
+            "acc": float(np.mean(accs)), "acc_sd": _sd(accs),
+            "flops": float(np.mean(flops)), "flops_sd": _sd(flops),
+            "curve": curves.mean(0), "curve_sd": curves.std(0, ddof=1) if len(curves) > 1 else np.zeros(done),
+            "n": len(members),
         })
     return out
+
+
+def _sd(values: list[float]) -> float:
+    """Sample standard deviation over seeds (0 for one seed: no error bar)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _flops_axis(ax: Any, values: list[float]) -> None:
+    """Log scale over several decades; within one decade a log axis shows no labelled tick, so a
+    linear one with a shared power of ten."""
+    lo, hi = min(values), max(values)
+    if lo > 0 and hi / lo >= 10:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide
+    else:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(6))
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
 
 
 def write_plots(results: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
@@ -64,7 +88,7 @@ def write_plots(results: list[dict[str, Any]], out_dir: str | Path) -> list[Path
     n = len(groups)
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows), squeeze=False, constrained_layout=True)
     for ax, g in zip(axes.flat, groups):
         im = ax.imshow(g["matrix"], vmin=0, vmax=100, cmap="viridis")
         T = g["matrix"].shape[0]
@@ -72,7 +96,8 @@ def write_plots(results: list[dict[str, Any]], out_dir: str | Path) -> list[Path
             for j in range(T):
                 ax.text(j, i, f"{g['matrix'][i, j]:.0f}", ha="center", va="center", fontsize=7,
                         color="white" if g["matrix"][i, j] < 60 else "black")
-        ax.set_title(f"{g['label']}\n{g['setting'].replace('_', '-')}, {g['n']} seed(s)", fontsize=8)
+        title = textwrap.fill(g["label"], 38)  # long labels wrapped: no title runs into its neighbour's
+        ax.set_title(f"{title}\n{g['setting'].replace('_', '-')}, {g['n']} seed(s)", fontsize=8)
         ax.set_xlabel("evaluated task")
         ax.set_ylabel("after training task")
         ax.set_xticks(range(T), [str(t + 1) for t in range(T)])
@@ -86,40 +111,38 @@ def write_plots(results: list[dict[str, Any]], out_dir: str | Path) -> list[Path
 
     # 2. Final accuracy against training FLOPs, with the Pareto front (fewer FLOPs, higher accuracy).
     fig, ax = plt.subplots(figsize=(8.5, 5.0))
-    pts = sorted(groups, key=lambda g: g["flops"])
-    for g in pts:
-        ax.scatter(g["flops"], g["acc"], s=30)
-        ax.annotate(g["label"], (g["flops"], g["acc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    pts = sorted(groups, key=lambda g: (g["flops"], -g["acc"]))  # of equal FLOPs only the best is on the front
+    for i, g in enumerate(pts):  # error bars: std over seeds; labels in a legend (point labels collide)
+        ax.errorbar(g["flops"], g["acc"], xerr=g["flops_sd"] or None, yerr=g["acc_sd"] or None, ms=5, capsize=3,
+                    fmt="os^Dv"[i // 10 % 5], label=textwrap.fill(g["label"], 50))  # 10 colours, then a new marker
     front, best = [], -1.0
     for g in pts:
         if g["acc"] > best:
             front.append(g)
             best = g["acc"]
     ax.plot([g["flops"] for g in front], [g["acc"] for g in front], "k--", lw=1, label="Pareto front")
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on short ranges
-    ax.margins(x=0.25)  # room for the labels of the rightmost points
-    ax.set_xlabel("training FLOPs")
+    _flops_axis(ax, [g["flops"] for g in pts])
+    ax.margins(x=0.1)
+    ax.set_xlabel("training FLOPs (mean ± std over seeds)")
     ax.set_ylabel("final average accuracy (%)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     paths.append(out_dir / "accuracy_vs_flops.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     plt.close(fig)
 
     # 3. Average accuracy over the tasks seen so far, after each task.
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for g in groups:
-        R = g["matrix"]
-        curve = [R[t, : t + 1].mean() for t in range(R.shape[0])]
-        ax.plot(range(1, len(curve) + 1), curve, marker="o", label=g["label"])
+        tasks = np.arange(1, len(g["curve"]) + 1)
+        ax.errorbar(tasks, g["curve"], yerr=g["curve_sd"] if g["n"] > 1 else None, marker="o", capsize=3,
+                    label=textwrap.fill(g["label"], 50))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("tasks learned")
     ax.set_ylabel("average accuracy on seen tasks (%)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     paths.append(out_dir / "accuracy_per_task.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     plt.close(fig)
     return paths

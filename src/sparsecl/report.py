@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from sparsecl import SparseCLError
 
@@ -23,8 +23,27 @@ PROTOCOL_KEYS = ("benchmark", "setting", "backbone", "backbone_options", "class_
                  "validation", "epochs", "batch_size", "drop_last")
 
 
-def collect_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Load ``result.json`` of each run directory (folders of run directories are searched)."""
+def _unusable(r: Any) -> str | None:
+    """Why a parsed result.json cannot be a table row, or None."""
+    if not isinstance(r, dict):
+        return "not a result object"
+    cfg = r.get("config")
+    if not isinstance(cfg, dict) or any(k not in cfg for k in ("method", "benchmark", "seed")):
+        return "no config with method, benchmark and seed"
+    if not isinstance(cfg.get("method_options", {}), dict):
+        return "method_options is not a mapping"
+    if not isinstance(r.get("accuracy"), dict) or not all(isinstance(v, dict) for v in r["accuracy"].values()):
+        return "no accuracy section of settings"
+    if not all(isinstance(r.get(k, {}), dict) for k in ("flops", "timing", "sparsity", "memory")):
+        return "a flops, timing, sparsity or memory section is not a mapping"
+    return None
+
+
+def collect_results(paths: Sequence[str | Path], warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Load ``result.json`` of each run directory (folders of run directories are searched).
+
+    A malformed file is skipped with a ``warn``-ing (the table of the others is still made);
+    without ``warn`` it is an error."""
     found: list[Path] = []
     for p in map(Path, paths):
         if (p / "result.json").exists():
@@ -39,10 +58,18 @@ def collect_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     for f in found:
         try:
             r = json.loads(f.read_text())
-        except json.JSONDecodeError:
-            raise SparseCLError(f"{f} is not valid JSON (interrupted write of an old version?)") from None
+            problem = _unusable(r)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            problem = f"not valid JSON ({type(e).__name__})"
+        if problem:
+            if warn is None:
+                raise SparseCLError(f"{f}: {problem}")
+            warn(f"skipping {f}: {problem}")
+            continue
         r["_path"] = str(f.parent)
         results.append(r)
+    if not results:
+        raise SparseCLError(f"no usable result.json under {', '.join(map(str, paths))}")
     return results
 
 
@@ -62,10 +89,11 @@ def row_of(r: dict[str, Any]) -> dict[str, Any]:
     cil, til = acc.get("class_il", {}), acc.get("task_il", {})
     return {
         "run": r["_path"], "method": cfg["method"], "benchmark": cfg["benchmark"],
-        "buffer": cfg["method_options"].get("buffer_size", ""), "seed": cfg["seed"],
+        "buffer": (cfg.get("method_options") or {}).get("buffer_size", ""), "seed": cfg["seed"],
         "cil_acc": cil.get("acc"), "til_acc": til.get("acc"), "cil_bwt": cil.get("bwt"), "cil_fwt": cil.get("fwt"),
         "cil_forgetting": cil.get("forgetting"), "til_bwt": til.get("bwt"),
-        "flops": r["flops"]["train"], "flops_ratio": r["flops"]["ratio"], "train_s": r["timing"]["train_seconds"],
+        "flops": (r.get("flops") or {}).get("train"), "flops_ratio": (r.get("flops") or {}).get("ratio"),
+        "train_s": (r.get("timing") or {}).get("train_seconds"),
         # active fraction of the masked layers at the end (1.0 dense; '-' for runs older than the sparse core)
         "density": ((r.get("sparsity") or {}).get("overall") or {}).get("density"),
         # training memory footprint per SPEC (weights, gradients, activations, masks, buffer), 1e6 bytes
@@ -133,9 +161,11 @@ def aggregate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for members in groups.values():
         agg = dict(members[0])
         agg["seed"] = ",".join(str(m["seed"]) for m in members)
+        agg["seeds"] = len(members)
         for key in NUMERIC:
             vals = [m[key] for m in members if m[key] is not None]
-            agg[key] = mean_std(vals) if vals else None
+            # one value has no spread: shown bare, not as "± 0.00"
+            agg[key] = (mean_std(vals) if len(vals) > 1 else vals[0]) if vals else None
         out.append(agg)
     return out
 
@@ -201,6 +231,7 @@ def render_table(results: list[dict[str, Any]], fmt: str = "md", aggregate: bool
     refs = baseline_references(rows, baseline) if baseline is not None else None
     if aggregate:
         rows = aggregate_rows(rows)
+        columns.insert(columns.index(("seed", "seed")) + 1, ("seeds", "seeds"))
     if refs is not None:
         for row in rows:
             _compare(row, refs)

@@ -4,7 +4,7 @@ A grid file::
 
     out: runs/sweep                 # where the run directories go
     seeds: [0, 1, 2]
-    base: {benchmark: seq-mnist, data_dir: ../shared/data, device: cpu}
+    base: {benchmark: seq-mnist, device: cpu}
     runs:
       - {preset: seq-mnist-der++-500}
       - {preset: seq-mnist-snip-der++-500-sp90, method_options: {sparsity: [0.8, 0.9]}}
@@ -16,9 +16,14 @@ seed (an entry's own ``seeds: [...]`` replaces the grid's), in its own process, 
 time, with the CPU threads split between them and devices handed out round-robin
 (``--devices cuda:0,cuda:1``).
 
+Data: ``--data-dir`` (or ``$SPARSECL_DATA``) for every run; a grid names no machine's paths.
+
 Restartable: a run whose ``result.json`` is complete is skipped, one with a checkpoint is resumed
 from its last completed task, anything else starts fresh. Killing the sweep and starting it again
-therefore loses at most the task each job was in.
+therefore loses at most the task each job was in. Its runs die with it (SIGTERM, SIGINT or
+SIGKILL of the sweep), and each holds its run directory's lock, so a restart never trains a
+directory twice at once. After :data:`SAME_FAILURES` runs fail with the same last line (a missing
+data set, a bad option), no further run is started.
 """
 from __future__ import annotations
 
@@ -26,8 +31,10 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,11 +44,15 @@ from typing import Any, Callable
 import yaml
 
 from sparsecl import SparseCLError
-from sparsecl.config import build_options, load_preset, load_yaml, merge_config
+from sparsecl.config import build_options, first_difference, load_preset, load_yaml, merge_config
+from sparsecl.engine.launch import PARENT_ENV
 from sparsecl.methods import METHODS
 
 NESTED = ("method_options", "backbone_options")
 SPEED_KEYS = ("amp", "channels_last", "cuda_graph", "fused_optimizer", "compile")
+SAME_FAILURES = 3  # this many runs failing with one message stop the sweep
+# Where the data is does not change a run: not part of the comparison with a kept directory.
+LOCATION_KEYS = ("data_dir", "data_root")
 
 
 @dataclass(frozen=True)
@@ -149,17 +160,6 @@ def job_state(run_dir: Path) -> str:
     return "resume" if (run_dir / "checkpoint.pt").exists() else "new"
 
 
-def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
-    """``key: old -> new`` for the first setting where two configuration layers differ, else None."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new), key=str):
-            diff = _first_difference(old.get(key), new.get(key), f"{where}{key}.")
-            if diff:
-                return diff
-        return None
-    return None if old == new else f"{where.rstrip('.')}: {old!r} -> {new!r}"
-
-
 def check_unchanged(run_dir: Path, job: SweepJob) -> None:
     """A run directory kept from an earlier sweep must hold the job's configuration: after a preset
     or grid edit, skipping or resuming it would silently report the old settings."""
@@ -170,17 +170,63 @@ def check_unchanged(run_dir: Path, job: SweepJob) -> None:
         old = yaml.safe_load(saved.read_text())
     except yaml.YAMLError:
         old = None
-    diff = _first_difference(old, job.config) if isinstance(old, dict) else "unreadable sweep-config.yaml"
+    diff = (first_difference(_without_location(old), _without_location(job.config)) if isinstance(old, dict)
+            else "unreadable sweep-config.yaml")
     if diff:
         raise SparseCLError(f"{run_dir} was run with another configuration ({diff}); delete it to rerun, "
                             "or give the sweep another 'out'")
 
 
-def run_sweep(path: str | Path, jobs: int = 1, devices: list[str] | None = None,
+def _without_location(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k not in LOCATION_KEYS}
+
+
+class _Children:
+    """The sweep's live run processes, terminated when the sweep is stopped (SIGTERM, SIGINT)."""
+
+    def __init__(self) -> None:
+        self._procs: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self.stopping = False
+
+    def run(self, cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+        with self._lock:
+            if self.stopping:
+                raise KeyboardInterrupt
+            proc = subprocess.Popen(cmd, env={**env, PARENT_ENV: str(os.getpid())}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            self._procs.add(proc)
+        try:
+            out, err = proc.communicate()
+        finally:
+            with self._lock:
+                self._procs.discard(proc)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    def terminate(self) -> None:
+        with self._lock:
+            self.stopping = True
+            procs = list(self._procs)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run_sweep(path: str | Path, jobs: int = 1, devices: list[str] | None = None, data_dir: str | None = None,
               log: Callable[[str], None] = print) -> dict[str, str]:
-    """Run every job of the grid; returns run name -> 'done' | 'skipped' | 'failed (...)'."""
+    """Run every job of the grid; returns run name -> 'done' | 'skipped' | 'failed (...)' | 'not run'.
+
+    ``data_dir``: where every run finds its data (default: the runs' own ``data_dir`` or
+    ``$SPARSECL_DATA``)."""
     job_list, out = load_grid(path)
-    out.mkdir(parents=True, exist_ok=True)
     n_jobs = max(1, int(jobs))
     threads = max(1, (os.cpu_count() or 1) // n_jobs)
     status: dict[str, str] = {}
@@ -194,9 +240,15 @@ def run_sweep(path: str | Path, jobs: int = 1, devices: list[str] | None = None,
         else:
             todo.append((i, job, state))
     log(f"sweep: {len(job_list)} runs, {len(status)} already complete, {len(todo)} to run, {n_jobs} at a time")
+    data_flag = ["--data-dir", str(Path(data_dir).resolve())] if data_dir else []
+    children = _Children()
+    failures: dict[str, int] = {}  # last error line -> how many runs ended with it
+    stop: list[str] = []  # the error that stopped the sweep
 
     def one(item: tuple[int, SweepJob, str]) -> tuple[str, str]:
         i, job, state = item
+        if stop or children.stopping:
+            return job.name, "not run"
         run_dir = out / job.name
         device = devices[i % len(devices)] if devices else None
         if state == "resume":
@@ -207,22 +259,39 @@ def run_sweep(path: str | Path, jobs: int = 1, devices: list[str] | None = None,
             cfg_file = run_dir / "sweep-config.yaml"
             cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
             cmd = [sys.executable, "-m", "sparsecl", "run", "--config", str(cfg_file), "--out", str(run_dir), "--quiet"]
+        cmd += data_flag
         if device:
             cmd += ["--device", device]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = children.run(cmd, env)
         (run_dir / "sweep.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            failures[last] = failures.get(last, 0) + 1
+            if failures[last] >= SAME_FAILURES and not stop:
+                stop.append(last)
+                log(f"sweep: stopping: {failures[last]} runs failed with: {last}")
             return job.name, f"failed ({last})"
         log(f"sweep: {job.name} done in {time.perf_counter() - t0:.0f} s")
         return job.name, "done"
 
-    with ThreadPoolExecutor(max_workers=n_jobs) as pool:
-        for name, result in pool.map(one, todo):
-            status[name] = result
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) if on_main_thread else None
+    try:
+        with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+            try:
+                for name, result in pool.map(one, todo):
+                    status[name] = result
+            except BaseException:  # Ctrl-C or SIGTERM: no run outlives the sweep
+                children.terminate()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     failed = [n for n, s in status.items() if s.startswith("failed")]
-    for n in failed:
-        log(f"sweep: {n} {status[n]}")
+    if not stop:
+        for n in failed:
+            log(f"sweep: {n} {status[n]}")
     return status

@@ -2,9 +2,15 @@
 before deciding whether this process prints)."""
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 
 from sparsecl import SparseCLError
+
+PARENT_ENV = "SPARSECL_SWEEP_PARENT"  # pid of the sweep that a run must not outlive
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def launched_world_size() -> int:
@@ -24,3 +30,16 @@ def process_rank() -> int:
 def is_main_process() -> bool:
     """True on rank 0 and in a single process: the only process that prints and writes files."""
     return process_rank() == 0
+
+
+def die_with_parent() -> None:
+    """In a run started by ``sparsecl sweep`` (:data:`PARENT_ENV` set): ask Linux for SIGTERM
+    when the sweep dies, however it dies (SIGKILL included), and exit at once if it is already
+    gone (it died before the request took effect)."""
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is None:
+        return
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(parent):
+        sys.exit(143)

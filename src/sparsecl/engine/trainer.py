@@ -18,14 +18,14 @@ from torch import nn
 
 import sparsecl
 from sparsecl import SparseCLError
-from sparsecl.config import RunConfig, build_options, config_from_text, save_config
+from sparsecl.config import RunConfig, build_options, config_from_text, first_difference, run_identity, save_config
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.benchmarks import load_benchmark
 from sparsecl.data.stream import TaskStream, hold_out_validation
 from sparsecl.engine.distributed import Distributed
 from sparsecl.engine.evaluate import evaluate_all
 from sparsecl.engine.graph import CapturedStep
-from sparsecl.engine.io import atomic_torch_save, atomic_write_json
+from sparsecl.engine.io import RunDirLock, atomic_torch_save, atomic_write_json, remove_stale_temporaries
 from sparsecl.engine.launch import launched_world_size
 from sparsecl.engine.progress import RunProgress
 from sparsecl.engine.seeding import rng_state, seed_everything, set_rng_state
@@ -39,20 +39,27 @@ from sparsecl.sparse.export import INFERENCE_HEAD, TASK_VIEWS, compact_task_view
 from sparsecl.sparse.flops import FlopCounter, profile_layers
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_KEYS = ("task", "model", "method", "flops", "counter", "state", "rng")
 RESULT = "result.json"
 CONFIG = "config.yaml"
 TENSORBOARD_DIR = "tensorboard"
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device for ``--device`` (cpu, cuda, cuda:N or auto): one line for any other
+    device type or one this machine lacks (checked before data is loaded)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise SparseCLError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SparseCLError(f"device {name!r} is not supported (use cpu, cuda, cuda:N or auto)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SparseCLError(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SparseCLError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -212,6 +219,34 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.benchmark}-{cfg.method}-s{cfg.seed}-{stamp}"
 
 
+def claim_run_dir(cfg: RunConfig, out: str | Path | None = None) -> RunDirLock:
+    """Lock the run directory (``out``, else ``cfg.out``, else a new default one) for this run.
+
+    A default name is made unique by creating it exclusively (``-2``, ``-3``, ... when runs start
+    in the same second); a named one that already holds a run is refused (``--resume`` it)."""
+    if out or cfg.out:
+        lock = RunDirLock(Path(out or cfg.out))
+        if (lock.run_dir / CHECKPOINT).exists() or (lock.run_dir / RESULT).exists():
+            lock.release()
+            raise SparseCLError(f"run directory {lock.run_dir} already holds a run: use --resume {lock.run_dir} "
+                                "or another --out")
+        return lock
+    base, i = default_run_dir(cfg), 1
+    while True:
+        try:
+            return RunDirLock(base if i == 1 else base.with_name(f"{base.name}-{i}"), exclusive_create=True)
+        except FileExistsError:
+            i += 1
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, carrying the run directory and how many tasks are checkpointed."""
+
+    def __init__(self, run_dir: Path, completed: int) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir, self.completed = run_dir, completed
+
+
 class Trainer:
     """Runs (or resumes) one configuration end to end. See :func:`run` for the simple entry point."""
 
@@ -335,7 +370,7 @@ class Trainer:
             else:  # a subset chosen by the method (data removal): shuffle it
                 perm = keep[torch.randperm(int(keep.shape[0]), device=self.device)]
             n_batches = perm.shape[0] // bs if cfg.drop_last else math.ceil(perm.shape[0] / bs)
-            bar.start_epoch(n_batches)
+            bar.start_epoch(n_batches, self.counter.train_samples)
             loss_sum.zero_()
             for b in range(n_batches):
                 idx = perm[b * bs : (b + 1) * bs]
@@ -374,7 +409,7 @@ class Trainer:
             if self.tb is not None and mean_loss is not None:
                 log_epoch(self.tb, task_index * cfg.epochs + epoch + 1, task_index, mean_loss)
             method.end_epoch(task, epoch)
-            bar.epoch_done()
+            bar.epoch_done(mean_loss, self.counter.train_samples)
         del graph  # frees the graph's memory pool before the next task captures its own
         if self.dist is not None:  # per-rank BatchNorm statistics: evaluate and save rank 0's
             self.dist.broadcast_buffers_(self.model)
@@ -386,7 +421,7 @@ class Trainer:
         cfg = self.cfg
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / CONFIG)
+            save_config(cfg, self.run_dir / CONFIG, recorded={"torch_threads": torch.get_num_threads()})
         if cfg.tensorboard and self.is_main:
             self.tb = EventWriter(self.run_dir / TENSORBOARD_DIR)
         try:
@@ -436,7 +471,7 @@ class Trainer:
                 s["completed"] = t + 1
                 if self.is_main:
                     self._save_checkpoint(t)
-                    result = self.result()
+                    result = self.result(complete=False)
                     atomic_write_json(self.run_dir / RESULT, result)
                     if self.tb is not None:
                         log_task(self.tb, result, t)
@@ -450,7 +485,8 @@ class Trainer:
             head = self.method.inference_head()
             if head is not None:  # e.g. iCaRL's class means: the export classifies as the run evaluated
                 atomic_torch_save(self.run_dir / INFERENCE_HEAD, head)
-        result = self.result()
+        # Written last: `complete: true` means every final file above is in place.
+        result = self.result(complete=True)
         if self.is_main:
             atomic_write_json(self.run_dir / RESULT, result)
         return result
@@ -463,6 +499,7 @@ class Trainer:
     def _save_checkpoint(self, task_index: int) -> None:
         ckpt = {
             "format": 1,
+            "config": self.cfg.to_dict(),  # resume checks it against the directory's config.yaml
             "task": task_index,
             "model": self.model.state_dict(),
             "method": self.method.state_dict(),
@@ -490,16 +527,30 @@ class Trainer:
             ckpt = torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
         except Exception as e:  # a truncated or foreign file
             raise SparseCLError(f"cannot resume: checkpoint {path} is unreadable ({type(e).__name__})") from None
-        self.model.load_state_dict(ckpt["model"])
-        self.method.load_state_dict(ckpt["method"])
-        self.method.task = int(ckpt["task"])
-        self.flops.load_state_dict(ckpt["flops"])
-        self.counter.load_state_dict(ckpt["counter"])
+        if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+            raise SparseCLError(f"cannot resume: {path} is not a sparsecl checkpoint")
+        if "config" in ckpt:  # older checkpoints carry none; their state must still fit below
+            diff = first_difference(run_identity(ckpt["config"]), run_identity(self.cfg.to_dict()))
+            if diff:
+                raise SparseCLError(f"cannot resume: {path} belongs to another run than {self.run_dir / CONFIG} "
+                                    f"({diff})")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.method.load_state_dict(ckpt["method"])
+            self.method.task = int(ckpt["task"])
+            self.flops.load_state_dict(ckpt["flops"])
+            self.counter.load_state_dict(ckpt["counter"])
+            if len(ckpt["state"]["class_il"]) != self.stream.n_tasks:
+                raise ValueError(f"{len(ckpt['state']['class_il'])} tasks, not {self.stream.n_tasks}")
+            set_rng_state(ckpt["rng"], self.device)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SparseCLError(f"cannot resume: {path} does not fit the run in {self.run_dir} ({first[:160]})") from None
         self.state = ckpt["state"]
-        set_rng_state(ckpt["rng"], self.device)
 
     # -------------------------------------------------------------- result
-    def result(self) -> dict[str, Any]:
+    def result(self, complete: bool = False) -> dict[str, Any]:
+        """The run's result so far; ``complete`` only once every final file is written."""
         s, cfg = self.state, self.cfg
         done = s["completed"]
         accuracy = {}
@@ -510,7 +561,7 @@ class Trainer:
             accuracy[key] = {"matrix": s[key], "random_init": s["random_init"][key] if s["random_init"] else None, **metrics}
         train_s = sum(s["train_seconds"])
         return {
-            "complete": done == self.stream.n_tasks,
+            "complete": complete and done == self.stream.n_tasks,
             "tasks_completed": done,
             "n_tasks": self.stream.n_tasks,
             "config": cfg.to_dict(),
@@ -518,6 +569,7 @@ class Trainer:
             "versions": {"sparsecl": sparsecl.__version__, "torch": torch.__version__, "numpy": np.__version__,
                          "python": sys.version.split()[0]},
             "device": describe_device(self.device),
+            "torch_threads": torch.get_num_threads(),  # CPU results depend on it
             **({"distributed": {"world_size": self.dist.world_size, "backend": self.dist.backend,
                                 "per_rank_batch": cfg.batch_size // self.dist.world_size}}
                if self.dist is not None else {}),
@@ -560,36 +612,58 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = False
     if launched_world_size() > 1:
         check_distributed(cfg, launched_world_size())
     with distributed_session() as dist:
-        run_dir = Path(out or cfg.out or default_run_dir(cfg))
-        if dist is not None:  # the default name holds a timestamp: use rank 0's
-            run_dir = Path(dist.broadcast_object(str(run_dir)))
+        locks: list[RunDirLock] = []
 
-        def check() -> None:
-            if (run_dir / CHECKPOINT).exists() or (run_dir / RESULT).exists():
-                raise SparseCLError(f"run directory {run_dir} already holds a run: use --resume {run_dir} or another --out")
+        def claim() -> str:  # rank 0 only: it alone writes the directory
+            locks.append(claim_run_dir(cfg, out))
+            return str(locks[0].run_dir)
 
-        if dist is None:
-            check()
-        else:
-            dist.on_main(check)
-        trainer = Trainer(cfg, run_dir, progress=progress, dist=dist)
+        run_dir = Path(claim() if dist is None else dist.on_main(claim))
+        return _train(lambda: Trainer(cfg, run_dir, progress=progress, dist=dist), run_dir, locks)
+
+
+def _train(make: Any, run_dir: Path, locks: list[RunDirLock]) -> tuple[dict[str, Any], Path]:
+    """Build and run a Trainer while holding the run directory's lock; a run that wrote nothing
+    leaves no directory behind, and Ctrl-C becomes :class:`RunInterrupted`."""
+    trainer: Trainer | None = None
+    try:
+        trainer = make()
         return trainer.run(), run_dir
+    except KeyboardInterrupt:
+        raise RunInterrupted(run_dir, trainer.state["completed"] if trainer else 0) from None
+    finally:
+        for lock in locks:
+            lock.release(remove_if_empty=True)
 
 
-def resume(run_dir: str | Path, *, device: str | None = None, progress: bool = False) -> tuple[dict[str, Any], Path]:
+def resume(run_dir: str | Path, *, device: str | None = None, data_dir: str | None = None,
+           progress: bool = False) -> tuple[dict[str, Any], Path]:
     """Continue the run in ``run_dir`` after its last completed task (under ``torchrun`` too:
-    rank 0 reads the configuration and checkpoint and sends them to the other ranks)."""
+    rank 0 reads the configuration and checkpoint and sends them to the other ranks). ``device``
+    and ``data_dir`` may differ from the run's own (they do not change its results)."""
     run_dir = Path(run_dir)
+    locks: list[RunDirLock] = []
 
-    def read() -> str:
-        if not (run_dir / CONFIG).exists():
+    def read() -> str:  # rank 0 only: lock, clear dead writes, read the configuration
+        if not (run_dir / CONFIG).is_file():
             raise SparseCLError(f"cannot resume: {run_dir} holds no {CONFIG}")
-        return (run_dir / CONFIG).read_text()
+        locks.append(RunDirLock(run_dir))
+        remove_stale_temporaries(run_dir)
+        try:
+            return (run_dir / CONFIG).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SparseCLError(f"cannot resume: {run_dir / CONFIG} is unreadable ({type(e).__name__})") from None
 
     with distributed_session() as dist:
-        text = read() if dist is None else dist.on_main(read)
-        cfg = config_from_text(text, run_dir / CONFIG)
+        try:
+            text = read() if dist is None else dist.on_main(read)
+            cfg = config_from_text(text, run_dir / CONFIG)
+        except BaseException:
+            for lock in locks:
+                lock.release()
+            raise
         if device is not None:
             cfg.device = device
-        trainer = Trainer(cfg, run_dir, progress=progress, resume=True, dist=dist)
-        return trainer.run(), run_dir
+        if data_dir is not None:
+            cfg.data_dir = data_dir
+        return _train(lambda: Trainer(cfg, run_dir, progress=progress, resume=True, dist=dist), run_dir, locks)

@@ -56,6 +56,10 @@ def build_backbone(name: str, input_shape: tuple[int, ...], **options: Any) -> n
             f"backbone {name!r} has no option {', '.join(map(repr, unknown))} "
             f"(options: {', '.join(known) or 'none'})"
         )
+    for key, value in options.items():  # every numeric backbone option is a width or a size
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0 for v in numbers):
+            raise SparseCLError(f"backbone {name!r}: option {key} must be positive, got {value!r}")
     try:
         return cls(tuple(int(s) for s in input_shape), **options)
     except (TypeError, ValueError) as e:  # e.g. nf="wide": report as a user error, not a traceback

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from sparsecl import SparseCLError
+from sparsecl.config import first_difference, run_identity
 from sparsecl.models.heads import NearestMeanClassifier
 
 FORMAT = "sparsecl-export"
@@ -211,6 +212,12 @@ def _load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], d
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise SparseCLError(f"checkpoint {ckpt_path} is unreadable ({type(e).__name__})") from None
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+            raise SparseCLError(f"{ckpt_path} is not a sparsecl checkpoint")
+        if isinstance(ckpt.get("config"), dict) and isinstance(result.get("config"), dict):
+            diff = first_difference(run_identity(ckpt["config"]), run_identity(result["config"]))
+            if diff:
+                raise SparseCLError(f"{ckpt_path} belongs to another run than {result_path} ({diff})")
     model_path = run_dir / "model.pt"
     if model_path.exists():
         try:
@@ -225,7 +232,26 @@ def _load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], d
     method_state = ckpt.get("method", {}) if ckpt is not None else {}
     if isinstance(method_state, dict) and isinstance(method_state.get("masks"), dict):
         masks = {n: m.bool() for n, m in method_state["masks"]["masks"].items()}
+    _check_fits(state, masks, result, run_dir)
     return result, state, masks
+
+
+def _check_fits(state: Any, masks: dict[str, torch.Tensor], result: dict[str, Any], run_dir: Path) -> None:
+    """The weights (and masks) must be those of the architecture result.json describes: a file
+    copied in from another run is one clear error, not a traceback or a silently wrong export."""
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise SparseCLError(f"the weights in {run_dir} are not a model state (a foreign model.pt or checkpoint.pt?)")
+    if not result.get("model"):
+        return  # runs older than result.json's model section: nothing to compare with
+    expected = {k: tuple(t.shape) for k, t in build_from_spec(result["model"]).state_dict().items()}
+    found = {k: tuple(t.shape) for k, t in state.items()}  # methods may add state of their own
+    found_masks = {k: tuple(m.shape) for k, m in masks.items()}
+    for key in sorted(set(expected) | set(found_masks)):
+        want = expected.get(key, found.get(key))
+        have = found.get(key) if key in expected else found_masks[key]
+        if have != want or (key in found_masks and found_masks[key] != found.get(key)):
+            raise SparseCLError(f"the weights in {run_dir} do not fit the model of its result.json "
+                                f"({key}: {have} instead of {want}): a file from another run?")
 
 
 def _model_spec(result: dict[str, Any]) -> dict[str, Any]:
