@@ -432,6 +432,11 @@ def test_scratch_and_grow_baselines(tmp_path):
     R = sc["accuracy"]["task_il"]["matrix"]
     assert all(R[4][j] == R[j][j] for j in range(5))  # separate models: nothing forgotten
     assert sc["method"]["size_total"] == [1.0, 2.0, 3.0, 4.0, 5.0] and sc["method"]["model_size"] == 5.0
+    # trained on the same 80% as cl-lsg and grow, scored on the held-out 20% (cl-lsg's target)
+    stream = load_benchmark("digits")
+    n = [len(task_validation(t, 0.2, stream.class_names)[0]) for t in stream.tasks]
+    assert sc["samples"]["trained_per_task"] == [2 * k for k in n]
+    assert len(sc["method"]["val_accuracy"]) == 5 and all(50 < a <= 100 for a in sc["method"]["val_accuracy"])
     gr, _ = run(cfg("grow", lr=0.05), tmp_path / "grow")
     R = gr["accuracy"]["task_il"]["matrix"]
     assert all(R[4][j] == R[j][j] for j in range(5))
