@@ -1,10 +1,10 @@
 """Markdown tables in the layout of CL-LSG's Tables 2-3 and 8 from sparsecl run directories.
 
-Usage: python scripts/cl_lsg_table.py ROOT [ABLATION_SUFFIX]
-  run dirs ROOT/<name>-s<seed> (see cl_lsg_seq_mnist.sh, cl_lsg_seq_cifar10_cpu.sh); the ablation
-  table reads <row><ABLATION_SUFFIX> (e.g. "-mlr0.01" for the rows run at mask lr 0.01).
-Accuracies: Task-IL accuracy of each task after the last task (= after its own task for these
-isolation methods), mean ± std over seeds; model size = size_total after each task (x full net).
+Usage: python scripts/cl_lsg_table.py ROOT
+  run dirs ROOT/<name>-s<seed> (see cl_lsg_seq_mnist.sh, cl_lsg_seq_cifar10_cpu.sh).
+Accuracies: Task-IL test accuracy of each task after the last task (= after its own task for these
+isolation methods), mean ± std over seeds; model size = size_total after each task (x full net);
+mask statistics = cl-lsg's per-task report (method.selected, released, ...), mean over seeds.
 """
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-ROWS = [("scratch", "Scratch"), ("grow", "Grow"), ("cl-lsg", "CL-LSG (ours impl.)"),
-        ("cl-lsg-mlr0.01", "CL-LSG, mask lr 0.01 (not the paper's)")]
+ROWS = [("scratch", "Scratch"), ("grow", "Grow"), ("cl-lsg", "CL-LSG (ours impl.)")]
+STATS = [("growth_stage", "growth stage ran"), ("grew", "grew (a channel kept)"),
+         ("grown_kept", "grown channels kept / growable"), ("selected", "old frozen kernels selected"),
+         ("released", "old kernels released (free to retrain)"), ("released_kept", "released kernels kept"),
+         ("size_task", "size used by the task (x full)")]
 ABLATION = [("grow", "Grow only"), ("abl-sel", "+Sel-mask"), ("abl-lsg", "+LSG"), ("abl-retrain", "+Re-train"),
             ("cl-lsg", "CL-LSG (target growth)")]
 
@@ -38,7 +41,12 @@ def load(root: Path) -> dict[str, list[dict]]:
     return runs
 
 
-def main(root: Path, suffix: str = "") -> None:
+def mean_or_dash(xs: list) -> str:
+    xs = [x for x in xs if x is not None]
+    return f"{statistics.mean(xs):.3f}" if xs else "–"
+
+
+def main(root: Path) -> None:
     runs = load(root)
     T = next(iter(runs.values()))[0]["n_tasks"]
     seeds = {k: len(v) for k, v in runs.items()}
@@ -63,25 +71,34 @@ def main(root: Path, suffix: str = "") -> None:
             if key in runs:
                 cols = [ms([r["method"][field][j] for r in runs[key]]) for j in range(T)]
                 print(f"| {label} | " + " | ".join(c + "x" for c in cols) + " |")
-    for key in ("cl-lsg", "cl-lsg-mlr0.01"):
+    for key in ("cl-lsg", "grow"):
         if key not in runs:
             continue
-        print(f"\n{key} decisions: grew per task, stage-1 accuracy / scratch target (seed by seed)\n")
-        for r in runs[key]:
+        print(f"\n{key}: mask statistics per task (mean over seeds)\n")
+        print("| | " + " | ".join(str(j + 1) for j in range(T)) + " |\n" + "|" + "---|" * (T + 1))
+        for field, label in STATS:
+            cols = [mean_or_dash([r["method"][field][j] for r in runs[key]]) for j in range(T)]
+            print(f"| {label} | " + " | ".join(cols) + " |")
+    if "cl-lsg" in runs:
+        print("\ncl-lsg decisions: stage-1 validation accuracy / target (seed by seed)\n")
+        for r in runs["cl-lsg"]:
             m = r["method"]
-            print(f"- seed {r['seed']}: grew {m['grew']}; stage-1 {m['stage1_accuracy']}; target {m['target']}")
-    print("\nAblation (Table 8 layout: each row adds one technique; accuracy and its change vs the row above)\n")
+            print(f"- seed {r['seed']}: stage-1 {m['stage1_accuracy']}; target {m['target']}; "
+                  f"channels kept {m['channels_kept']}")
+    present = [key for key, _ in ABLATION if key in runs]
+    seeds = set.intersection(*({r["seed"] for r in runs[k]} for k in present)) if present else set()
+    print(f"\nAblation (Table 8 layout, seeds {sorted(seeds)}: each row adds one technique; "
+          "accuracy and its change vs the row above)\n")
     print("| Method | " + " | ".join(str(j + 1) for j in range(T)) + " | Avg | Model size |\n" + "|" + "---|" * (T + 3))
     prev = None
     for key, label in ABLATION:
-        key += suffix
-        if key not in runs:
+        if key not in present:
             continue
-        rs = runs[key]
+        rs = [r for r in runs[key] if r["seed"] in seeds]
         acc = [statistics.mean(r["accuracy"]["task_il"]["matrix"][-1][j] for r in rs) for j in range(T)]
         avg = statistics.mean(r["accuracy"]["task_il"]["acc"] for r in rs)
         size = statistics.mean(r["method"]["model_size"] for r in rs)
-        if prev is None or key == "cl-lsg" + suffix:
+        if prev is None or key == "cl-lsg":
             cols = [f"{a:.2f}" for a in acc] + [f"{avg:.2f}"]
         else:
             cols = [f"{a - p:+.2f}" for a, p in zip(acc + [avg], prev)]
@@ -90,4 +107,4 @@ def main(root: Path, suffix: str = "") -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "")
+    main(Path(sys.argv[1]))

@@ -9,7 +9,9 @@ from sparsecl import SparseCLError
 from sparsecl.config import merge_config
 from sparsecl.engine.trainer import Trainer, resume, run
 from sparsecl.models import build_model
-from sparsecl.sparse.gates import ChannelGate, GateSet, KernelGate, layer_graph
+from sparsecl.data.benchmarks import BENCHMARKS, BenchmarkInfo, load_benchmark
+from sparsecl.data.stream import AugmentSpec, Split, Task, TaskStream, task_validation
+from sparsecl.sparse.gates import ChannelGate, GateSet, KernelGate, layer_graph, reach_scale
 from sparsecl.sparse.policy import MaskPolicy
 
 from interrupt import run_interrupted
@@ -40,16 +42,16 @@ def test_straight_through_gate_is_exactly_binary_with_nonzero_gradient():
     g = gate()
     assert set(g.unique().tolist()) == {0.0, 1.0}  # noise around logit 0: both values occur
     (w * g).sum().backward()
-    assert gate.logit.grad is not None and gate.logit.grad.abs().sum() > 0
+    assert gate.score.grad is not None and gate.score.grad.abs().sum() > 0
     # fixed positions: their value, no gradient
-    gate.logit.grad = None
+    gate.score.grad = None
     gate.configure_(torch.zeros(6, 5, 1, 1, dtype=torch.bool), torch.zeros(6, 5, 1, 1))
     assert torch.equal(gate(), torch.zeros(6, 5, 1, 1))
     gate.eval()  # evaluation: deterministic threshold logit > 0
     gate.configure_(torch.ones(6, 5, 1, 1, dtype=torch.bool), torch.ones(6, 5, 1, 1))
     with torch.no_grad():
-        gate.logit.copy_(torch.linspace(-1, 1, 30).reshape(6, 5, 1, 1))
-    assert torch.equal(gate() > 0.5, gate.logit > 0)
+        gate.score.copy_(torch.linspace(-1, 1, 30).reshape(6, 5, 1, 1))
+    assert torch.equal(gate() > 0.5, gate.logit() > 0)
 
 
 def test_gate_noise_follows_the_seeded_generator():
@@ -161,6 +163,140 @@ def test_resnet_residual_streams_share_one_channel_gate():
     assert unit[b + "layer1.0.conv1"] == b + "layer1.0.bn1"
 
 
+# ------------------------------------------- a two-task stream: reuse part of task 1
+A, B, C = slice(0, 8), slice(8, 16), slice(16, 24)  # three groups of 8 input features
+
+
+def _features(n, signal, gen, task):
+    """n examples of 24 features (a 1x4x6 image): each group in ``signal`` is 128 + f * 20 * (+-1 by
+    class) + noise; the other groups are uninformative (0 or 255)."""
+    y = torch.randint(0, 2, (n,), generator=gen)
+    x = 255.0 * torch.randint(0, 2, (n, 24), generator=gen).float()
+    sign = (2 * y - 1).float()[:, None]
+    for group, f in signal:
+        x[:, group] = 128 + f * 20 * sign + 25 * torch.randn(n, 8, generator=gen)
+    return Split(x.clamp(0, 255).to(torch.uint8).reshape(n, 1, 4, 6), y + 2 * task)
+
+
+def _two_tasks(req):
+    """Task 1: labels in groups A and B, C noise. Task 2: labels in A and C; B carries task 2's
+    labels reversed and weaker, so task 1's B kernels only hurt it: it needs part of task 1's
+    kernels (A), not the rest (B)."""
+    gen = torch.Generator().manual_seed(0)
+    tasks = [Task(t, [2 * t, 2 * t + 1], _features(2000, sig, gen, t), _features(400, sig, gen, t))
+             for t, sig in enumerate([((A, 1), (B, 1)), ((A, 1), (B, -0.5), (C, 1))])]
+    return TaskStream("two-tasks", tasks, (1, 4, 6), 4, AugmentSpec(mean=(0.5,), std=(0.25,)), "mlp",
+                      list("abcd"), [0, 1, 2, 3])
+
+
+@pytest.fixture(scope="module")
+def two_tasks(tmp_path_factory):
+    """CL-LSG on the two-task stream (MLP 24-16, 4 epochs, paper's mask lr 5e-4, target 0: task 2
+    only reuses); the trainer's method and the run directory."""
+    BENCHMARKS.add("test-two-tasks", BenchmarkInfo("two tasks sharing part of their features", _two_tasks))
+    try:
+        out = tmp_path_factory.mktemp("two") / "run"
+        c = merge_config(dict(method="cl-lsg", benchmark="test-two-tasks", setting="task-il", epochs=4,
+                              batch_size=16, seed=0, device="cpu", keep_checkpoints="all",
+                              backbone_options={"hidden": [16]}, method_options={"lr": 0.05, "target": 0.0}))
+        trainer = Trainer(c, out)
+        result = trainer.run()
+    finally:
+        BENCHMARKS.remove("test-two-tasks")
+    return result, out, trainer.method
+
+
+def test_selective_gates_close_on_the_kernels_the_second_task_does_not_need(two_tasks):
+    result, _, method = two_tasks
+    assert method.opt.mask_lr == 5e-4
+    n = "backbone.net.1.weight"
+    used1, used2 = method.use[0][n], method.use[1][n]  # task 1's kernels, task 2's
+    kept = {g: int((used2 & used1)[:, sl].sum()) / int(used1[:, sl].sum()) for g, sl in (("A", A), ("B", B))}
+    assert kept["A"] > 0.8 and kept["B"] < 0.5, kept  # task 2 keeps A, drops most of B
+    rep = result["method"]
+    assert rep["growth_stage"] == [1, 0] and rep["selected"][0] is None and rep["selected"][1] < 0.9
+    assert result["accuracy"]["task_il"]["matrix"][1][1] > 95
+
+
+def test_released_weights_are_retrained_by_the_next_task(two_tasks):
+    result, run_dir, method = two_tasks
+    n = "backbone.net.1.weight"
+    after1 = torch.load(run_dir / "checkpoint-task1.pt", weights_only=True)
+    owner1 = after1["method"]["ownership"]["owner"][n]
+    on1 = method.channels[0][method.gates.group[method.gates.layers[n]]]
+    released = (owner1 < 0) & on1[:, None]  # weights of open channels task 1 does not use
+    assert released.sum() > 0 and result["method"]["released"][1] > 0
+    final = dict(method.model.named_parameters())[n].detach()
+    trained = final != after1["model"][n]
+    assert trained[released].all()  # retrained in task 2
+    assert not trained[owner1 == 0].any()  # task 1's own weights are frozen
+    kept = released & method.use[1][n]
+    assert kept.sum() > 0 and (method.ownership.owner[n][kept] == 1).all()  # now task 2's
+
+
+def test_the_grow_decision_and_target_never_see_the_test_split(tmp_path, monkeypatch):
+    """Everything the decision and the scratch target are computed on is held-out training data
+    that the engine does not train on; no test example is read by them."""
+    import sparsecl.methods.cl_lsg as cl_lsg
+
+    rows = lambda split: {bytes(r) for r in split.x.reshape(len(split), -1).numpy()}  # noqa: E731
+    seen, trained_on = [], []
+    accuracy, scratch, observe = cl_lsg.task_il_accuracy, cl_lsg.scratch_accuracy, cl_lsg.CLLSG.observe
+
+    def spy_accuracy(model, split, *args, **kw):
+        seen.append(split)
+        return accuracy(model, split, *args, **kw)
+
+    def spy_scratch(template, train, evaluate, *args, **kw):
+        trained_on.append(train)
+        seen.append(evaluate)
+        return scratch(template, train, evaluate, *args, **kw)
+
+    def spy_observe(self, batch):
+        observed.append(batch.x_raw)
+        return observe(self, batch)
+    observed = []
+    monkeypatch.setattr(cl_lsg, "task_il_accuracy", spy_accuracy)
+    monkeypatch.setattr(cl_lsg, "scratch_accuracy", spy_scratch)
+    monkeypatch.setattr(cl_lsg.CLLSG, "observe", spy_observe)
+    BENCHMARKS.add("test-two-tasks", BenchmarkInfo("two tasks", _two_tasks))
+    try:
+        c = merge_config(dict(method="cl-lsg", benchmark="test-two-tasks", setting="task-il", epochs=2,
+                              batch_size=64, seed=0, device="cpu", backbone_options={"hidden": [16]},
+                              method_options={"lr": 0.05, "target": "scratch"}))
+        run(c, tmp_path / "x")
+    finally:
+        BENCHMARKS.remove("test-two-tasks")
+    stream = _two_tasks(None)
+    test = set().union(*(rows(t.test) for t in stream.tasks))
+    train = set().union(*(rows(t.train) for t in stream.tasks))
+    assert len(seen) == 3  # two scratch targets and one stage-1 decision
+    held = set().union(*(rows(s) for s in seen))
+    assert held <= train and not held & test
+    x_raw = torch.cat(observed)
+    engine = {bytes(r) for r in x_raw.reshape(x_raw.shape[0], -1).numpy()}
+    assert not held & engine and not held & set().union(*(rows(s) for s in trained_on))
+
+
+def test_a_kernel_gate_can_close_within_the_stage_at_the_papers_mask_lr():
+    """At Adam lr 5e-4 an unscaled logit starting at 3 moves at most 0.5 in a 1,000-step stage; with
+    the scale that lets it cover 3 in a quarter of the stage at Adam's full step, a gate under a
+    steady push (whose gradient the noise makes uneven) is closed by the end of the stage."""
+    steps = 1000
+    for scale, closes in ((1.0, False), (reach_scale(3.0, 5e-4, steps // 4), True)):
+        gate = KernelGate((4, 4), torch.Generator().manual_seed(0), init=3.0)
+        gate.configure_(torch.ones(4, 4, dtype=torch.bool), torch.ones(4, 4), scale)
+        opt = torch.optim.Adam(gate.parameters(), lr=5e-4)
+        for _ in range(steps):
+            opt.zero_grad()
+            gate().sum().backward()  # the loss grows with every open kernel: a steady push to close
+            opt.step()
+        assert bool((gate.logit() <= 0).all()) == closes, scale
+        assert gate.hard().any() != closes
+        if not closes:
+            assert (gate.logit() > 2.4).all()
+
+
 # --------------------------------------------------------------- the method
 def test_earlier_tasks_weights_masks_and_accuracy_are_unchanged(lsg):
     result, run_dir, _ = lsg
@@ -224,20 +360,53 @@ def test_reported_model_size_is_the_count_of_weights_in_use(lsg):
 def test_growth_is_skipped_when_stage_one_meets_the_target(tmp_path):
     met, _ = run(cfg(target=0.0), tmp_path / "met")
     rep = met["method"]
-    assert rep["grew"] == [1, 0, 0, 0, 0]  # task 1 always grows from the seed
+    assert rep["growth_stage"] == [1, 0, 0, 0, 0]  # task 1 always grows from the seed
+    assert rep["grew"][1:] == [0, 0, 0, 0] and rep["grown_kept"][1:] == [None] * 4
     assert len(set(rep["open_channels"])) == 1  # no channel opened after task 1
     missed, _ = run(cfg(target=100.0), tmp_path / "missed")
-    grew = missed["method"]["grew"]
-    assert grew[0] == 1 and grew[1:] == [int(a < 100) for a in missed["method"]["stage1_accuracy"][1:]]
-    assert sum(grew[1:]) >= 2
-    # target met: the stage-2 epoch is skipped (half the samples of a task that grows)
-    n_met, n_missed = met["samples"]["trained_per_task"], missed["samples"]["trained_per_task"]
-    assert n_met[0] == n_missed[0]
-    assert all((2 * a == b) == bool(g) for a, b, g in zip(n_met[1:], n_missed[1:], grew[1:]))
-    # A skipped epoch has no loss (None in result.json), a trained one a positive loss.
+    m = missed["method"]
+    stage = m["growth_stage"]
+    assert stage[0] == 1 and stage[1:] == [int(a < 100) for a in m["stage1_accuracy"][1:]]
+    assert sum(stage[1:]) >= 2
+    # grew = a channel was kept, not that the growth stage ran
+    assert all(g == int(k > 0) and g <= s for g, k, s in zip(m["grew"], m["channels_kept"], stage))
+    assert m["open_channels"][-1] == m["open_channels"][0] + sum(m["channels_kept"][1:])
+    # A skipped stage 2 (the second engine epoch here) has no loss, a trained one a positive loss.
     assert all(loss is None for per_task in met["loss_per_epoch"][1:] for loss in per_task[1:])
     assert all(loss > 0 for per_task in met["loss_per_epoch"][1:] for loss in per_task[:1])
-    assert missed["method"]["open_channels"][-1] > rep["open_channels"][-1]
+
+
+def test_each_stage_trains_for_the_tasks_epochs(tmp_path):
+    """Stage 1 and stage 2 each make E passes over the task's training part (stage1_epochs
+    shortens stage 1 only); task 1 is one growth stage of E passes."""
+    targets = [0, 100, 0, 100, 100]  # given targets: no scratch models trained inside the run
+    for s1, E in ((None, 3), (1, 3)):
+        res, _ = run(cfg(epochs=E, target=targets, stage1_epochs=s1), tmp_path / f"s{s1}")
+        stage = res["method"]["growth_stage"]
+        trained = res["samples"]["trained_per_task"]
+        stream = load_benchmark("digits")
+        n = [len(task_validation(t, 0.2, stream.class_names)[0]) for t in stream.tasks]
+        assert trained[0] == E * n[0]
+        for t in range(1, 5):
+            assert trained[t] == ((s1 or E) + E * stage[t]) * n[t], t
+        assert stage[1] == 1 and stage[2] == 0
+
+
+def test_kernel_gates_keep_their_adam_state_when_growth_starts(tmp_path, monkeypatch):
+    from sparsecl.methods.cl_lsg import CLLSG
+
+    seen = []
+    start = CLLSG._start_growth
+
+    def spy(self):
+        opt = self.mask_optimizer
+        steps = [int(st["step"]) for st in opt.state.values()] if opt is not None else []
+        start(self)
+        seen.append((self.task, opt is self.mask_optimizer, steps))
+    monkeypatch.setattr(CLLSG, "_start_growth", spy)
+    run(cfg(target=100.0), tmp_path / "x")
+    later = [s for s in seen if s[0] > 0]
+    assert later and all(same and steps and min(steps) > 0 for _, same, steps in later)
 
 
 def test_scratch_target_is_computed_and_cached(lsg):
@@ -245,8 +414,9 @@ def test_scratch_target_is_computed_and_cached(lsg):
     rep = result["method"]
     assert len(rep["target"]) == 5 and all(50 < a <= 100 for a in rep["target"])
     assert rep["stage1_accuracy"][0] is None and all(a is not None for a in rep["stage1_accuracy"][1:])
-    for t in range(1, 5):  # grew exactly where stage 1 missed the target
-        assert rep["grew"][t] == int(rep["stage1_accuracy"][t] < rep["target"][t])
+    for t in range(1, 5):  # a growth stage exactly where stage 1 missed the target
+        assert rep["growth_stage"][t] == int(rep["stage1_accuracy"][t] < rep["target"][t])
+    assert rep["decided_on"].startswith("validation")
 
 
 def test_resume_gives_the_same_result(tmp_path):
@@ -262,10 +432,15 @@ def test_scratch_and_grow_baselines(tmp_path):
     R = sc["accuracy"]["task_il"]["matrix"]
     assert all(R[4][j] == R[j][j] for j in range(5))  # separate models: nothing forgotten
     assert sc["method"]["size_total"] == [1.0, 2.0, 3.0, 4.0, 5.0] and sc["method"]["model_size"] == 5.0
+    # trained on the same 80% as cl-lsg and grow, scored on the held-out 20% (cl-lsg's target)
+    stream = load_benchmark("digits")
+    n = [len(task_validation(t, 0.2, stream.class_names)[0]) for t in stream.tasks]
+    assert sc["samples"]["trained_per_task"] == [2 * k for k in n]
+    assert len(sc["method"]["val_accuracy"]) == 5 and all(50 < a <= 100 for a in sc["method"]["val_accuracy"])
     gr, _ = run(cfg("grow", lr=0.05), tmp_path / "grow")
     R = gr["accuracy"]["task_il"]["matrix"]
     assert all(R[4][j] == R[j][j] for j in range(5))
-    assert gr["method"]["grew"] == [1] * 5
+    assert gr["method"]["growth_stage"] == [1] * 5 and gr["method"]["grew"][0] == 1
     s = gr["method"]["size_total"]
     assert all(a <= b for a, b in zip(s, s[1:])) and s[-1] < 1
     # no attentive mask: each task uses whole kernels of every open channel
@@ -287,7 +462,10 @@ def test_export_reproduces_every_tasks_accuracy(lsg, tmp_path):
     ("cl-lsg", {"target": "abc"}, "task-il", 2, "target must be"),
     ("cl-lsg", {"target": 120}, "task-il", 2, r"\[0, 100\]"),
     ("cl-lsg", {"target": [90, 90]}, "task-il", 2, "for 5 tasks"),
-    ("cl-lsg", {"stage1_fraction": 1.5}, "task-il", 2, "stage1_fraction"),
+    ("cl-lsg", {"stage1_epochs": 0}, "task-il", 2, "stage1_epochs"),
+    ("cl-lsg", {"stage1_epochs": 3}, "task-il", 2, "can only shorten"),
+    ("cl-lsg", {"val_fraction": 1.0}, "task-il", 2, "val_fraction"),
+    ("cl-lsg", {"gate_reach": 0}, "task-il", 2, "gate_reach"),
     ("cl-lsg", {"growth": "sometimes"}, "task-il", 2, "unknown growth"),
     ("cl-lsg", {"optimizer": "adam"}, "task-il", 2, "sgd"),
     ("cl-lsg", {}, "task-il", 1, ">= 2 epochs"),

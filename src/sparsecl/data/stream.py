@@ -100,17 +100,33 @@ def hold_out_validation(stream: TaskStream, fraction: float) -> TaskStream:
     rng = np.random.default_rng(VALIDATION_SEED)
     tasks = []
     for task in stream.tasks:
-        y = task.train.y.cpu().numpy()
-        held = np.zeros(y.shape[0], dtype=bool)
-        for c in task.classes:  # stratified: every class keeps its share in both parts
-            idx = np.flatnonzero(y == c)
-            k = max(1, int(round(fraction * idx.size)))
-            if k >= idx.size:
-                raise SparseCLError(f"validation={fraction} leaves no training example of class "
-                                    f"{stream.class_names[c]!r} ({idx.size} examples)")
-            held[rng.choice(idx, size=k, replace=False)] = True
-        keep = torch.from_numpy(np.flatnonzero(~held)).to(task.train.y.device)
-        val = torch.from_numpy(np.flatnonzero(held)).to(task.train.y.device)
-        tasks.append(Task(task.index, list(task.classes), Split(task.train.x[keep], task.train.y[keep]),
-                          Split(task.train.x[val], task.train.y[val])))
+        train, val = split_held_out(task, fraction, rng, stream.class_names)
+        tasks.append(Task(task.index, list(task.classes), train, val))
     return replace(stream, tasks=tasks)
+
+
+def task_validation(task: Task, fraction: float, class_names: list[str]) -> tuple[Split, Split]:
+    """``(train, validation)`` of one task: :func:`split_held_out` with a generator fixed by
+    :data:`VALIDATION_SEED` and the task's index, for methods that hold out a validation split of
+    each task themselves (CL-LSG's growth decision): every method and run draws the same split."""
+    if not 0.0 < fraction < 1.0:
+        raise SparseCLError(f"validation fraction must be in (0, 1), got {fraction}")
+    return split_held_out(task, fraction, np.random.default_rng((VALIDATION_SEED, task.index)), class_names)
+
+
+def split_held_out(task: Task, fraction: float, rng: np.random.Generator,
+                   class_names: list[str]) -> tuple[Split, Split]:
+    """``(kept, held)``: ``fraction`` of each class's training examples of ``task`` drawn by ``rng``
+    (exact count ``round(fraction * n_class)``, at least one), the kept ones in their order."""
+    y = task.train.y.cpu().numpy()
+    held = np.zeros(y.shape[0], dtype=bool)
+    for c in task.classes:  # stratified: every class keeps its share in both parts
+        idx = np.flatnonzero(y == c)
+        k = max(1, int(round(fraction * idx.size)))
+        if k >= idx.size:
+            raise SparseCLError(f"validation={fraction} leaves no training example of class "
+                                f"{class_names[c]!r} ({idx.size} examples)")
+        held[rng.choice(idx, size=k, replace=False)] = True
+    keep = torch.from_numpy(np.flatnonzero(~held)).to(task.train.y.device)
+    val = torch.from_numpy(np.flatnonzero(held)).to(task.train.y.device)
+    return Split(task.train.x[keep], task.train.y[keep]), Split(task.train.x[val], task.train.y[val])

@@ -16,30 +16,55 @@ included; the per-task heads are dense):
 - released weights: weights of open channels that no task uses (attentive gate 0 when their task
   ended) stay free in :class:`TaskOwnership`; a later task retrains them (``retrain_released``).
 
-Per task t (``E`` = the run's epochs):
+Gates that can decide within a task (SPEC "CL-LSG"). Adam moves a parameter by about its
+learning rate per step, so at the paper's mask lr 5e-4 a plain logit starting open at 3 would need
+> 6,000 steps to reach the threshold 0, more than any task here has. The kernel gates' logit is
+therefore ``scale * score`` (:class:`~sparsecl.sparse.gates.KernelGate`) with the scale set per
+task so that a gate moving at Adam's full step crosses from ``kernel_init`` (3: open with
+probability 0.95 under the Gumbel noise) to 0 in ``gate_reach`` (1/4) of the first stage's steps
+(:func:`~sparsecl.sparse.gates.reach_scale`). The initial logit stays well inside "open" (a gate
+started near 0 would be a coin flip every step, i.e. heavy dropout on the reused weights), and
+the temperature is no lever (the sampled hard mask does not depend on it and Adam normalises its
+gradient factor away). Channel gates start at the threshold (``s = 0``) and are decided by the
+sign of ``s`` at the end, which any movement sets; ``beta`` (up to 200) makes a few hundred
+steps' movement saturate the soft gate.
 
-1. stage 1, pick and reuse (tasks >= 2): ``stage1_epochs = clamp(round(stage1_fraction * E), 1,
-   E - 1)`` epochs with the selective mask on frozen weights and the attentive mask + SGD on the
-   released weights, no growth. Then the task's Task-IL accuracy (on its ``decide_on`` split,
-   'test' as the paper compares with scratch test accuracy) is compared with its target.
-2. stage 2, learnable sparse growth, only if that accuracy is below the target: the remaining
-   epochs continue stage 1 and also learn grown-masks on the closed channels and attentive masks
-   on the kernels of grown channels. If the target is met, the remaining epochs are skipped.
-   Task 1 is all growth (nothing to reuse); ``growth: always`` makes every task one joint stage
-   (the paper's "grow only" and ablation rows), ``growth: never`` never grows.
+Per task t (``E`` = the run's epochs). Every task holds out ``val_fraction`` of its training
+examples (:class:`~sparsecl.methods.scratch.TaskValidation`, the same split for scratch, grow and
+cl-lsg; the paper uses 4000/1000/1000 train/validation/test): the engine trains on the rest, the
+target and the grow decision are measured on the held-out part, never on the test split.
+
+1. stage 1, pick and reuse (tasks >= 2): ``stage1_epochs`` (default ``E``) epochs with the
+   selective mask on frozen weights and the attentive mask + SGD on the released weights, no
+   growth. Then the task's Task-IL validation accuracy is compared with its target.
+2. stage 2, learnable sparse growth, only if that accuracy is below the target: ``E`` more epochs
+   that continue stage 1 (same kernel gates, same Adam state) and also learn grown-masks on the
+   closed channels and attentive masks on the kernels of grown channels. If the target is met,
+   there is no stage 2. The engine runs ``E`` epochs per task, so an engine epoch may carry several
+   passes over the data (:meth:`CLLSG._schedule`). Task 1 is one growth stage of ``E`` epochs;
+   ``growth: always`` makes every task one joint stage of ``E`` epochs (the paper's "grow only"
+   and the ablation rows), ``growth: never`` never grows.
 
 At the end of task t its *in-use* kernels are those whose gate is 1 and whose output and input
 channels are both open; the free ones among them are given to task t (ownership) and frozen.
 Evaluation of task j uses exactly task j's in-use kernels, channels, head and its snapshot of the
 small shared tensors (biases, BatchNorm affine and statistics), as PackNet does.
 
-Target (``target``): ``scratch`` trains a separate full model per task (:func:`scratch_accuracy`,
-same epochs, lr and batch size) and caches its accuracy in the method state; or one number for all
-tasks, or a list with one number per task (percent).
+Target (``target``): ``scratch`` trains a separate full model per task on the same training part
+(:func:`scratch_accuracy`, same epochs, lr and batch size), scores it on the same validation split
+and caches it in the method state; or one number for all tasks, or a list with one per task (%).
 
-Model size (``report()``): ``size_task[j]`` = weights in use by task j / weights of the full
+Report (``report()``, per task): ``size_task[j]`` = weights in use by task j / weights of the full
 backbone (conv + linear weights; heads, biases and BN excluded, identical for every method);
-``size_total[t]`` = weights in use by any task after task t (the paper's Table 3 "model size").
+``size_total[t]`` = weights in use by any task after task t (the paper's Table 3 "model size");
+``growth_stage`` (stage 2 or a growth stage ran), ``grew`` (at least one channel was kept),
+``grown_kept`` (kept / growable channels), and over the kernels of the network before the task:
+``selected`` (share of earlier tasks' frozen kernels the selective mask keeps), ``released``
+(share of old kernels that are released, i.e. free for this task to retrain) and ``released_kept``
+(share of those this task keeps); ``stage1_accuracy`` (validation) and ``target``.
+
+Model size cannot exceed the full network here: the weight tensors are allocated at full size
+when the model is built and the gates only choose among them (docs/results/cl-lsg.md says why).
 
 Ablations (paper Table 8) as options: ``selective`` (off = reuse earlier weights whole),
 ``attentive`` (off = grow whole channels, no kernel sparsity), ``retrain_released``.
@@ -56,12 +81,15 @@ import torch
 from sparsecl import SparseCLError
 from sparsecl.data.stream import Task
 from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions, TaskSubnetworks, register_method
-from sparsecl.methods.scratch import scratch_accuracy, task_il_accuracy
-from sparsecl.sparse.gates import GateSet
+from sparsecl.methods.scratch import TaskValidation, scratch_accuracy, task_il_accuracy
+from sparsecl.sparse.gates import GateSet, reach_scale
 from sparsecl.sparse.ownership import FrozenGuard, TaskOwnership
 from sparsecl.sparse.policy import MaskPolicy
 
 GROWTH = ("target", "always", "never")
+# Per-task entries of report() (and the checkpoint), in the order the docs explain them.
+STATS = ("stage1_accuracy", "growth_stage", "grew", "channels_kept", "grown_kept", "selected", "released",
+         "released_kept", "kernel_logit_scale", "size_task", "size_total")
 
 
 def parse_target(value: Any) -> str | float | list[float]:
@@ -90,17 +118,18 @@ class CLLSGOptions(MethodOptions):
     mask_lr: float = 5e-4  # gates: Adam
     lam: float = 1e-4  # L0 surrogate on the grown-mask
     seed_fraction: float = 0.125
-    stage1_fraction: float = 0.5  # share of the epochs of tasks >= 2 spent in stage 1
+    stage1_epochs: int | None = None  # epochs of stage 1 (pick and reuse); None = the task's epochs
     target: Any = "scratch"
-    decide_on: str = "test"  # split on which stage-1 accuracy is compared with the target
+    val_fraction: float = 0.2  # of each task's training data held out for target and decision
     growth: str = "target"  # target | always | never
     selective: bool = True
     attentive: bool = True
     retrain_released: bool = True
     beta_max: float = 200.0
     temperature: float = 1.0
-    kernel_init: float = 3.0  # initial logit of learnable kernel gates (open)
-    grow_init: float = 0.0  # initial s of growing channels
+    kernel_init: float = 3.0  # initial logit of learnable kernel gates (open w.p. sigmoid(3) = 0.95)
+    gate_reach: float = 0.25  # a kernel gate can cross from kernel_init to 0 in this share of a stage
+    grow_init: float = 0.0  # initial s of growing channels (at the threshold)
 
     def validate(self) -> None:
         super().validate()
@@ -110,10 +139,12 @@ class CLLSGOptions(MethodOptions):
             raise SparseCLError(f"mask_lr must be > 0 and lam >= 0, got {self.mask_lr} and {self.lam}")
         if not 0 < self.seed_fraction <= 1:
             raise SparseCLError(f"seed_fraction must be in (0, 1], got {self.seed_fraction}")
-        if not 0 < self.stage1_fraction < 1:
-            raise SparseCLError(f"stage1_fraction must be in (0, 1), got {self.stage1_fraction}")
-        if self.decide_on not in ("test", "train"):
-            raise SparseCLError(f"decide_on must be test or train, got {self.decide_on!r}")
+        if self.stage1_epochs is not None and (not isinstance(self.stage1_epochs, int) or self.stage1_epochs < 1):
+            raise SparseCLError(f"stage1_epochs must be a positive integer, got {self.stage1_epochs!r}")
+        if not 0 < self.val_fraction < 1:
+            raise SparseCLError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0 < self.gate_reach <= 1:
+            raise SparseCLError(f"gate_reach must be in (0, 1], got {self.gate_reach}")
         if self.growth not in GROWTH:
             raise SparseCLError(f"unknown growth {self.growth!r} (known: {', '.join(GROWTH)})")
         if not self.beta_max >= 1 or not self.temperature > 0:
@@ -121,8 +152,19 @@ class CLLSGOptions(MethodOptions):
         self.target = parse_target(self.target)
 
 
+def spread(passes: int, slots: int) -> list[int]:
+    """``passes`` data passes over ``slots`` engine epochs, as evenly as possible, front-loaded."""
+    base, extra = divmod(passes, slots)
+    return [base + 1] * extra + [base] * (slots - extra)
+
+
+# Stages of an engine epoch: one growth stage from the start (task 1, growth: always), stage 1
+# (pick and reuse), stage 2 (growth, only if stage 1 missed the target).
+GROW_ONLY, REUSE, GROW = 0, 1, 2
+
+
 @register_method
-class CLLSG(TaskSubnetworks, ContinualMethod):
+class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
     """Seed network + per-task pick-and-reuse and learnable sparse growth (Task-IL only)."""
 
     name = "cl-lsg"
@@ -138,6 +180,9 @@ class CLLSG(TaskSubnetworks, ContinualMethod):
         o = self.opt
         if ctx.epochs < 2 and o.growth == "target":
             raise SparseCLError(f"{self.name} needs >= 2 epochs per task for its two stages (or growth: always)")
+        if o.stage1_epochs is not None and o.stage1_epochs > ctx.epochs:
+            raise SparseCLError(f"stage1_epochs ({o.stage1_epochs}) can only shorten stage 1 "
+                                f"(at most the {ctx.epochs} epochs per task)")
         T = ctx.stream.n_tasks
         if isinstance(o.target, list) and len(o.target) != T:
             raise SparseCLError(f"target lists {len(o.target)} accuracies for {T} tasks")
@@ -166,24 +211,32 @@ class CLLSG(TaskSubnetworks, ContinualMethod):
         self.channels: list[dict[str, torch.Tensor]] = []
         self.snapshots: list[dict[str, torch.Tensor]] = []
         self.targets: list[float] = []
-        self.stage1_acc: list[float] = []  # NaN where there was no stage-1 decision
-        self.grew: list[int] = []
-        self.size_task: list[float] = []
-        self.size_total: list[float] = []
+        self.stats: dict[str, list[float]] = {k: [] for k in STATS}
         self._guard: FrozenGuard | None = None
         self.mask_optimizer: torch.optim.Optimizer | None = None
+        self.channel_optimizer: torch.optim.Optimizer | None = None
         self._saved: dict[str, torch.Tensor] | None = None
         self._view: int | None = None
 
     # ------------------------------------------------------------------ stages
-    def _plan(self, t: int) -> int:
-        """Stage-1 epochs of task ``t`` (0 = one growth stage from the start)."""
+    def _schedule(self, t: int) -> list[tuple[int, int]]:
+        """``(stage, data passes)`` of each engine epoch of task ``t``.
+
+        Each stage trains for the task's epochs ``E`` (stage 1: ``stage1_epochs``), so a task that
+        grows after stage 1 makes ``stage1_epochs + E`` passes over its data in the engine's ``E``
+        epochs: an engine epoch carries several passes (:meth:`epoch_indices` repeats the examples)
+        and the decision falls on the boundary of two engine epochs."""
         E = self.ctx.epochs
+        s1 = self.opt.stage1_epochs or E
         if self.opt.growth == "never":
-            return E
+            return [(REUSE, p) for p in spread(s1, E)]
         if t == 0 or self.opt.growth == "always":
-            return 0
-        return min(max(round(self.opt.stage1_fraction * E), 1), E - 1)
+            return [(GROW_ONLY, 1)] * E
+        a = min(max(round(E * s1 / (s1 + E)), 1), E - 1)  # engine epochs of stage 1
+        return [(REUSE, p) for p in spread(s1, a)] + [(GROW, p) for p in spread(E, E - a)]
+
+    def _steps(self, passes: int, n: int) -> int:
+        return math.ceil(passes * n / self.ctx.batch_size)
 
     def _target(self, task: Task) -> float:
         o = self.opt
@@ -192,17 +245,20 @@ class CLLSG(TaskSubnetworks, ContinualMethod):
         if isinstance(o.target, list):
             return o.target[task.index]
         if len(self.targets) <= task.index:  # cached in the method state (survives --resume)
-            acc = scratch_accuracy(self.template, task, self.ctx.augment, epochs=self.ctx.epochs, lr=o.lr,
-                                   batch_size=self.ctx.batch_size, generator=self.scratch_generator,
-                                   split=o.decide_on, count_samples=self.ctx.count_samples)
+            train, val = self.held_out(task)
+            acc = scratch_accuracy(self.template, train, val, task.classes, self.ctx.augment, epochs=self.ctx.epochs,
+                                   lr=o.lr, batch_size=self.ctx.batch_size, generator=self.scratch_generator,
+                                   count_samples=self.ctx.count_samples)
             self.targets.append(acc)
         return self.targets[task.index]
 
     @torch.no_grad()
-    def _configure_kernels(self, t: int) -> None:
-        """Which kernels learn a selective / attentive gate in task ``t``, which are fixed 0/1."""
+    def _configure_kernels(self, t: int, scale: float) -> None:
+        """Which kernels learn a selective / attentive gate in task ``t``, which are fixed 0/1;
+        remembers the old kernels (those of the network before this task) for the statistics."""
         o = self.opt
         on = self.gates.channels_on()
+        self._frozen, self._released, self._alive = {}, {}, {}
         for n in self.ownership.names:
             gate = self.gates.kernel_gate(n)
             alive = self.gates.alive(n, on)  # kernels of the network before this task
@@ -219,7 +275,8 @@ class CLLSG(TaskSubnetworks, ContinualMethod):
                 learn |= released
             if o.attentive:
                 learn |= ~alive  # kernels that only exist once channels grow
-            gate.configure_(learn, value)
+            gate.configure_(learn, value, scale)
+            self._frozen[n], self._released[n], self._alive[n] = frozen & alive, released, alive
 
     def begin_task(self, task: Task) -> None:
         t = task.index
@@ -233,97 +290,134 @@ class CLLSG(TaskSubnetworks, ContinualMethod):
         self._guard.hook_optimizer(self.optimizer)
         # the target is only needed (and scratch models only trained) when growth depends on it
         self._target_acc = self._target(task) if self.opt.growth == "target" else float("nan")
-        self._stage1_epochs = self._plan(t)
-        self._skip_from: int | None = None
+        n = len(self.train_split(task))
+        self._plan = self._schedule(t)
+        first = sum(self._steps(p, n) for s, p in self._plan if s == self._plan[0][0])
+        self._scale = reach_scale(self.opt.kernel_init, self.opt.mask_lr, round(self.opt.gate_reach * first))
+        self._growth_steps = max(1, sum(self._steps(p, n) for s, p in self._plan if s != REUSE))
+        self._skip_growth = False
         self._decision = float("nan")
-        self._grew = False
-        self._configure_kernels(t)
+        self._growing: dict[str, torch.Tensor] | None = None
+        self._configure_kernels(t, self._scale)
         for g in self.gates.groups:
             self.gates.channel_gate(g).learn.zero_()
         self.gates.train(True)
-        self._step = 0
-        steps = math.ceil(len(self.train_split(task)) / self.ctx.batch_size)
-        self._growth_steps = max(1, (self.ctx.epochs - self._stage1_epochs) * steps)
         self.gates.set_beta(1.0)
-        if self._stage1_epochs == 0:
+        # one Adam for the kernel gates over the whole task (never reset between the stages);
+        # the channel gates get theirs when growth starts (they do not learn before)
+        self.mask_optimizer = torch.optim.Adam(list(self.gates.kernel.parameters()), lr=self.opt.mask_lr)
+        self.channel_optimizer = None
+        if self._plan[0][0] == GROW_ONLY:
             self._start_growth()
-        self.mask_optimizer = torch.optim.Adam(list(self.gates.parameters()), lr=self.opt.mask_lr)
 
     def _start_growth(self) -> None:
         for g in self.gates.groups:
             self.gates.channel_gate(g).start_growth_()
-        self.mask_optimizer = torch.optim.Adam(list(self.gates.parameters()), lr=self.opt.mask_lr)
-        self._grew = True
+        self._growing = {g: self.gates.channel_gate(g).learn.clone() for g in self.gates.groups}
+        self.channel_optimizer = torch.optim.Adam(list(self.gates.channel.parameters()), lr=self.opt.mask_lr)
         self._step = 0
 
     def epoch_indices(self, task: Task, epoch: int) -> torch.Tensor | None:
-        if self._skip_from is not None and epoch >= self._skip_from:  # target met: no growth
-            return torch.empty(0, dtype=torch.long, device=self.device)
-        return None
+        stage, passes = self._plan[epoch]
+        if stage == GROW and self._skip_growth:  # target met: no growth stage
+            passes = 0
+        if passes == 1:
+            return None
+        return torch.arange(len(self.train_split(task)), device=self.device).repeat(passes)
 
     def observe(self, batch: Batch) -> torch.Tensor:
-        if self._grew:  # anneal beta geometrically from 1 to beta_max over the growth stage
+        growing = self.channel_optimizer is not None
+        if growing:  # anneal beta geometrically from 1 to beta_max over the growth stage
             self.gates.set_beta(self.opt.beta_max ** min(self._step / self._growth_steps, 1.0))
             self._step += 1
+            self.channel_optimizer.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
         self.mask_optimizer.zero_grad(set_to_none=True)
         loss = self.loss(self.model(batch.x), batch.y, batch.task_id)
-        if self._grew and self.opt.lam > 0:
+        if growing and self.opt.lam > 0:
             loss = loss + self.opt.lam * self.gates.penalty()
         loss.backward()
         self.optimizer.step()
         self.mask_optimizer.step()
+        if growing:
+            self.channel_optimizer.step()
         return loss.detach()
 
     def current_accuracy(self, task: Task) -> float:
-        """Task-IL accuracy of the network as it is now (deterministic gates, BN in eval mode)."""
-        split = task.test if self.opt.decide_on == "test" else task.train
+        """Task-IL accuracy of the network as it is now on the task's validation split (held out
+        from its training data; deterministic gates, BN in eval mode)."""
         was = self.model.training
         self.model.eval()
         self.gates.train(False)
         classes = torch.as_tensor(task.classes, device=self.device)
         try:
-            return task_il_accuracy(self.model, split, classes, self.ctx.augment)
+            return task_il_accuracy(self.model, self.held_out(task)[1], classes, self.ctx.augment)
         finally:
             self.model.train(was)
             self.gates.train(True)
 
     def end_epoch(self, task: Task, epoch: int) -> None:
-        if task.index == 0 or self.opt.growth != "target" or epoch != self._stage1_epochs - 1:
+        if epoch + 1 >= len(self._plan) or (self._plan[epoch][0], self._plan[epoch + 1][0]) != (REUSE, GROW):
             return
         self._decision = self.current_accuracy(task)
         if self._decision < self._target_acc:
             self._start_growth()
         else:
-            self._skip_from = epoch + 1
+            self._skip_growth = True
 
     @torch.no_grad()
     def end_task(self, task: Task) -> None:
         t = task.index
+        kept = 0
         for g in self.gates.groups:
-            self.gates.channel_gate(g).binarise_()
+            kept += int(self.gates.channel_gate(g).binarise_().sum())
         on = self.gates.channels_on()
         use: dict[str, torch.Tensor] = {}
         params = dict(self.model.named_parameters())
         for n in self.ownership.names:
             use[n] = self.gates.kernel_gate(n).hard() & self.gates.alive(n, on)
+        self._record(t, use, kept)
+        for n in self.ownership.names:
             mine = use[n].expand_as(params[n]) & self.ownership.free(n)
             self.ownership.assign_(n, mine, t)
+        self.stats["size_total"].append(self.ownership.used_fraction())
         self._guard.unhook()
+        self.channel_optimizer = None
         self.use.append(use)
         self.channels.append(on)
         self.snapshots.append({n: v.detach().clone() for n, v in self._shared_state().items()})
-        self.stage1_acc.append(self._decision)
-        self.grew.append(int(self._grew))
-        in_use = sum(int(u.sum()) * self.kernel_numel[n] for n, u in use.items())
-        self.size_task.append(in_use / self.total_weights)
-        self.size_total.append(self.ownership.used_fraction())
+
+    def _record(self, t: int, use: dict[str, torch.Tensor], kept: int) -> None:
+        """Per-task decisions and mask statistics (kernel counts; None where there is nothing to count)."""
+        def frac(part: int, whole: int) -> float:
+            return part / whole if whole else float("nan")
+
+        count = lambda masks: sum(int(m.sum()) for m in masks)  # noqa: E731
+        names = self.ownership.names
+        frozen, released = count(self._frozen.values()), count(self._released.values())
+        old = t > 0  # task 1's "old" kernels are the untrained seed, not earlier tasks' weights
+        growable = count(self._growing.values()) if self._growing is not None else 0
+        in_use = sum(int(use[n].sum()) * self.kernel_numel[n] for n in names)
+        row = {
+            "stage1_accuracy": self._decision,
+            "growth_stage": float(self._growing is not None),
+            "grew": float(kept > 0),
+            "channels_kept": float(kept),
+            "grown_kept": frac(kept, growable) if self._growing is not None else float("nan"),
+            "selected": frac(count(use[n] & self._frozen[n] for n in names), frozen) if old else float("nan"),
+            "released": frac(released, count(self._alive.values())) if old else float("nan"),
+            "released_kept": frac(count(use[n] & self._released[n] for n in names), released) if old else float("nan"),
+            "kernel_logit_scale": self._scale,
+            "size_task": in_use / self.total_weights,
+        }
+        for k, v in row.items():
+            self.stats[k].append(v)
 
     # ---------------------------------------------------------------- evaluation
     def _gate_buffers(self) -> dict[str, torch.Tensor]:
         out = {f"c.{k}": v for k, v in self.gates.channel.state_dict(keep_vars=True).items() if not k.endswith(".s")}
         out.update({f"k.{k}": v for k, v in self.gates.kernel.state_dict(keep_vars=True).items()
-                    if not k.endswith(".logit")})
+                    if not k.endswith(".score")})
         return out
 
     def _view_tensors(self) -> dict[str, torch.Tensor]:
@@ -360,17 +454,17 @@ class CLLSG(TaskSubnetworks, ContinualMethod):
 
     # ------------------------------------------------------------------ report
     def report(self) -> dict[str, Any]:
-        nan = lambda v: None if v != v else round(v, 2)  # noqa: E731  (JSON has no NaN)
-        grown = [sum(int(c[g].sum()) for g in c) for c in self.channels]
+        nan = lambda v: None if v != v else round(v, 6)  # noqa: E731  (JSON has no NaN)
+        st = {k: [nan(v) for v in vs] for k, vs in self.stats.items()}
+        for k in ("growth_stage", "grew", "channels_kept"):
+            st[k] = [int(v) for v in self.stats[k]]
         return {
-            "size_task": [round(s, 6) for s in self.size_task],
-            "size_total": [round(s, 6) for s in self.size_total],
-            "model_size": round(self.size_total[-1], 6) if self.size_total else 0.0,
+            **st,
+            "model_size": st["size_total"][-1] if st["size_total"] else 0.0,
             "size_unit": "full backbone (conv/linear weights)",
-            "grew": self.grew,
             "target": [nan(v) for v in self.targets] if self.targets else self.opt.target,
-            "stage1_accuracy": [nan(v) for v in self.stage1_acc],
-            "open_channels": grown,
+            "decided_on": f"validation ({self.opt.val_fraction:g} of each task's training data)",
+            "open_channels": [sum(int(c[g].sum()) for g in c) for c in self.channels],
             "total_channels": sum(self.gates.channel_gate(g).on.numel() for g in self.gates.groups),
         }
 
@@ -384,8 +478,7 @@ class CLLSG(TaskSubnetworks, ContinualMethod):
             "scratch_generator": self.scratch_generator.get_state(),
             "use": self.use, "channels": self.channels, "snapshots": self.snapshots,
             "targets": torch.tensor(self.targets, dtype=torch.float64),
-            "stage1_acc": torch.tensor(self.stage1_acc, dtype=torch.float64),
-            "grew": self.grew, "size_task": self.size_task, "size_total": self.size_total,
+            "stats": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.stats.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -399,7 +492,4 @@ class CLLSG(TaskSubnetworks, ContinualMethod):
         self.channels = [{n: v.to(dev) for n, v in c.items()} for c in state["channels"]]
         self.snapshots = [{n: v.to(dev) for n, v in s.items()} for s in state["snapshots"]]
         self.targets = [float(v) for v in state["targets"]]
-        self.stage1_acc = [float(v) for v in state["stage1_acc"]]
-        self.grew = [int(v) for v in state["grew"]]
-        self.size_task = [float(v) for v in state["size_task"]]
-        self.size_total = [float(v) for v in state["size_total"]]
+        self.stats = {k: [float(v) for v in state["stats"][k]] for k in STATS}

@@ -6,7 +6,9 @@ selective mask (earlier tasks' weights are reused whole and frozen), no attentiv
 channels are used whole, so nothing is released), no pick-and-reuse stage and no target: each task
 is one growth stage over all its epochs (continuous-sparsification channel gates from the 1/8 seed
 network, binarised at the end of the task, penalty ``lam * sum(gates)``). Model size is reported as
-for CL-LSG (``size_task``, ``size_total`` relative to the full backbone).
+for CL-LSG (``size_task``, ``size_total`` relative to the full backbone). Like CL-LSG it trains on
+each task's training data less the held-out validation part (``val_fraction``), so the baselines
+and CL-LSG see the same examples.
 """
 from __future__ import annotations
 

@@ -101,6 +101,14 @@ class ChannelGate(nn.Module):
 class KernelGate(nn.Module):
     """Kernel-wise Gumbel-sigmoid gate with a hard 0.5 threshold and straight-through gradient.
 
+    The gate's logit is ``scale * score`` with ``score`` the learned parameter. Under Adam a
+    parameter moves by about the learning rate per step whatever its gradient's size, so a logit
+    moves by about ``scale * lr`` per step: ``scale`` is what lets a gate that starts open (logit
+    ``init``, kept with probability ``sigmoid(init)`` under the noise) reach the threshold 0 within
+    a task's steps at a small mask learning rate (see :func:`reach_scale`). The temperature cannot do
+    this: the sampled hard mask is ``logit + noise > 0`` for every ``T``, and Adam normalises the
+    ``1/T`` it puts on the gradient away.
+
     Args:
         shape: gate shape (:func:`kernel_shape` of the weight).
         generator: the seeded generator for the noise (on the weight's device).
@@ -114,33 +122,48 @@ class KernelGate(nn.Module):
         self.generator = generator
         self.temperature = float(temperature)
         self.init = float(init)
-        self.logit = nn.Parameter(torch.full(shape, self.init))
+        self.scale = 1.0
+        self.score = nn.Parameter(torch.full(shape, self.init))
         self.register_buffer("learn", torch.zeros(shape, dtype=torch.bool))
         self.register_buffer("value", torch.ones(shape))  # value of the fixed positions (0/1)
 
+    def logit(self) -> torch.Tensor:
+        return self.scale * self.score
+
     def forward(self) -> torch.Tensor:
+        logit = self.logit()
         if self.training:
-            u = torch.rand(self.logit.shape, generator=self.generator, device=self.logit.device)
+            u = torch.rand(logit.shape, generator=self.generator, device=logit.device)
             u = u.clamp_(1e-6, 1 - 1e-6)
             noise = torch.log(u) - torch.log1p(-u)  # g0 - g1 of two Gumbels = logistic noise
-            p = torch.sigmoid((self.logit + noise) / self.temperature)
+            p = torch.sigmoid((logit + noise) / self.temperature)
         else:
-            p = torch.sigmoid(self.logit / self.temperature)
+            p = torch.sigmoid(logit / self.temperature)
         hard = (p > 0.5).to(p.dtype)
         st = hard + (p - p.detach())  # forward exactly 0/1, backward d hard / d p := 1
         return torch.where(self.learn, st, self.value)
 
     @torch.no_grad()
-    def configure_(self, learn: torch.Tensor, value: torch.Tensor) -> None:
-        """Learnable positions (logits reset to ``init``) and the 0/1 values of the fixed ones."""
+    def configure_(self, learn: torch.Tensor, value: torch.Tensor, scale: float = 1.0) -> None:
+        """Learnable positions (logits reset to ``init``, logit scale ``scale``) and the 0/1
+        values of the fixed ones."""
+        if not scale > 0:
+            raise SparseCLError(f"kernel gate logit scale must be > 0, got {scale}")
+        self.scale = float(scale)
         self.learn.copy_(learn)
         self.value.copy_(value.to(self.value.dtype))
-        self.logit.masked_fill_(learn, self.init)
+        self.score.masked_fill_(learn, self.init / self.scale)
 
     @torch.no_grad()
     def hard(self) -> torch.Tensor:
         """The binary mask now: ``logit > 0`` where learnable, the fixed value elsewhere."""
-        return torch.where(self.learn, self.logit > 0, self.value > 0.5)
+        return torch.where(self.learn, self.score > 0, self.value > 0.5)
+
+
+def reach_scale(init: float, lr: float, steps: int) -> float:
+    """Logit scale with which a gate moving by Adam's step ``lr`` per step covers ``init`` (from its
+    initial logit to the threshold 0) in ``steps`` steps (at least 1: never slower than unscaled)."""
+    return max(1.0, abs(init) / (lr * max(1, steps)))
 
 
 def layer_graph(model: nn.Module, names: list[str]) -> tuple[dict[str, str], dict[str, str | None], dict[str, str]]:
@@ -331,9 +354,9 @@ class GateSet:
         """Bool ``[I]`` of the input features of weight ``name`` that come from open channels."""
         layer = self.layers[name]
         s = self.source[layer]
-        w = self.kernel_gate(name).logit.shape[1]
+        w = self.kernel_gate(name).score.shape[1]
         if s is None:
-            return torch.ones(w, dtype=torch.bool, device=self.kernel_gate(name).logit.device)
+            return torch.ones(w, dtype=torch.bool, device=self.kernel_gate(name).score.device)
         return on[s].repeat_interleave(w // on[s].numel())  # flatten: channel-major features
 
     def alive(self, name: str, on: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -341,7 +364,7 @@ class GateSet:
         out = on[self.group[self.layers[name]]]
         inp = self.input_alive(name, on)
         a = out[:, None] & inp[None, :]
-        return a.reshape(kernel_shape(tuple(a.shape) + (1,) * (self.kernel_gate(name).logit.dim() - 2)))
+        return a.reshape(kernel_shape(tuple(a.shape) + (1,) * (self.kernel_gate(name).score.dim() - 2)))
 
 
 def _key(name: str) -> str:
