@@ -1,4 +1,4 @@
-"""Command-line interface: ``sparsecl run | list | report | export | sweep``."""
+"""Command-line interface: ``sparsecl run | flops | list | report | export | sweep``."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ from rich.table import Table
 
 from sparsecl import SparseCLError
 from sparsecl.engine.launch import is_main_process
+from sparsecl.sparse.flops import CONVENTIONS as FLOP_CONVENTIONS
 
 DEFAULT_PRESET = "default"
 
@@ -27,6 +28,22 @@ def _key_values(items: Sequence[str] | None, flag: str) -> dict[str, str]:
 
 def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="train and evaluate one configuration (no arguments: the embedded default)")
+    _run_options(p)
+    p.add_argument("--flop-convention", choices=FLOP_CONVENTIONS,
+                   help="which FLOP count is result.json's flops.train (both are recorded; default spec)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed task")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _flops_parser(sub) -> None:
+    p = sub.add_parser("flops", help="a configuration's training FLOPs planned from its schedule, without training")
+    _run_options(p)
+    p.add_argument("--convention", dest="flop_convention", choices=FLOP_CONVENTIONS, default="spec",
+                   help="spec (default) or sparcl-paper (SparCL Table 1's count)")
+
+
+def _run_options(p) -> None:
+    """The options that define a run (shared by `run` and `flops`)."""
     p.add_argument("--method", help="method name (see `sparsecl list`)")
     p.add_argument("--benchmark", help="benchmark name (see `sparsecl list`)")
     p.add_argument("--preset", help="named preset of best-known hyper-parameters")
@@ -62,8 +79,7 @@ def _run_parser(sub) -> None:
                    help="torch.compile the training forward/backward (default: inductor; e.g. inductor:reduce-overhead)")
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="write TensorBoard event files to RUN_DIR/tensorboard")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed task")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; recorded in config.yaml)")
 
 
 def build_config(args: argparse.Namespace):
@@ -79,7 +95,8 @@ def build_config(args: argparse.Namespace):
     flags: dict[str, Any] = {}
     for name in ("method", "benchmark", "setting", "backbone", "data_dir", "data_root", "class_order", "n_tasks",
                  "image_size", "validation", "epochs", "batch_size", "seed", "device", "out", "keep_checkpoints", "amp",
-                 "channels_last", "cuda_graph", "sync_bn", "fused_optimizer", "compile", "tensorboard"):
+                 "channels_last", "cuda_graph", "sync_bn", "fused_optimizer", "compile", "tensorboard", "threads",
+                 "flop_convention"):
         value = getattr(args, name)
         if value is not None:
             flags[name] = value
@@ -121,6 +138,26 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         result, run_dir = run(cfg, progress=progress)
     if is_main_process():  # under torchrun only rank 0 reports
         print_result(result, run_dir, console)
+    return 0
+
+
+def cmd_flops(args: argparse.Namespace, console: Console) -> int:
+    from sparsecl.engine.planner import plan_flops
+
+    plan = plan_flops(build_config(args))
+    table = Table(title=f"planned training FLOPs: {plan['method']} on {plan['benchmark']}")
+    for col in ("convention", "train FLOPs", "dense-equivalent", "ratio"):
+        table.add_column(col, justify="right")
+    for conv, c in plan["conventions"].items():
+        mark = " (selected)" if conv == plan["convention"] else ""
+        table.add_row(conv + mark, _flops(c["train"]), _flops(c["dense_equivalent"]), _fmt(c["ratio"], 3))
+    console.print(table)
+    sel = plan["selection"]
+    share = f"{100 * sel['share_of_train']:.2f} %" if sel["share_of_train"] is not None else "-"
+    console.print(f"selection (importance backward passes): {_flops(sel['flops'])} FLOPs, {share} of the "
+                  f"{plan['convention']} training FLOPs; {plan['samples']['trained']:,} samples trained, "
+                  f"{plan['samples']['replayed']:,} of them replayed", highlight=False)
+    console.print("per task: " + ", ".join(_flops(v) for v in plan["per_task"]), highlight=False)
     return 0
 
 
@@ -264,6 +301,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparsecl", description="Efficient continual learning of sparse networks.")
     sub = parser.add_subparsers(dest="command")
     _run_parser(sub)
+    _flops_parser(sub)
     sub.add_parser("list", help="methods, benchmarks, backbones and presets, one line each")
     rp = sub.add_parser("report", help="one table of final metrics over run directories")
     rp.add_argument("runs", nargs="+", help="run directories (or folders containing them)")
@@ -297,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # usage errors (already printed as one line) and --help
         return int(e.code or 0)
     console = Console()
-    handlers = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "export": cmd_export, "sweep": cmd_sweep}
+    handlers = {"run": cmd_run, "flops": cmd_flops, "list": cmd_list, "report": cmd_report, "export": cmd_export, "sweep": cmd_sweep}
     try:
         return handlers[args.command](args, console)
     except SparseCLError as e:

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from sparsecl import SparseCLError
+from sparsecl.sparse.flops import CONVENTIONS as FLOP_CONVENTIONS
 
 SETTINGS = ("class-il", "task-il")
 
@@ -50,6 +51,8 @@ class RunConfig:
     fused_optimizer: bool = False  # torch's fused SGD/Adam/AdamW step (one kernel for all parameters)
     compile: str | None = None  # torch.compile backend for the training forward/backward, e.g. inductor
     tensorboard: bool = False  # write TensorBoard event files under RUN_DIR/tensorboard
+    threads: int | None = None  # torch CPU threads; None = torch's default (OMP_NUM_THREADS), recorded at start
+    flop_convention: str = "spec"  # spec | sparcl-paper: which count result.json's flops.train is
     method_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -63,6 +66,10 @@ class RunConfig:
             raise SparseCLError("keep_checkpoints must be 'last' or 'all'")
         if self.validation is not None and not 0.0 < self.validation < 1.0:
             raise SparseCLError(f"validation must be a fraction in (0, 1), got {self.validation}")
+        if self.threads is not None and self.threads < 1:
+            raise SparseCLError(f"threads must be >= 1, got {self.threads}")
+        if self.flop_convention not in FLOP_CONVENTIONS:
+            raise SparseCLError(f"unknown flop_convention {self.flop_convention!r} (known: {', '.join(FLOP_CONVENTIONS)})")
         if self.n_tasks is not None and self.n_tasks < 1:
             raise SparseCLError(f"n_tasks must be >= 1, got {self.n_tasks}")
 

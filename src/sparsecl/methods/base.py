@@ -64,6 +64,22 @@ class Batch:
 
 
 @dataclass
+class StepOutputs:
+    """The logits of one replay step (see :meth:`ContinualMethod.before_backward`). ``*_rows``: the
+    samples of the forward pass each block of logits came out of, i.e. what a backward through
+    it traverses (a fused forward of current and buffer data traverses both)."""
+
+    current: torch.Tensor  # logits of the current batch
+    y: torch.Tensor
+    task_id: int
+    current_rows: int
+    buffer: torch.Tensor | None = None  # logits of the buffer minibatch trained with labels
+    buffer_y: torch.Tensor | None = None
+    buffer_task: torch.Tensor | None = None
+    buffer_rows: int = 0
+
+
+@dataclass
 class MethodContext:
     """What a method may know about the run, handed over at construction."""
 
@@ -81,6 +97,9 @@ class MethodContext:
     # Set by the engine: counts (train samples, forward-only samples) of model passes that its
     # forward pre-hook cannot see (per-sample gradients under torch.func, backbone-only passes).
     count_samples: Callable[[int, int], None] | None = None
+    # Set by the engine: told how many buffer samples a step drew for training (the FLOP
+    # conventions charge replayed samples differently, SPEC Metrics).
+    note_replay: Callable[[int], None] | None = None
     # This rank's process group and step-sharding state under torchrun; None in a single process.
     dist: Distributed | None = None
 
@@ -160,6 +179,16 @@ class ContinualMethod:
         loss.backward()
         self.optimizer.step()
         return loss.detach()
+
+    def epoch_rest(self, rest: torch.Tensor) -> torch.Tensor | None:
+        """After each step: the positions still to train on in this epoch when the method removed
+        some of ``rest`` mid-epoch (SparCL's DDR; the epoch then has fewer full batches), else
+        None (the default; no device work)."""
+        return None
+
+    def before_backward(self, step: StepOutputs) -> None:
+        """Called by replay methods with the logits their loss is built from, before its backward
+        (SparCL takes its importance gradients from this graph instead of extra passes)."""
 
     def draw_sizes(self) -> list[int]:
         """Global sizes of the buffer draws the next :meth:`observe` makes (replay methods); the
