@@ -34,7 +34,7 @@ from sparsecl.methods import METHODS, Batch, ContinualMethod, MethodContext
 from sparsecl.metrics.accuracy import summarize
 from sparsecl.metrics.efficiency import memory_footprint, peak_memory_bytes, reset_peak_memory
 from sparsecl.models import build_model
-from sparsecl.sparse.accounting import capacity_report, parameter_densities, sparsity_report
+from sparsecl.sparse.accounting import capacity_report, sparsity_report
 from sparsecl.sparse.export import INFERENCE_HEAD, TASK_VIEWS, compact_task_views, method_task_views
 from sparsecl.sparse.flops import CONVENTIONS as FLOP_CONVENTIONS
 from sparsecl.sparse.flops import FlopCounter, profile_layers
@@ -458,8 +458,8 @@ class Trainer:
                 masks, ownership = getattr(self.method, "masks", None), getattr(self.method, "ownership", None)
                 s["sparsity"] = sparsity_report(self.model, self.layers, masks, ownership,
                                                 policy=getattr(self.method, "mask_policy", None))
-                s["capacity"] = capacity_report(s["sparsity"], masks, ownership)
-                wd, gd = parameter_densities(self.model, masks)
+                s["capacity"] = capacity_report(s["sparsity"], masks, ownership, stored=self.method.stored_masks())
+                wd, gd = self.method.training_densities()  # EsaCL: dense while training, pruned after
                 s["footprint"] = memory_footprint(
                     self.layers, self.model, max(s["max_step_samples"], 1),
                     weight_density=wd, grad_density=gd,

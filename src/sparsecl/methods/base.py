@@ -264,6 +264,18 @@ class ContinualMethod:
         default). iCaRL returns its class means (``kind`` ``nearest-mean``)."""
         return None
 
+    def training_densities(self) -> tuple[float | None, float | None]:
+        """``(1 - s, 1 - (s + q))`` over all parameters while training, for the memory footprint:
+        from the masks in force (the default), ``(None, None)`` to measure the weights (dense runs)."""
+        from sparsecl.sparse.accounting import parameter_densities
+
+        return parameter_densities(self.model, self.masks)
+
+    def stored_masks(self) -> tuple[int, int] | None:
+        """``(number, bytes)`` of the masks the method keeps, for capacity (EsaCL eq. 6.24), when
+        its :attr:`masks` are not what it stores; ``None`` (default): counted from the masks."""
+        return None
+
     def report(self) -> dict[str, Any]:
         """JSON-safe method-specific results, stored under ``result.json`` ``"method"`` after every
         task (e.g. per-stage data counts, backbone usage per task, model size per task)."""
