@@ -26,6 +26,8 @@ CASES = {
                                       dgm=False),
     "rigl-der++": digits("rigl-der++", alpha=0.3, beta=0.5, sparsity=0.9, delta_t=5),
     "ewc": {**digits("ewc"), "method_options": {"lr": 0.05}},
+    "a-gem (Mammoth's one batch per task)": digits("a-gem", memory="batch", buffer_size=80),
+    "sgd": {**digits("sgd"), "method_options": {"lr": 0.05}},
 }
 
 
@@ -55,8 +57,9 @@ def test_sparcl_paper_convention_gives_table_1_dense_counts():
     assert f"{plan_flops(merge_config(load_preset('seq-cifar10-der++-500')))['train']:.3g}" == "2.5e+16"
 
 
-@pytest.mark.parametrize("preset", ["seq-cifar10-sparcl-der++-500-sp75", "seq-cifar10-sparcl-der++-500-sp90",
-                                    "seq-mnist-sparcl-der++-500-sp75", "seq-mnist-sparcl-der++-500-sp90"])
+@pytest.mark.parametrize("preset", ["seq-cifar10-sparcl-der++-500-sp75", "seq-cifar10-sparcl-er-500-sp75",
+                                    "seq-mnist-sparcl-der++-500-sp75",
+                                    "seq-mnist-sparcl-der++-500-sp90"])
 def test_sparcl_presets_spend_under_2_percent_on_selection(preset):
     for convention in ("spec", "sparcl-paper"):
         plan = plan_flops(merge_config(dict(load_preset(preset), flop_convention=convention)))

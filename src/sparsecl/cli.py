@@ -234,7 +234,8 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     if getattr(args, "table", "runs") == "dst":
         text = render_dst_table(results, fmt=args.format)
     else:
-        text = render_table(results, fmt=args.format, aggregate=args.aggregate, baseline=args.baseline)
+        text = render_table(results, fmt=args.format, aggregate=args.aggregate, baseline=args.baseline,
+                            convention=args.flop_convention)
     if args.output:
         from sparsecl.engine.io import atomic_write_text
 
@@ -311,6 +312,8 @@ def make_parser() -> argparse.ArgumentParser:
                     help="runs: one row per run/configuration; dst: continual-DST ACC/BWT/FWT per (init, growth) x sparsity")
     rp.add_argument("--baseline", metavar="METHOD",
                     help="add Class-IL ACC difference and training-FLOPs ratio to METHOD's runs of the same protocol")
+    rp.add_argument("--flop-convention", choices=FLOP_CONVENTIONS, default="spec",
+                    help="FLOP count of the table: spec (default) or sparcl-paper (SparCL Table 1's)")
     rp.add_argument("--output", help="write the table to this file")
     rp.add_argument("--plots", metavar="DIR", help="also write PNG figures (accuracy matrices, accuracy vs FLOPs, per-task curves)")
     sw = sub.add_parser("sweep", help="run a grid of configurations x seeds (restartable: finished runs are skipped)")

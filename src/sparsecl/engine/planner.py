@@ -7,7 +7,7 @@ configuration count the same samples at the same densities and give bit-identica
 arithmetic needs no data: the model is built for the benchmark's shape (registered protocol shapes,
 or the benchmark loaded when it has none) and profiled, never trained.
 
-Methods planned: ``sgd``, ``ewc``, ``er``, ``der``, ``der++``, ``agem``, ``rigl-der++``,
+Methods planned: ``sgd``, ``ewc``, ``er``, ``der``, ``der++``, ``a-gem``, ``rigl-der++``,
 ``sparcl-er`` and ``sparcl-der++``. A SparCL schedule whose data removal depends on the data order
 (a stage that spans an epoch boundary and removes more examples than one epoch's part of it
 visited) cannot be planned exactly and is refused.
@@ -27,7 +27,7 @@ from sparsecl.models import build_model
 from sparsecl.sparse.allocation import allocate
 from sparsecl.sparse.flops import CONVENTIONS, FlopCounter, profile_layers
 
-PLANNED = ("sgd", "ewc", "er", "der", "der++", "agem", "rigl-der++", "sparcl-er", "sparcl-der++")
+PLANNED = ("sgd", "ewc", "er", "der", "der++", "a-gem", "rigl-der++", "sparcl-er", "sparcl-der++")
 
 
 def protocol_shape(cfg: RunConfig) -> ProtocolShape:
@@ -90,12 +90,16 @@ class Plan:
         self.capacity = getattr(self.o, "buffer_size", 0)
         self.minibatch = getattr(self.o, "minibatch_size", None) or cfg.batch_size
         self.seen = 0  # examples offered to the reservoir
-        self.task_memory = 0  # A-GEM's per-task memory
+        self.task_memory = 0  # A-GEM's episodic memory
         self.rigl_t = 0
 
     # ------------------------------------------------------------------ per step
+    def _episodic(self) -> bool:
+        """A-GEM with a memory filled at task ends (not the reservoir)."""
+        return self.cfg.method == "a-gem" and self.o.memory != "reservoir"
+
     def _buffer_len(self) -> int:
-        if self.cfg.method == "agem" and self.o.memory == "task":
+        if self._episodic():
             return self.task_memory
         return min(self.seen, self.capacity)
 
@@ -104,7 +108,7 @@ class Plan:
         m = min(self.minibatch, self._buffer_len())
         if self.cfg.method in ("der", "der++", "rigl-der++", "sparcl-der++"):
             return m * (2 if self.o.beta != 0 else 1)
-        return m if self.cfg.method in ("er", "agem", "sparcl-er") else 0
+        return m if self.cfg.method in ("er", "a-gem", "sparcl-er") else 0
 
     def _selection_rows(self, n: int, replay: int) -> int:
         """Rows SparCL's two importance backward passes traverse (see ``StepOutputs``)."""
@@ -131,7 +135,7 @@ class Plan:
             self.layers.push()
         if self.cfg.method == "rigl-der++":
             self.rigl_t += 1
-        if not (self.cfg.method == "agem" and self.o.memory == "task"):
+        if not self._episodic():
             self.seen += n
 
     def _batches(self, kept: int) -> int:
@@ -148,8 +152,9 @@ class Plan:
     def _task_end(self, t: int, n: int) -> None:
         if self.cfg.method == "ewc":  # the Fisher's per-example passes over the task's data
             self.counter.train_samples(n, extra=True)
-        if self.cfg.method == "agem" and self.o.memory == "task":
-            self.task_memory += min(self.capacity // len(self.shape.train_sizes), n)
+        if self._episodic():
+            per_task = self.cfg.batch_size if self.o.memory == "batch" else self.capacity // len(self.shape.train_sizes)
+            self.task_memory += min(per_task, n)
 
     def run(self) -> dict[str, Any]:
         sizes = self.shape.train_sizes
