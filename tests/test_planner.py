@@ -86,3 +86,12 @@ def test_flops_command_prints_both_conventions_and_rejects_unplanned_methods(cap
     assert main(["flops", "--method", "lwf", "--benchmark", "digits"]) != 0
     err = capsys.readouterr().err.strip()
     assert "does not model method 'lwf'" in err and len(err.splitlines()) == 1
+
+
+def test_report_shows_either_convention(tmp_path, capsys):
+    result, run_dir = run(merge_config(dict(digits("der++", alpha=0.3, beta=0.5), epochs=1)), tmp_path / "r")
+    paper = result["flops"]["conventions"]["sparcl-paper"]["train"]
+    assert result["flops"]["convention"] == "spec" and paper < result["flops"]["train"]  # replay: one forward
+    for convention, value in (("spec", result["flops"]["train"]), ("sparcl-paper", paper)):
+        assert main(["report", str(run_dir), "--format", "csv", "--flop-convention", convention]) == 0
+        assert f"{value:.3e}" in capsys.readouterr().out

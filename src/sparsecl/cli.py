@@ -188,6 +188,10 @@ def print_result(result: dict[str, Any], run_dir: Path, console: Console) -> Non
         f"wall time {t['train_seconds']:.1f} s training + {sum(t['eval_seconds_per_task']):.1f} s evaluation; "
         f"{(sum(sps) / len(sps)) if sps else 0:.0f} samples/s"
     )
+    sel = f.get("selection") or {}
+    if sel.get("flops"):
+        console.print(f"selection (importance backward passes): {_flops(sel['flops'])} FLOPs, "
+                      f"{100 * sel['share_of_train']:.2f} % of the training FLOPs ({f['convention']} convention)")
     sp = result.get("sparsity")
     if sp and sp["overall"]["masked_weights"]:
         o = sp["overall"]

@@ -21,6 +21,7 @@ from typing import Any
 from sparsecl import SparseCLError
 from sparsecl.config import RunConfig, build_options
 from sparsecl.data.benchmarks import BENCHMARKS, ProtocolShape, load_benchmark
+from sparsecl.data.stream import hold_out_validation
 from sparsecl.methods import METHODS
 from sparsecl.methods.sparcl import ddr_target, importance_read, stage_count, stage_ends_by
 from sparsecl.models import build_model
@@ -39,8 +40,6 @@ def protocol_shape(cfg: RunConfig) -> ProtocolShape:
     stream = load_benchmark(cfg.benchmark, cfg.data_dir, class_order=cfg.class_order, n_tasks=cfg.n_tasks,
                             root=cfg.data_root, image_size=cfg.image_size, download=cfg.download)
     if cfg.validation:
-        from sparsecl.data.stream import hold_out_validation
-
         stream = hold_out_validation(stream, cfg.validation)
     return ProtocolShape(stream.input_shape, stream.n_classes, tuple(len(t.train) for t in stream.tasks),
                          stream.default_backbone)
@@ -91,7 +90,7 @@ class Plan:
         self.minibatch = getattr(self.o, "minibatch_size", None) or cfg.batch_size
         self.seen = 0  # examples offered to the reservoir
         self.task_memory = 0  # A-GEM's episodic memory
-        self.rigl_t = 0
+        self.rigl_t = self.rigl_t_end = 0  # RigL-DER++: optimiser steps of the schedule, its T_end
 
     # ------------------------------------------------------------------ per step
     def _episodic(self) -> bool:
@@ -158,8 +157,7 @@ class Plan:
 
     def run(self) -> dict[str, Any]:
         sizes = self.shape.train_sizes
-        if self.cfg.method == "rigl-der++":
-            steps = [math.ceil(n / self.cfg.batch_size) * self.cfg.epochs for n in sizes]
+        steps = [math.ceil(n / self.cfg.batch_size) * self.cfg.epochs for n in sizes]  # RigL's schedule
         per_task, before = [], 0.0
         for t, n in enumerate(sizes):
             if self.cfg.method == "rigl-der++":
