@@ -185,6 +185,19 @@ def test_selection_and_both_sam_passes_are_counted_once(runs):
     assert r["flops"]["train"] == pytest.approx(6 * macs * trained + 2 * macs * forward)
 
 
+def test_training_footprint_is_dense_and_capacity_is_one_value(runs):
+    """EsaCL trains dense: weights and gradients of the footprint are all parameters' (the prune
+    enters capacity and the export only); result.json has one capacity, counting stored masks."""
+    for r, stored in ((runs.plain, 0), (runs.isolate, 1)):
+        fp = r["memory"]["footprint_bytes"]
+        n_params = 64 * 100 + 100 * 100 + 100 * 10 + 210  # the digits MLP 64-100-100-10, biases included
+        assert fp["weights"] == fp["gradients"] == 4 * n_params
+        cap = r["capacity"]
+        assert cap["stored_masks"] == stored and "capacity" not in r["method"]["esacl"]
+        assert cap["value"] == pytest.approx(cap["nonzero_fraction"] + (1 - cap["gamma"]) * stored / 32)
+    assert runs.plain["capacity"]["nonzero_fraction"] < 0.3  # measured after the last prune at 0.8
+
+
 def test_resume_gives_identical_run(runs):
     a, b = runs.derpp, runs.resumed
     assert b["complete"]

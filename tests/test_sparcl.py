@@ -157,13 +157,16 @@ def test_resume_gives_identical_result(tmp_path, init_scale):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_importance_passes_are_charged_and_ablation_switches_turn_components_off(tmp_path):
+def test_importance_costs_no_extra_sample_and_is_reported_as_selection(tmp_path):
     every, _ = run(cfg(ddr=False, importance_every=1), tmp_path / "a")
     rare, _ = run(cfg(ddr=False, importance_every=1000), tmp_path / "b")
     off, _ = run(cfg(tdm=False, ddr=False, dgm=False), tmp_path / "c")
-    # each gathering step forwards (and backpropagates) the current batch and a buffer minibatch
-    assert every["samples"]["trained"] > rare["samples"]["trained"] > off["samples"]["trained"]
-    assert every["flops"]["train"] > rare["flops"]["train"]
+    # the gradients come from the training step's own graph: no extra forward, same training FLOPs
+    assert every["samples"]["trained"] == rare["samples"]["trained"] == off["samples"]["trained"]
+    assert every["flops"]["train"] == rare["flops"]["train"]
+    sel = [r["flops"]["selection"]["flops"] for r in (every, rare, off)]
+    assert sel[0] > sel[1] > 0 == sel[2]  # rare: only each stage's first step gathers
+    assert every["flops"]["selection"]["share_of_train"] == pytest.approx(sel[0] / every["flops"]["train"])
     assert off["method"]["sparcl"]["components"] == {"tdm": False, "ddr": False, "dgm": False}
     assert off["sparsity"]["overall"]["grad_density"] == pytest.approx(0.25, abs=1e-3)  # no DGM
     assert all(t["removed_examples"] == 0 for t in off["method"]["sparcl"]["tasks"])
@@ -210,3 +213,83 @@ def test_importance_passes_do_not_inflate_the_activation_memory(tmp_path):
     sparcl, _ = run(merge_config(dict(common, method="sparcl-der++",
                                       method_options=dict(opts, sparsity=0.75, delta_k=1, ddr=False))), tmp_path / "s")
     assert sparcl["memory"]["footprint_bytes"]["activations"] == der["memory"]["footprint_bytes"]["activations"]
+
+
+def test_cwi_from_the_steps_graph_equals_cwi_from_separate_passes(tmp_path):
+    """g_cur and g_buf taken through the DER++ step's own logits are the gradients that separate
+    forward/backward passes of the same batch and buffer minibatch give (same weights)."""
+    import torch.nn.functional as F
+
+    t = Trainer(cfg(ddr=False, importance_every=1), tmp_path / "r")
+    m = t.method
+    task = t.stream.tasks[0]
+    m.begin_task(task)
+    split = task.train
+    first = torch.arange(16)
+    m.observe(trainer_mod.Batch(t.augment.train(split.x[first]), split.y[first], split.x[first], first, 0))
+    m._reset_importance()
+    drawn = []
+    original = m.draw
+    m.draw = lambda *fields: drawn.append(original(*fields)) or drawn[-1]
+    idx = torch.arange(16, 32)
+    x, y = t.augment.train(split.x[idx]), split.y[idx]
+    before = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+    m.observe(trainer_mod.Batch(x, y, split.x[idx], idx, 0))
+    assert m._n_cur == m._n_buf == 1 and len(drawn) == 2
+    after = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+    weights = [m.masks.params[n] for n in m.mask_names]
+    t.model.load_state_dict(before)  # the weights the step's forward saw
+    g_cur = torch.autograd.grad(F.cross_entropy(m.mask_logits(t.model(x), 0), y), weights)
+    x2, y2, _ = drawn[1]  # DER++'s labelled buffer minibatch
+    g_buf = torch.autograd.grad(F.cross_entropy(t.model(x2), y2), weights)
+    t.model.load_state_dict(after)
+    cwi = m._scores(with_weight=True)
+    for name, gc, gb in zip(m.mask_names, g_cur, g_buf):
+        explicit = m.masks.params[name].detach().abs() + 0.5 * gc.abs() + 1.0 * gb.abs()
+        assert torch.allclose(cwi[name], explicit, rtol=1e-5, atol=1e-7)
+
+
+def test_ddr_removes_only_examples_trained_on_in_the_stage(tmp_path, monkeypatch):
+    """Stages of 0.2 epoch (the CPU-budget grid's delta_k) and rho 0.9: each stage visits 20 % of
+    the task but should remove 22.5 %; only visited examples go, and batches stay full."""
+    from sparsecl.methods.sparcl import SparCL
+
+    events, sizes = [], []
+    original = SparCL._remove_data
+
+    def remove(self):
+        visited, before = (self._visits > 0).clone(), self._removed.clone()
+        k = original(self)
+        events.append((k, int(visited.sum()), bool((self._removed & ~before & ~visited).any())))
+        return k
+
+    monkeypatch.setattr(SparCL, "_remove_data", remove)
+    observe = DERpp.observe
+    monkeypatch.setattr(DERpp, "observe", lambda self, batch: sizes.append(batch.y.shape[0]) or observe(self, batch))
+    result, _ = run(cfg(epochs=2, delta_k=0.2, ddr_rho=0.9, dgm=False), tmp_path / "r")
+    assert len(events) == 5 * 4 and all(k > 0 for k, _, _ in events)
+    assert not any(unvisited for _, _, unvisited in events)
+    assert all(k <= visited for k, visited, _ in events)
+    assert any(k == visited for k, visited, _ in events)  # the cap bites: fewer candidates than rho / cutoff
+    # removed data shrinks the number of steps, never the batch: only an epoch's last batch is short
+    n_full = sum(s == 16 for s in sizes)
+    assert len(sizes) - n_full <= 2 * 5
+
+
+def test_ddr_mid_epoch_removal_drops_the_rest_of_the_epoch_not_the_batch(tmp_path, monkeypatch):
+    """delta_k 1.5: the first removal happens mid-epoch, among examples that may still be ahead in
+    that epoch's order; they are never trained on again and every batch but an epoch's last is full."""
+    seen_removed, sizes = [], []
+    observe = DERpp.observe
+
+    def spy(self, batch):
+        seen_removed.append(int(self._removed[batch.index].sum()))
+        sizes.append(batch.y.shape[0])
+        return observe(self, batch)
+
+    monkeypatch.setattr(DERpp, "observe", spy)
+    result, _ = run(cfg(epochs=3, delta_k=1.5, ddr_cutoff=1, dgm=False), tmp_path / "r")
+    assert sum(seen_removed) == 0
+    tasks = result["method"]["sparcl"]["tasks"]
+    assert all(t["removed_examples"] == round(0.3 * n) for t, n in zip(tasks, result["benchmark"]["train_sizes"]))
+    assert len(sizes) - sum(s == 16 for s in sizes) <= 3 * 5

@@ -1,4 +1,4 @@
-"""Command-line interface: ``sparsecl run | list | report | export | sweep``."""
+"""Command-line interface: ``sparsecl run | flops | list | report | export | sweep``."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,7 @@ from rich.table import Table
 
 from sparsecl import SparseCLError
 from sparsecl.engine.launch import die_with_parent, is_main_process
+from sparsecl.sparse.flops import CONVENTIONS as FLOP_CONVENTIONS
 
 DEFAULT_PRESET = "default"
 
@@ -28,6 +29,22 @@ def _key_values(items: Sequence[str] | None, flag: str) -> dict[str, str]:
 
 def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="train and evaluate one configuration (no arguments: the embedded default)")
+    _run_options(p)
+    p.add_argument("--flop-convention", choices=FLOP_CONVENTIONS,
+                   help="which FLOP count is result.json's flops.train (both are recorded; default spec)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed task")
+    p.add_argument("--quiet", action="store_true", help="no progress (bars on a terminal, else a line per epoch)")
+
+
+def _flops_parser(sub) -> None:
+    p = sub.add_parser("flops", help="a configuration's training FLOPs planned from its schedule, without training")
+    _run_options(p)
+    p.add_argument("--convention", dest="flop_convention", choices=FLOP_CONVENTIONS, default="spec",
+                   help="spec (default) or sparcl-paper (SparCL Table 1's count)")
+
+
+def _run_options(p) -> None:
+    """The options that define a run (shared by `run` and `flops`)."""
     p.add_argument("--method", help="method name (see `sparsecl list`)")
     p.add_argument("--benchmark", help="benchmark name (see `sparsecl list`)")
     p.add_argument("--preset", help="named preset of best-known hyper-parameters (default: the preset of the "
@@ -65,8 +82,7 @@ def _run_parser(sub) -> None:
                    help="torch.compile the training forward/backward (default: inductor; e.g. inductor:reduce-overhead)")
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="write TensorBoard event files to RUN_DIR/tensorboard")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed task")
-    p.add_argument("--quiet", action="store_true", help="no progress (bars on a terminal, else a line per epoch)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; recorded in config.yaml)")
 
 
 # What --resume still takes from the command line; every other run flag is the run's own.
@@ -87,7 +103,8 @@ def build_config(args: argparse.Namespace):
     flags: dict[str, Any] = {}
     for name in ("method", "benchmark", "setting", "backbone", "data_dir", "data_root", "class_order", "n_tasks",
                  "image_size", "validation", "epochs", "batch_size", "seed", "device", "out", "keep_checkpoints", "amp",
-                 "channels_last", "cuda_graph", "sync_bn", "fused_optimizer", "compile", "tensorboard"):
+                 "channels_last", "cuda_graph", "sync_bn", "fused_optimizer", "compile", "tensorboard", "threads",
+                 "flop_convention"):
         value = getattr(args, name)
         if value is not None:
             flags[name] = value
@@ -162,6 +179,26 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_flops(args: argparse.Namespace, console: Console) -> int:
+    from sparsecl.engine.planner import plan_flops
+
+    plan = plan_flops(build_config(args))
+    table = Table(title=f"planned training FLOPs: {plan['method']} on {plan['benchmark']}")
+    for col in ("convention", "train FLOPs", "dense-equivalent", "ratio"):
+        table.add_column(col, justify="right")
+    for conv, c in plan["conventions"].items():
+        mark = " (selected)" if conv == plan["convention"] else ""
+        table.add_row(conv + mark, _flops(c["train"]), _flops(c["dense_equivalent"]), _fmt(c["ratio"], 3))
+    console.print(table)
+    sel = plan["selection"]
+    share = f"{100 * sel['share_of_train']:.2f} %" if sel["share_of_train"] is not None else "-"
+    console.print(f"selection (importance backward passes): {_flops(sel['flops'])} FLOPs, {share} of the "
+                  f"{plan['convention']} training FLOPs; {plan['samples']['trained']:,} samples trained, "
+                  f"{plan['samples']['replayed']:,} of them replayed", highlight=False)
+    console.print("per task: " + ", ".join(_flops(v) for v in plan["per_task"]), highlight=False)
+    return 0
+
+
 def _fmt(v: float | None, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -189,6 +226,10 @@ def print_result(result: dict[str, Any], run_dir: Path, console: Console) -> Non
         f"wall time {t['train_seconds']:.1f} s training + {sum(t['eval_seconds_per_task']):.1f} s evaluation; "
         f"{(sum(sps) / len(sps)) if sps else 0:.0f} samples/s"
     )
+    sel = f.get("selection") or {}
+    if sel.get("flops"):
+        console.print(f"selection (importance backward passes): {_flops(sel['flops'])} FLOPs, "
+                      f"{100 * sel['share_of_train']:.2f} % of the training FLOPs ({f['convention']} convention)")
     sp = result.get("sparsity")
     if sp and sp["overall"]["masked_weights"]:
         o = sp["overall"]
@@ -241,7 +282,8 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     if getattr(args, "table", "runs") == "dst":
         text = render_dst_table(results, fmt=args.format)
     else:
-        text = render_table(results, fmt=args.format, aggregate=args.aggregate, baseline=args.baseline)
+        text = render_table(results, fmt=args.format, aggregate=args.aggregate, baseline=args.baseline,
+                            convention=args.flop_convention)
     if args.output:
         from sparsecl.engine.io import atomic_write_text
 
@@ -315,6 +357,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparsecl", description="Efficient continual learning of sparse networks.")
     sub = parser.add_subparsers(dest="command")
     _run_parser(sub)
+    _flops_parser(sub)
     sub.add_parser("list", help="methods, benchmarks, backbones and presets, one line each")
     rp = sub.add_parser("report", help="one table of final metrics over run directories")
     rp.add_argument("runs", nargs="+", help="run directories (or folders containing them)")
@@ -324,6 +367,8 @@ def make_parser() -> argparse.ArgumentParser:
                     help="runs: one row per run/configuration; dst: continual-DST ACC/BWT/FWT per (init, growth) x sparsity")
     rp.add_argument("--baseline", metavar="METHOD",
                     help="add Class-IL ACC difference and training-FLOPs ratio to METHOD's runs of the same protocol")
+    rp.add_argument("--flop-convention", choices=FLOP_CONVENTIONS, default="spec",
+                    help="FLOP count of the table: spec (default) or sparcl-paper (SparCL Table 1's)")
     rp.add_argument("--output", help="write the table to this file")
     rp.add_argument("--plots", metavar="DIR", help="also write PNG figures (accuracy matrices, accuracy vs FLOPs, per-task curves)")
     sw = sub.add_parser("sweep", help="run a grid of configurations x seeds (restartable: finished runs are skipped)")
@@ -351,7 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     # Piped or redirected: no wrapping at 80 columns (tables and lines stay one per row).
     console = Console() if sys.stdout.isatty() else Console(width=1000, soft_wrap=True)
-    handlers = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "export": cmd_export, "sweep": cmd_sweep}
+    handlers = {"run": cmd_run, "flops": cmd_flops, "list": cmd_list, "report": cmd_report, "export": cmd_export,
+                "sweep": cmd_sweep}
     try:
         return handlers[args.command](args, console)
     except SparseCLError as e:

@@ -13,11 +13,10 @@ from typing import Any
 import yaml
 
 from sparsecl import SparseCLError
+from sparsecl.sparse.flops import CONVENTIONS as FLOP_CONVENTIONS
 
 SETTINGS = ("class-il", "task-il")
 SEED_LIMIT = 2**32  # numpy's legacy seeding takes 0 <= seed < 2**32
-# Facts a run records beside its options in config.yaml (not options: ignored when read back).
-RECORDED = ("torch_threads",)
 
 
 @dataclass
@@ -53,6 +52,8 @@ class RunConfig:
     fused_optimizer: bool = False  # torch's fused SGD/Adam/AdamW step (one kernel for all parameters)
     compile: str | None = None  # torch.compile backend for the training forward/backward, e.g. inductor
     tensorboard: bool = False  # write TensorBoard event files under RUN_DIR/tensorboard
+    threads: int | None = None  # torch CPU threads; None = torch's default (OMP_NUM_THREADS), recorded at start
+    flop_convention: str = "spec"  # spec | sparcl-paper: which count result.json's flops.train is
     method_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -68,6 +69,10 @@ class RunConfig:
             raise SparseCLError("keep_checkpoints must be 'last' or 'all'")
         if self.validation is not None and not 0.0 < self.validation < 1.0:
             raise SparseCLError(f"validation must be a fraction in (0, 1), got {self.validation}")
+        if self.threads is not None and self.threads < 1:
+            raise SparseCLError(f"threads must be >= 1, got {self.threads}")
+        if self.flop_convention not in FLOP_CONVENTIONS:
+            raise SparseCLError(f"unknown flop_convention {self.flop_convention!r} (known: {', '.join(FLOP_CONVENTIONS)})")
         if self.n_tasks is not None and self.n_tasks < 1:
             raise SparseCLError(f"n_tasks must be >= 1, got {self.n_tasks}")
 
@@ -177,8 +182,6 @@ def merge_config(*layers: dict[str, Any]) -> RunConfig:
     for layer in layers:
         for key, value in layer.items():
             key = key.replace("-", "_")
-            if key in RECORDED:  # e.g. a run's config.yaml given as --config
-                continue
             if key not in known:
                 raise SparseCLError(f"unknown run option {key!r} (known: {', '.join(sorted(known))})")
             if key in ("method_options", "backbone_options"):
@@ -193,11 +196,11 @@ def merge_config(*layers: dict[str, Any]) -> RunConfig:
     return cfg
 
 
-def save_config(cfg: RunConfig, path: Path, recorded: dict[str, Any] | None = None) -> None:
-    """Write ``cfg`` as YAML, followed by the ``recorded`` facts (keys of :data:`RECORDED`)."""
+def save_config(cfg: RunConfig, path: Path) -> None:
+    """Write ``cfg`` as YAML."""
     from sparsecl.engine.io import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump({**cfg.to_dict(), **(recorded or {})}, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def run_identity(cfg: dict[str, Any]) -> dict[str, Any]:

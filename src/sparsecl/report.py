@@ -76,15 +76,29 @@ def collect_results(paths: Sequence[str | Path], warn: Callable[[str], None] | N
 def config_key(cfg: dict[str, Any]) -> str:
     """A run's configuration without seed, output folder and device: runs with equal keys are
     seeds of one configuration (aggregated in tables and plots)."""
-    return json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "out", "device")}, sort_keys=True)
+    # threads (float rounding only) and flop_convention (both counts are recorded) do not make
+    # another configuration
+    ignored = ("seed", "out", "device", "threads", "flop_convention")
+    return json.dumps({k: v for k, v in cfg.items() if k not in ignored}, sort_keys=True)
 
 
 def _megabytes(n: float | None) -> float | None:
     return None if n is None else n / 1e6
 
 
-def row_of(r: dict[str, Any]) -> dict[str, Any]:
+def flops_of(r: dict[str, Any], convention: str = "spec") -> tuple[float | None, float | None]:
+    """A run's (training FLOPs, ratio to dense) under a FLOP ``convention`` (both are recorded);
+    ``(None, None)`` for a result written before that convention was recorded."""
+    f = r.get("flops") or {}
+    if convention == f.get("convention", "spec"):
+        return f.get("train"), f.get("ratio")
+    c = (f.get("conventions") or {}).get(convention)
+    return (c["train"], c["ratio"]) if c else (None, None)
+
+
+def row_of(r: dict[str, Any], convention: str = "spec") -> dict[str, Any]:
     cfg = r["config"]
+    flops, ratio = flops_of(r, convention)
     acc = r["accuracy"]
     cil, til = acc.get("class_il", {}), acc.get("task_il", {})
     return {
@@ -92,8 +106,7 @@ def row_of(r: dict[str, Any]) -> dict[str, Any]:
         "buffer": (cfg.get("method_options") or {}).get("buffer_size", ""), "seed": cfg["seed"],
         "cil_acc": cil.get("acc"), "til_acc": til.get("acc"), "cil_bwt": cil.get("bwt"), "cil_fwt": cil.get("fwt"),
         "cil_forgetting": cil.get("forgetting"), "til_bwt": til.get("bwt"),
-        "flops": (r.get("flops") or {}).get("train"), "flops_ratio": (r.get("flops") or {}).get("ratio"),
-        "train_s": (r.get("timing") or {}).get("train_seconds"),
+        "flops": flops, "flops_ratio": ratio, "train_s": (r.get("timing") or {}).get("train_seconds"),
         # active fraction of the masked layers at the end (1.0 dense; '-' for runs older than the sparse core)
         "density": ((r.get("sparsity") or {}).get("overall") or {}).get("density"),
         # training memory footprint per SPEC (weights, gradients, activations, masks, buffer), 1e6 bytes
@@ -220,11 +233,12 @@ def _compare(row: dict[str, Any], refs: dict[str, tuple[float | None, float]]) -
 
 
 def render_table(results: list[dict[str, Any]], fmt: str = "md", aggregate: bool = False,
-                 baseline: str | None = None) -> str:
+                 baseline: str | None = None, convention: str = "spec") -> str:
     """Markdown or CSV table, one row per run (or per configuration with ``aggregate``); with
     ``baseline`` (a method name) two more columns compare each row with that method's runs under
-    the same protocol: Class-IL ACC difference and training FLOPs ratio."""
-    rows = [row_of(r) for r in results]
+    the same protocol: Class-IL ACC difference and training FLOPs ratio. FLOPs are counted under
+    ``convention`` (``spec`` or ``sparcl-paper``, see :mod:`sparsecl.sparse.flops`)."""
+    rows = [row_of(r, convention) for r in results]
     for row, options in zip(rows, varied_options(results)):
         row["options"] = options
     columns = list(COLUMNS)

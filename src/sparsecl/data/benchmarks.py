@@ -49,12 +49,24 @@ class LoadRequest:
 
 
 @dataclass(frozen=True)
+class ProtocolShape:
+    """What a benchmark's protocol looks like without its data (for FLOP planning): the input
+    shape, classes, training examples per task (dataset class order) and the default backbone."""
+
+    input_shape: tuple[int, int, int]
+    n_classes: int
+    train_sizes: tuple[int, ...]
+    default_backbone: str
+
+
+@dataclass(frozen=True)
 class BenchmarkInfo:
     """A registered benchmark: a one-line description and the function that builds it."""
 
     description: str
     build: Callable[[LoadRequest], TaskStream]
     accepts: frozenset[str] = frozenset()  # optional arguments besides class_order/n_tasks ("root", "image_size")
+    shape: ProtocolShape | None = None  # the protocol's shape, for benchmarks with fixed published data
 
 
 BENCHMARKS: Registry[BenchmarkInfo] = Registry("benchmark")
@@ -198,9 +210,9 @@ def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
 # --------------------------------------------------------------------------------------------
 
 
-def _register(name: str, description: str, accepts: Sequence[str] = ()) -> Callable:
+def _register(name: str, description: str, accepts: Sequence[str] = (), shape: ProtocolShape | None = None) -> Callable:
     def deco(fn: Callable[[LoadRequest], TaskStream]) -> Callable[[LoadRequest], TaskStream]:
-        BENCHMARKS.add(name, BenchmarkInfo(description, fn, frozenset(accepts)))
+        BENCHMARKS.add(name, BenchmarkInfo(description, fn, frozenset(accepts), shape))
         return fn
 
     return deco
@@ -214,7 +226,13 @@ def _digits(req: LoadRequest) -> TaskStream:
     return _simple(req, data, 10, 5, AugmentSpec(mean=DIGITS_MEAN, std=DIGITS_STD), "mlp")
 
 
-@_register("seq-mnist", "MNIST 28x28, 5 tasks x 2, no augmentation (Mammoth)")
+# MNIST's training examples per digit 0..9, paired by task (0-1, 2-3, ...).
+_MNIST_TASKS = (5923 + 6742, 5958 + 6131, 5842 + 5421, 5918 + 6265, 5851 + 5949)
+_CIFAR10_SHAPE = ProtocolShape((3, 32, 32), 10, (10000,) * 5, "resnet18")
+
+
+@_register("seq-mnist", "MNIST 28x28, 5 tasks x 2, no augmentation (Mammoth)",
+           shape=ProtocolShape((1, 28, 28), 10, _MNIST_TASKS, "mlp"))
 def _seq_mnist(req: LoadRequest) -> TaskStream:
     data = readers.read_mnist(dl.ensure_mnist(req.data_dir, req.download))
     return _simple(req, data, 10, 5, AugmentSpec(), "mlp")
@@ -261,13 +279,13 @@ CIFAR10_AUG = AugmentSpec(crop_padding=4, hflip=True, mean=CIFAR10_MEAN, std=CIF
 CIFAR100_AUG = AugmentSpec(crop_padding=4, hflip=True, mean=CIFAR100_MEAN, std=CIFAR100_STD)
 
 
-@_register("seq-cifar10", "CIFAR-10 pickles, 5 tasks x 2, crop+flip (SparCL/DER)")
+@_register("seq-cifar10", "CIFAR-10 pickles, 5 tasks x 2, crop+flip (SparCL/DER)", shape=_CIFAR10_SHAPE)
 def _seq_cifar10(req: LoadRequest) -> TaskStream:
     data = readers.read_cifar10(dl.ensure_cifar10(req.data_dir, req.download))
     return _simple(req, data, 10, 5, CIFAR10_AUG, "resnet18")
 
 
-@_register("seq-cifar10-jpeg", "CIFAR-10 JPEG folder <data_dir>/cifar10-jpeg, 5 x 2")
+@_register("seq-cifar10-jpeg", "CIFAR-10 JPEG folder <data_dir>/cifar10-jpeg, 5 x 2", shape=_CIFAR10_SHAPE)
 def _seq_cifar10_jpeg(req: LoadRequest) -> TaskStream:
     root = req.data_dir / "cifar10-jpeg"
     if not (root / "train").is_dir() or not (root / "test").is_dir():
@@ -329,7 +347,8 @@ def _cifar100_superclass(req: LoadRequest) -> TaskStream:
     return make_stream(req.name, data, order, 20, CIFAR100_AUG, "resnet18")
 
 
-@_register("seq-tinyimg", "Tiny-ImageNet 64x64, 10 tasks x 20, crop+flip (Mammoth)")
+@_register("seq-tinyimg", "Tiny-ImageNet 64x64, 10 tasks x 20, crop+flip (Mammoth)",
+           shape=ProtocolShape((3, 64, 64), 200, (10000,) * 10, "resnet18"))
 def _seq_tinyimg(req: LoadRequest) -> TaskStream:
     data = readers.read_tiny_imagenet(dl.ensure_tiny_imagenet(req.data_dir, req.download))
     aug = AugmentSpec(crop_padding=4, hflip=True, mean=TINYIMG_MEAN, std=TINYIMG_STD)
@@ -361,6 +380,6 @@ def _miniimagenet(req: LoadRequest) -> TaskStream:
 
 
 __all__ = [
-    "load_benchmark", "benchmark_names", "BENCHMARKS", "BenchmarkInfo", "LoadRequest", "parse_class_order",
+    "load_benchmark", "benchmark_names", "BENCHMARKS", "BenchmarkInfo", "LoadRequest", "ProtocolShape", "parse_class_order",
     "make_stream", "channel_stats", "superclass_order", "default_data_dir",
 ]

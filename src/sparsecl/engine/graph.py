@@ -25,20 +25,22 @@ class CapturedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.idx: torch.Tensor | None = None
         self.batch_size = 0
-        self._train = self._fwd = self._step_samples = 0
+        self._train = self._fwd = self._replay = self._step_samples = 0
 
     def capture(self, idx: torch.Tensor) -> None:
         """Record the step for a batch of ``len(idx)`` and run it for ``idx`` (one training step)."""
         self.idx = idx.clone()
         self.batch_size = int(idx.shape[0])
         train0, fwd0 = self.counter.train_samples, self.counter.forward_samples
-        self.counter.new_step()
+        replay0 = self.counter.flops.n_replay_samples
+        self.counter.new_step(self.batch_size)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.loss_sum += self.step(self.idx)
         # What the Python of one step counted; replays add the same amounts.
         self._train = self.counter.train_samples - train0
         self._fwd = self.counter.forward_samples - fwd0
+        self._replay = self.counter.flops.n_replay_samples - replay0
         self._step_samples = self.counter.step_samples
         # Capture records without executing; the Python side effects above stand for this replay.
         self.graph.replay()
@@ -46,6 +48,6 @@ class CapturedStep:
     def replay(self, idx: torch.Tensor) -> None:
         self.idx.copy_(idx)
         self.graph.replay()
-        self.counter.add(self._train, self._fwd)
+        self.counter.add(self._train, self._fwd, self._replay)
         self.counter.step_samples = self._step_samples
         self.method.after_graph_replay(self.batch_size)

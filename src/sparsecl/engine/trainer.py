@@ -34,8 +34,9 @@ from sparsecl.methods import METHODS, Batch, ContinualMethod, MethodContext
 from sparsecl.metrics.accuracy import summarize
 from sparsecl.metrics.efficiency import memory_footprint, peak_memory_bytes, reset_peak_memory
 from sparsecl.models import build_model
-from sparsecl.sparse.accounting import capacity_report, parameter_densities, sparsity_report
+from sparsecl.sparse.accounting import capacity_report, sparsity_report
 from sparsecl.sparse.export import INFERENCE_HEAD, TASK_VIEWS, compact_task_views, method_task_views
+from sparsecl.sparse.flops import CONVENTIONS as FLOP_CONVENTIONS
 from sparsecl.sparse.flops import FlopCounter, profile_layers
 
 CHECKPOINT = "checkpoint.pt"
@@ -74,7 +75,10 @@ class SampleCounter:
 
     A forward with autograd enabled is a training sample (forward + backward); without autograd it
     is forward-only (e.g. a teacher's logits). Methods therefore need no bookkeeping of their own,
-    and buffer samples, second passes and skipped data are all reflected automatically.
+    and buffer samples, second passes and skipped data are all reflected automatically. Within a
+    step, the first rows trained are the current batch, and rows beyond it are replayed as far as
+    the method drew buffer samples in the step (:meth:`note_replay`; SAM's second pass of the same
+    rows is training again); samples outside the steps (task-end passes) are counted as such.
     """
 
     def __init__(self, model: nn.Module, flops: FlopCounter) -> None:
@@ -84,19 +88,31 @@ class SampleCounter:
         self.forward_samples = 0
         # The memory formula's batch size: the most training samples of the current step whose
         # activations are alive at once. A forward adds its samples; a backward through its output
-        # frees the graph, so sequential passes (SAM's two, SparCL's importance passes) count as
-        # their largest, while DER++'s three forwards under one loss count together.
+        # frees the graph, so sequential passes (SAM's two) count as their largest, while DER++'s
+        # three forwards under one loss count together.
         self.step_samples = 0
         self._live = 0
+        self.in_step = False  # between new_step() and end_steps(): samples of training steps
+        self._current_left = self._replay_left = 0
         # Distributed, sharded step: each rank sees 1/world of the step's samples, so counts are
         # scaled by the world size and every rank holds the global (single-process) totals.
         self.scale = 1
         self._handle = model.register_forward_pre_hook(self._hook)
         self._out_handle = model.register_forward_hook(self._watch_output)
 
-    def new_step(self) -> None:
-        """Called by the engine before each training step."""
+    def new_step(self, current: int = 0) -> None:
+        """Called by the engine before each training step of ``current`` (global) examples."""
         self.step_samples = self._live = 0
+        self.in_step = True
+        self._current_left, self._replay_left = int(current), 0
+
+    def end_steps(self) -> None:
+        """Called after a task's last step: later passes (task-end) are outside the steps."""
+        self.in_step = False
+
+    def note_replay(self, n: int) -> None:
+        """The method drew ``n`` (global) buffer samples for this step's training."""
+        self._replay_left += int(n)
 
     # Under --compile the hook runs eagerly beside the compiled graph (a graph break before the
     # forward), so its Python counting is not traced into, or frozen by, the compiled code.
@@ -109,12 +125,25 @@ class SampleCounter:
             self._live += n  # per device: it sizes the activation memory
             self.step_samples = max(self.step_samples, self._live)
             n *= self.scale
-            self.train_samples += n
-            self.flops.train_samples(n)
+            current = min(n, self._current_left)
+            replay = min(n - current, self._replay_left)
+            self._current_left -= current
+            self._replay_left -= replay
+            self._count(n, 0, replay)
         else:
-            n *= self.scale
-            self.forward_samples += n
-            self.flops.forward_samples(n)
+            self._count(0, n * self.scale, 0)
+
+    def _count(self, train: int, forward: int, replay: int) -> None:
+        """``train`` training samples (``replay`` of them from the buffer), ``forward`` forward-only."""
+        extra = not self.in_step
+        self.train_samples += train
+        self.forward_samples += forward
+        if train - replay:
+            self.flops.train_samples(train - replay, extra=extra)
+        if replay:
+            self.flops.train_samples(replay, replay=True, extra=extra)
+        if forward:
+            self.flops.forward_samples(forward, extra=extra)
 
     @torch.compiler.disable
     def _watch_output(self, module: nn.Module, args: tuple, out: Any) -> None:
@@ -124,15 +153,9 @@ class SampleCounter:
     def _freed(self, grad: torch.Tensor) -> None:
         self._live = 0  # a backward reached this forward's output: its graph is being freed
 
-    def add(self, train: int, forward: int) -> None:
-        """Count a step that ran without Python (a CUDA graph replay)."""
-        train, forward = train * self.scale, forward * self.scale
-        if train:
-            self.train_samples += train
-            self.flops.train_samples(train)
-        if forward:
-            self.forward_samples += forward
-            self.flops.forward_samples(forward)
+    def add(self, train: int, forward: int, replay: int = 0) -> None:
+        """Count passes the hook cannot see (a CUDA graph replay, per-sample gradients)."""
+        self._count(train * self.scale, forward * self.scale, replay * self.scale)
 
     def state_dict(self) -> dict[str, int]:
         return {"train_samples": self.train_samples, "forward_samples": self.forward_samples}
@@ -265,6 +288,9 @@ class Trainer:
         else:  # checked before any data is loaded
             self.device = dist.select_device(cfg.device)
             check_distributed(cfg, dist.world_size)  # also covers resume and direct use
+        if cfg.threads is None:  # recorded in config.yaml: a run is reproducible for its thread count
+            cfg.threads = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)  # the same seed on every rank: identical init, orders and draws
 
         def load() -> TaskStream:
@@ -300,10 +326,11 @@ class Trainer:
         if cfg.cuda_graph:
             self.augment.prepare(self.device)
         self.layers = profile_layers(self.model, stream.input_shape)
-        self.flops = FlopCounter(self.layers)
+        self.flops = FlopCounter(self.layers, cfg.flop_convention)
         self.method.ctx.flops = self.flops  # sparse methods push their densities into it
         self.counter = SampleCounter(self.model, self.flops)
         self.method.ctx.count_samples = self.counter.add
+        self.method.ctx.note_replay = self.counter.note_replay
         T = self.stream.n_tasks
         self.state: dict[str, Any] = {
             "completed": 0,
@@ -372,7 +399,8 @@ class Trainer:
             n_batches = perm.shape[0] // bs if cfg.drop_last else math.ceil(perm.shape[0] / bs)
             bar.start_epoch(n_batches, self.counter.train_samples)
             loss_sum.zero_()
-            for b in range(n_batches):
+            b = 0
+            while b < n_batches:
                 idx = perm[b * bs : (b + 1) * bs]
                 full = idx.shape[0] == bs
                 if graph is not None and full:
@@ -382,7 +410,7 @@ class Trainer:
                     graph = CapturedStep(lambda i: self._step(split, i, task_index), loss_sum, self.counter, method)
                     graph.capture(idx)
                 else:
-                    self.counter.new_step()
+                    self.counter.new_step(int(idx.shape[0]))
                     if side is not None and graph is None:
                         side.wait_stream(torch.cuda.current_stream(self.device))
                         with torch.cuda.stream(side):
@@ -392,6 +420,11 @@ class Trainer:
                     eager_steps += 1
                 self.state["max_step_samples"] = max(self.state["max_step_samples"], self.counter.step_samples)
                 bar.batch_done()
+                b += 1
+                rest = method.epoch_rest(perm[b * bs :])
+                if rest is not None:  # data removed mid-epoch: fewer steps, full batches
+                    perm = torch.cat([perm[: b * bs], rest])
+                    n_batches = b + (rest.shape[0] // bs if cfg.drop_last else math.ceil(rest.shape[0] / bs))
             if side is not None and graph is None:
                 torch.cuda.current_stream(self.device).wait_stream(side)
             total = loss_sum
@@ -413,6 +446,7 @@ class Trainer:
         del graph  # frees the graph's memory pool before the next task captures its own
         if self.dist is not None:  # per-rank BatchNorm statistics: evaluate and save rank 0's
             self.dist.broadcast_buffers_(self.model)
+        self.counter.end_steps()
         method.end_task(task)
         self.counter.active = False
         self.state["epoch_loss"].append(losses)
@@ -421,7 +455,7 @@ class Trainer:
         cfg = self.cfg
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / CONFIG, recorded={"torch_threads": torch.get_num_threads()})
+            save_config(cfg, self.run_dir / CONFIG)
         if cfg.tensorboard and self.is_main:
             self.tb = EventWriter(self.run_dir / TENSORBOARD_DIR)
         try:
@@ -459,8 +493,8 @@ class Trainer:
                 masks, ownership = getattr(self.method, "masks", None), getattr(self.method, "ownership", None)
                 s["sparsity"] = sparsity_report(self.model, self.layers, masks, ownership,
                                                 policy=getattr(self.method, "mask_policy", None))
-                s["capacity"] = capacity_report(s["sparsity"], masks, ownership)
-                wd, gd = parameter_densities(self.model, masks)
+                s["capacity"] = capacity_report(s["sparsity"], masks, ownership, stored=self.method.stored_masks())
+                wd, gd = self.method.training_densities()  # EsaCL: dense while training, pruned after
                 s["footprint"] = memory_footprint(
                     self.layers, self.model, max(s["max_step_samples"], 1),
                     weight_density=wd, grad_density=gd,
@@ -490,6 +524,26 @@ class Trainer:
         if self.is_main:
             atomic_write_json(self.run_dir / RESULT, result)
         return result
+
+    def _flops_result(self) -> dict[str, Any]:
+        """result.json's ``flops``: the run's convention, both conventions, the selection cost."""
+        s, f = self.state, self.flops
+        train, dense = sum(s["flops"]), sum(s["dense_flops"])
+        conventions = {}
+        for c in FLOP_CONVENTIONS:
+            t = f.totals(c)
+            conventions[c] = {"train": t["train"], "dense_equivalent": t["dense_equivalent"],
+                              "ratio": t["train"] / t["dense_equivalent"] if t["dense_equivalent"] else None}
+        selection = f.selection
+        return {"train": train, "dense_equivalent": dense, "ratio": train / dense if dense else None,
+                "convention": f.convention, "conventions": conventions,
+                "selection": {"flops": selection, "share_of_train": selection / train if train else None,
+                              "samples": f.n_selection_samples},
+                "replayed_samples": f.n_replay_samples,
+                "per_task": s["flops"], "per_layer": f.per_layer(),
+                "note": "2 FLOPs per MAC of conv/linear layers; spec: backward = 2x forward for every trained sample; "
+                        "sparcl-paper: replayed samples one forward, gradient masks scale the whole backward, task-end "
+                        "passes not charged; selection (importance backward passes) apart; BN and activations omitted"}
 
     def _buffer_bytes(self) -> int:
         buffer = getattr(self.method, "buffer", None)
@@ -569,7 +623,7 @@ class Trainer:
             "versions": {"sparsecl": sparsecl.__version__, "torch": torch.__version__, "numpy": np.__version__,
                          "python": sys.version.split()[0]},
             "device": describe_device(self.device),
-            "torch_threads": torch.get_num_threads(),  # CPU results depend on it
+            "threads": torch.get_num_threads(),  # results are identical for the same seed and thread count
             **({"distributed": {"world_size": self.dist.world_size, "backend": self.dist.backend,
                                 "per_rank_batch": cfg.batch_size // self.dist.world_size}}
                if self.dist is not None else {}),
@@ -586,10 +640,7 @@ class Trainer:
             },
             "samples": {"trained_per_task": s["samples"], "trained": sum(s["samples"]),
                         "forward_only": self.counter.forward_samples},
-            "flops": {"train": sum(s["flops"]), "dense_equivalent": sum(s["dense_flops"]),
-                      "ratio": (sum(s["flops"]) / sum(s["dense_flops"])) if sum(s["dense_flops"]) else None,
-                      "per_task": s["flops"], "per_layer": self.flops.per_layer(),
-                      "note": "2 FLOPs per MAC of conv/linear layers, backward = 2x forward; BN, activations and selection overheads omitted"},
+            "flops": self._flops_result(),
             "method": s.get("method") or {},
             "sparsity": s.get("sparsity"),
             "capacity": s.get("capacity"),

@@ -9,9 +9,12 @@ vector on the device; the test is branch-free (``torch.where``), so there is no 
 
 Memory (option ``memory``):
 
-* ``"task"`` (default, the paper's episodic memory and Mammoth's ``agem``): at the end of each task,
+* ``"task"`` (default, the paper's episodic memory): at the end of each task,
   ``buffer_size // n_tasks`` examples drawn uniformly from that task's training data are stored;
   the memory holds only *past* tasks.
+* ``"batch"`` (Mammoth's ``agem``, whose A-GEM numbers the DER paper and SparCL's Table 1 report):
+  at the end of each task one training batch (``batch_size`` random examples of the task) is
+  stored, whatever ``buffer_size`` is (it must hold ``n_tasks`` batches).
 * ``"reservoir"`` (Mammoth's ``agem_r``): every batch is offered to the reservoir buffer, as ER
   does, so the memory also holds examples of the current task.
 
@@ -29,13 +32,13 @@ from sparsecl.data.stream import Task
 from sparsecl.methods.base import Batch, register_method
 from sparsecl.methods.er import ReplayMethod, ReplayOptions
 
-MEMORY_KINDS = ("task", "reservoir")
+MEMORY_KINDS = ("task", "batch", "reservoir")
 
 
 @dataclass
 class AGEMOptions(ReplayOptions):
     lr: float = 0.03
-    memory: str = "task"  # task (per-task episodic memory) | reservoir (Mammoth's agem_r)
+    memory: str = "task"  # task (the paper's per-task memory) | batch (Mammoth's agem) | reservoir (agem_r)
 
     def validate(self) -> None:
         super().validate()
@@ -63,6 +66,9 @@ class AGEM(ReplayMethod):
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
+        if options.memory == "batch" and options.buffer_size < ctx.batch_size * ctx.stream.n_tasks:
+            raise SparseCLError(f"memory=batch stores one batch per task: buffer_size must be >= "
+                                f"{ctx.batch_size} x {ctx.stream.n_tasks} tasks, got {options.buffer_size}")
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._numels = [p.numel() for p in self._params]
 
@@ -88,9 +94,10 @@ class AGEM(ReplayMethod):
         return loss.detach()
 
     def end_task(self, task: Task) -> None:
-        if self.opt.memory != "task":
+        if self.opt.memory == "reservoir":
             return
-        k = min(self.buffer.capacity // self.ctx.stream.n_tasks, len(task.train))
+        per_task = self.ctx.batch_size if self.opt.memory == "batch" else self.buffer.capacity // self.ctx.stream.n_tasks
+        k = min(per_task, len(task.train))
         if k == 0:
             return
         idx = torch.randperm(len(task.train), device=self.device)[:k]

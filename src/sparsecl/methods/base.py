@@ -78,6 +78,22 @@ class RankView(Protocol):
 
 
 @dataclass
+class StepOutputs:
+    """The logits of one replay step (see :meth:`ContinualMethod.before_backward`). ``*_rows``: the
+    samples of the forward pass each block of logits came out of, i.e. what a backward through
+    it traverses (a fused forward of current and buffer data traverses both)."""
+
+    current: torch.Tensor  # logits of the current batch
+    y: torch.Tensor
+    task_id: int
+    current_rows: int
+    buffer: torch.Tensor | None = None  # logits of the buffer minibatch trained with labels
+    buffer_y: torch.Tensor | None = None
+    buffer_task: torch.Tensor | None = None
+    buffer_rows: int = 0
+
+
+@dataclass
 class MethodContext:
     """What a method may know about the run, handed over at construction."""
 
@@ -95,6 +111,9 @@ class MethodContext:
     # Set by the engine: counts (train samples, forward-only samples) of model passes that its
     # forward pre-hook cannot see (per-sample gradients under torch.func, backbone-only passes).
     count_samples: Callable[[int, int], None] | None = None
+    # Set by the engine: told how many buffer samples a step drew for training (the FLOP
+    # conventions charge replayed samples differently, SPEC Metrics).
+    note_replay: Callable[[int], None] | None = None
     # This rank's process group and step-sharding state under torchrun; None in a single process.
     dist: RankView | None = None
 
@@ -175,6 +194,16 @@ class ContinualMethod:
         self.optimizer.step()
         return loss.detach()
 
+    def epoch_rest(self, rest: torch.Tensor) -> torch.Tensor | None:
+        """After each step: the positions still to train on in this epoch when the method removed
+        some of ``rest`` mid-epoch (SparCL's DDR; the epoch then has fewer full batches), else
+        None (the default; no device work)."""
+        return None
+
+    def before_backward(self, step: StepOutputs) -> None:
+        """Called by replay methods with the logits their loss is built from, before its backward
+        (SparCL takes its importance gradients from this graph instead of extra passes)."""
+
     def draw_sizes(self) -> list[int]:
         """Global sizes of the buffer draws the next :meth:`observe` makes (replay methods); the
         engine shards a distributed step only when all of them split evenly over the ranks."""
@@ -247,6 +276,18 @@ class ContinualMethod:
         """The classifier :meth:`eval_logits` applies instead of the model's own head, for the export
         (``{"kind": ..., tensors}``), or ``None`` when the model's logits are the classifier (the
         default). iCaRL returns its class means (``kind`` ``nearest-mean``)."""
+        return None
+
+    def training_densities(self) -> tuple[float | None, float | None]:
+        """``(1 - s, 1 - (s + q))`` over all parameters while training, for the memory footprint:
+        from the masks in force (the default), ``(None, None)`` to measure the weights (dense runs)."""
+        from sparsecl.sparse.accounting import parameter_densities
+
+        return parameter_densities(self.model, self.masks)
+
+    def stored_masks(self) -> tuple[int, int] | None:
+        """``(number, bytes)`` of the masks the method keeps, for capacity (EsaCL eq. 6.24), when
+        its :attr:`masks` are not what it stores; ``None`` (default): counted from the masks."""
         return None
 
     def report(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import torch
 
 from sparsecl import SparseCLError
 from sparsecl.data.buffer import ReservoirBuffer
-from sparsecl.methods.base import Batch, ContinualMethod, MethodOptions, register_method
+from sparsecl.methods.base import Batch, ContinualMethod, MethodOptions, StepOutputs, register_method
 
 
 @dataclass
@@ -46,6 +46,8 @@ class ReplayMethod(ContinualMethod):
         Distributed: every rank draws and augments the same global minibatch (same RNG stream as
         one process) and keeps its slice."""
         _, x_raw, *rest = self.buffer.sample(self.minibatch, "x", *fields)
+        if self.ctx.note_replay is not None:
+            self.ctx.note_replay(int(x_raw.shape[0]))
         out = (self.ctx.augment.train(x_raw), *rest)
         d = self.ctx.dist
         return out if d is None else tuple(d.shard(t) for t in out)
@@ -91,7 +93,13 @@ class ER(ReplayMethod):
             bx, by, bt = self.draw("y", "task")
             x, y = torch.cat([x, bx]), torch.cat([y, by])
             tasks = torch.cat([torch.full_like(batch.y, batch.task_id), bt])
-        loss = self.loss(self.net(x), y, tasks)
+        out = self.net(x)
+        loss = self.loss(out, y, tasks)
+        n, rows = batch.y.shape[0], x.shape[0]
+        step = StepOutputs(out[:n], batch.y, batch.task_id, rows)
+        if rows > n:
+            step.buffer, step.buffer_y, step.buffer_task, step.buffer_rows = out[n:], y[n:], tasks[n:], rows
+        self.before_backward(step)
         loss.backward()
         self.optimizer.step()
         self.remember(batch)

@@ -62,7 +62,6 @@ from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions
 from sparsecl.methods.derpp import DERpp, DERppOptions
 from sparsecl.methods.er import ER, ReplayOptions
 from sparsecl.methods.ewc import EWCOptions, OnlineEWC
-from sparsecl.metrics.efficiency import CAPACITY_GAMMA, model_capacity
 from sparsecl.models.batchnorm import frozen_bn_stats, reestimate_bn_stats
 from sparsecl.optim.frank_wolfe import RESCALES, StochasticFrankWolfe, ksparse_radius
 from sparsecl.optim.sam import SAM
@@ -420,6 +419,17 @@ class EsaCLMixin:
         super().end_task(task)  # e.g. EWC's Fisher and anchor, on the pruned model
 
     # ------------------------------------------------------------------ reporting
+    def training_densities(self) -> tuple[float, float]:
+        """EsaCL trains dense (SPEC): every task's training holds dense weights and gradients; the
+        prune at a task's end enters capacity and the exported model only."""
+        return 1.0, 1.0
+
+    def stored_masks(self) -> tuple[int, int]:
+        """``isolate`` stores the frozen weights' mask; ``expand`` none (the zeros are the mask)."""
+        if self.opt.isolate and self.masks is not None:
+            return 1, self.masks.mask_bytes()
+        return 0, 0
+
     def report(self) -> dict[str, Any]:
         out = super().report()
         o = self.opt
@@ -431,13 +441,8 @@ class EsaCLMixin:
             "keep_frac": o.keep_frac,
             "prune": self.records,
             "polytope": {n: {"k": self.k[n], "radius": self.radius[n]} for n in self.radius},
-            "capacity": None if last is None else {
-                "paper_formula": model_capacity(1.0 - last["density_overall"], n_masks, CAPACITY_GAMMA),
-                "measured": model_capacity(1.0 - last["nonzero_fraction_all_parameters"], n_masks, CAPACITY_GAMMA),
-                "stored_masks": n_masks, "gamma": CAPACITY_GAMMA,
-                "note": "(1 - S) + (1 - gamma) T / 32 (eq. 6.24); paper_formula: S = pruning sparsity of the "
-                        "pruned layers; measured: S = zero fraction of all parameters after the last prune",
-            },
+            "capacity_note": "result.json capacity: eq. 6.24 with the measured nonzero fraction of all parameters "
+                             "after the last prune and the masks stored (isolate: 1, expand: 0)",
             "flops_note": "selection pass = forward-only samples, both SAM passes = training samples; layers run "
                           "dense during training (pruned positions are re-initialised), sparse after each prune",
         }

@@ -10,11 +10,14 @@ over the masked layers (``policy``; the seq-cifar10 presets mask the 3x3 convs o
 blocks, as SparCL's code does), random at the start. Continual weight importance
 ``CWI(w) = |w| + cwi_alpha |g_cur(w)| + cwi_beta |g_buf(w)|`` where ``g_cur`` is the gradient of
 the single-head cross-entropy of the current data (other tasks' logits at -inf) and ``g_buf`` the
-gradient of the cross-entropy of buffer data, each averaged over the batches since the last mask
-update (gathered every ``importance_every`` steps by an extra forward/backward of the current batch
-and of a buffer minibatch, charged to the FLOP counter at the mask's density with dense-in-mask
-weight gradients). A task's training is cut into stages of ``delta_k`` epochs (fractions allowed:
-seq-mnist trains one epoch per task). At the end of each stage but the last:
+gradient of the cross-entropy of buffer data (the replay method's labelled buffer minibatch), each
+averaged over the gathering steps since the last mask update. They cost no extra forward pass: on
+every ``importance_every``-th step of a stage (its first included) two ``autograd.grad`` calls run
+through the logits the step's own forward produced (``before_backward``), before its training
+backward. Their backward passes are the selection cost, charged apart from the training
+FLOPs (``flops.selection`` in result.json); none run in the last stage of a task unless DGM
+refreshes still read them. A task's training is cut into stages of ``delta_k`` epochs (fractions
+allowed: seq-mnist trains one epoch per task). At the end of each stage but the last:
 
 - *inter-task* (first stage end of tasks 2, 3, ...): the ``p_inter`` share of each layer that was
   added at random when the task began is removed again, lowest CWI first, back to ``s``;
@@ -25,11 +28,13 @@ So the density is exactly ``1 - s`` except in the documented window from the sta
 to its first stage end, where it is ``1 - s + p_inter``. The last stage keeps the mask fixed.
 
 **Dynamic data removal (DDR).** Every training example of the task counts its misclassifications
-(argmax over the classes seen so far, on the training forward pass) during each stage. At the end
-of stages 1 .. ``ddr_cutoff`` the examples with the fewest misclassifications in that stage are
-removed (ties at random), ``ddr_rho / ddr_cutoff`` of the task's data each time (exact counts:
-``round(ddr_rho * n)`` are gone after the cutoff stage). Removed examples are never trained on or
-offered to the buffer again in that task; the buffer's earlier examples are untouched.
+(argmax over the classes seen so far, on the training forward pass) and its visits during each
+stage. At the end of stages 1 .. ``ddr_cutoff`` the examples trained on in that stage with the
+fewest misclassifications per visit are removed (ties at random), ``ddr_rho / ddr_cutoff`` of the
+task's data each time (exact counts: ``round(ddr_rho * n)`` are gone after the cutoff stage, as
+long as each stage visits enough examples). Examples not visited in a stage are never candidates.
+Removed examples are never trained on or offered to the buffer again in that task (the rest of
+the epoch drops them, so it has fewer full batches); the buffer's earlier examples are untouched.
 
 **Dynamic gradient masking (DGM).** Among the active weights, keep only the gradients with the
 highest ``CGI = cwi_alpha |g_cur| + cwi_beta |g_buf|`` so that the total gradient sparsity is
@@ -39,9 +44,9 @@ first refresh every active weight gets its gradient. DGM needs plain SGD (moment
 would still move the weights whose gradient is masked).
 
 Decisions where the paper is silent: the importance and misclassification statistics restart at
-every task (a new data distribution); the extra importance passes run with BatchNorm statistics
-frozen, so they do not change the model; stages follow the data actually trained (after DDR an
-epoch is shorter).
+every task (a new data distribution); the importance gradients come from the step's training-mode
+forward (BatchNorm batch statistics, as the training loss sees them); stages follow the data
+actually trained (after DDR an epoch is shorter).
 """
 from __future__ import annotations
 
@@ -55,13 +60,27 @@ from torch import nn
 
 from sparsecl import SparseCLError
 from sparsecl.data.stream import Task
-from sparsecl.methods.base import Batch, register_method
+from sparsecl.methods.base import Batch, StepOutputs, register_method
 from sparsecl.methods.derpp import DERpp, DERppOptions
 from sparsecl.methods.er import ER, ReplayOptions
 from sparsecl.methods.masked import MaskedTraining, MaskOptions
-from sparsecl.models.batchnorm import frozen_bn_stats
 from sparsecl.sparse.growth import drop_and_grow_, drop_lowest, grow
 from sparsecl.sparse.masks import MaskSet, topk_mask
+
+
+def stage_count(epochs: int, delta_k: float) -> int:
+    """Stages of ``delta_k`` epochs in a task of ``epochs`` (the last may be shorter)."""
+    return math.ceil(epochs / delta_k - 1e-9)
+
+
+def stage_ends_by(progress: float, stage: int, n_stages: int, delta_k: float) -> bool:
+    """Whether stage ``stage`` (0-based, not the last) has ended at ``progress`` epochs."""
+    return stage < n_stages - 1 and progress >= (stage + 1) * delta_k - 1e-9
+
+
+def ddr_target(rho: float, n: int, stage: int, cutoff: int) -> int:
+    """Examples of a task of ``n`` that DDR has removed once stage ``stage`` (1-based) ended."""
+    return round(rho * n * min(stage, cutoff) / cutoff)
 
 
 @dataclass
@@ -73,7 +92,10 @@ class SparCLFields:
     delta_k: float = 5.0  # epochs per stage (mask update / data removal interval); fractions allowed
     p_intra: float = 0.005  # share of each layer dropped and regrown at every stage end
     p_inter: float = 0.01  # share of each layer added at a task's start and removed at its first stage end
-    importance_every: int = 1  # gather CWI/CGI gradients every N steps (1 = every batch, SPEC)
+    # gather CWI/CGI gradients on every N-th step of a stage (its first included), from that step's
+    # own graph (SPEC: a subset of steps; 64 keeps the selection cost of seq-cifar10 SparCL-DER++
+    # under 2 % of the training FLOPs in both FLOP conventions: 0.75 % spec, 1.4 % sparcl-paper)
+    importance_every: int = 64
     tdm: bool = True  # task-aware dynamic masking (off: the initial random mask stays fixed)
     ddr: bool = True  # dynamic data removal
     ddr_rho: float = 0.3  # share of each task's data removed by the cutoff stage
@@ -110,6 +132,14 @@ class SparCLFields:
         return s + 0.2 * (1.0 - s) if self.grad_sparsity is None else float(self.grad_sparsity)
 
 
+def importance_read(o: SparCLFields, stage: int, n_stages: int) -> bool:
+    """Whether anything reads importance gathered in ``stage``: mask updates (every stage but the
+    last ends in one) or DGM refreshes (at stage ends, and every ``dgm_interval`` steps)."""
+    if stage < n_stages - 1:
+        return o.tdm or o.dgm
+    return o.dgm and o.dgm_interval > 0
+
+
 class SparCL(MaskedTraining):
     """Mixin: TDM, DDR and DGM around a replay method (put it before the method's class)."""
 
@@ -118,7 +148,7 @@ class SparCL(MaskedTraining):
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
         o = options
-        self.n_stages = math.ceil(ctx.epochs / o.delta_k - 1e-9)
+        self.n_stages = stage_count(ctx.epochs, o.delta_k)
         if o.tdm and o.p_inter > 0 and self.n_stages < 2:
             raise SparseCLError(f"delta_k={o.delta_k} leaves one stage per task ({ctx.epochs} epochs): the "
                                 "inter-task expansion could never shrink back; use a smaller delta_k")
@@ -140,12 +170,15 @@ class SparCL(MaskedTraining):
         self._g_buf = [torch.zeros_like(self.masks.params[k]) for k in self.mask_names]
         self._n_cur = self._n_buf = 0
         self._wrong = torch.zeros(n, dtype=torch.int32, device=dev)
+        self._visits = torch.zeros(n, dtype=torch.int32, device=dev)  # training visits in this stage
         self._removed = torch.zeros(n, dtype=torch.bool, device=dev)
         self._n_removed = 0
         self._stage = 0  # stage ends done in this task
         self._epoch, self._batch, self._batches = 0, 0, 1
-        self._filter = False  # data removed mid-epoch: filter the batches of this epoch
+        self._trim = False  # data removed mid-epoch: the rest of this epoch's order must drop it
+        self._gather = False  # this step's graph gives the importance gradients
         self._steps = 0
+        self._stage_steps = 0  # steps since the stage began (its first step gathers importance)
         self._seen = self.class_task <= task.index  # classes seen so far (misclassification argmax)
         self._expanded: dict[str, int] = {}
         if self.masks is not None:
@@ -175,10 +208,18 @@ class SparCL(MaskedTraining):
         kept = n - self._n_removed
         self._epoch, self._batch = epoch, 0
         self._batches = max(1, math.ceil(kept / self.ctx.batch_size))
-        self._filter = False
+        self._trim = False
         if self._n_removed == 0:
             return None
         return torch.nonzero(~self._removed).squeeze(1)
+
+    def epoch_rest(self, rest: torch.Tensor) -> torch.Tensor | None:
+        if not self._trim:
+            return None
+        self._trim = False
+        rest = rest[~self._removed[rest]]
+        self._batches = self._batch + math.ceil(rest.shape[0] / self.ctx.batch_size)
+        return rest
 
     @torch.compiler.disable  # under --compile: runs eagerly after the compiled forward
     def _count_misclassified(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
@@ -189,43 +230,51 @@ class SparCL(MaskedTraining):
         self._capture = None
         logits = out[: y.shape[0]].detach().masked_fill(~self._seen, float("-inf"))
         self._wrong.index_add_(0, index, (logits.argmax(1) != y).int())
+        self._visits.index_add_(0, index, torch.ones_like(index, dtype=torch.int32))
 
     @torch.no_grad()
     def _remove_data(self) -> int:
-        """Remove the next ``rho / cutoff`` share: fewest misclassifications this stage, ties at random."""
+        """Remove the next ``rho / cutoff`` share among the examples trained on in this stage:
+        fewest misclassifications per visit first, ties at random. Unvisited examples are never
+        candidates (a stage shorter than an epoch would otherwise remove them as "easiest")."""
         n = len(self._removed)
-        target = round(self.opt.ddr_rho * n * self._stage / self.opt.ddr_cutoff)
-        k = target - self._n_removed
+        target = ddr_target(self.opt.ddr_rho, n, self._stage, self.opt.ddr_cutoff)
+        candidates = (self._visits > 0) & ~self._removed
+        k = min(target - self._n_removed, int(candidates.sum()))
         if k <= 0:
             return 0
-        score = self._wrong.float() + torch.rand(n, device=self.device)  # random tie-break within a count
-        score.masked_fill_(self._removed, float("inf"))
-        self._removed |= topk_mask(-score, k)
+        rate = self._wrong.float() / self._visits.clamp(min=1).float()
+        rate.masked_fill_(~candidates, float("inf"))
+        shuffled = torch.randperm(n, device=self.device)  # random order among equal rates
+        order = shuffled[torch.argsort(rate[shuffled], stable=True)]
+        self._removed[order[:k]] = True
         self._n_removed += k
         return k
 
     # ------------------------------------------------------------------ importance
-    def _gather_importance(self, batch: Batch) -> None:
-        """Add this step's g_cur (single-head CE, current batch) and g_buf (CE, a buffer minibatch)."""
+    def _importance_read(self) -> bool:
+        return importance_read(self.opt, self._stage, self.n_stages)
+
+    def before_backward(self, step: StepOutputs) -> None:
+        """On gathering steps, g_cur (single-head CE of the current logits) and g_buf (CE of the
+        buffer minibatch's logits) by backward passes through the step's own graph, which the
+        training backward then reuses. Charged as selection cost: one backward (every active
+        weight's gradient) of the forward rows each traverses."""
+        super().before_backward(step)
+        if not self._gather:
+            return
         weights = [self.masks.params[n] for n in self.mask_names]
-        flops = self.ctx.flops
-        if flops is not None and self.masks.grad_masks:
-            known = {p.weight for p in flops.layers}
-            for n in self.mask_names:  # importance needs the gradient of every active weight
-                if n in known:
-                    flops.set_density(n, self.masks.density(n), self.masks.density(n))
-        with frozen_bn_stats(self.model):
-            logits = self.net(batch.x)
-            loss = F.cross_entropy(self.mask_logits(logits, batch.task_id), batch.y)
-            torch._foreach_add_(self._g_cur, torch.autograd.grad(loss, weights))
-            self._n_cur += 1
-            if not self.buffer.is_empty:
-                bx, by, bt = self.draw("y", "task")
-                loss = self.loss(self.net(bx), by, bt)
-                torch._foreach_add_(self._g_buf, torch.autograd.grad(loss, weights))
-                self._n_buf += 1
-        if flops is not None and self.masks.grad_masks:
-            self.masks.push_flops()
+        loss = F.cross_entropy(self.mask_logits(step.current, step.task_id), step.y)
+        torch._foreach_add_(self._g_cur, torch.autograd.grad(loss, weights, retain_graph=True))
+        self._n_cur += 1
+        rows = step.current_rows
+        if step.buffer is not None:
+            loss = self.loss(step.buffer, step.buffer_y, step.buffer_task)
+            torch._foreach_add_(self._g_buf, torch.autograd.grad(loss, weights, retain_graph=True))
+            self._n_buf += 1
+            rows += step.buffer_rows
+        if self.ctx.flops is not None:
+            self.ctx.flops.selection_samples(rows)
 
     def _scores(self, with_weight: bool) -> dict[str, torch.Tensor]:
         """CWI (``with_weight``) or CGI per masked layer from the averaged gradients."""
@@ -275,22 +324,16 @@ class SparCL(MaskedTraining):
 
     # ------------------------------------------------------------------ training
     def observe(self, batch: Batch) -> torch.Tensor:
-        if self._filter:  # examples removed during this epoch are skipped (one host sync per step)
-            keep = ~self._removed[batch.index]
-            if not bool(keep.all()):
-                batch = Batch(batch.x[keep], batch.y[keep], batch.x_raw[keep], batch.index[keep], batch.task_id)
-        if batch.y.numel() == 0:
-            loss = torch.zeros((), device=self.device)
-        else:
-            if self._steps % self.opt.importance_every == 0 and (self.opt.tdm or self.opt.dgm):
-                self._gather_importance(batch)
-            if self.opt.ddr:
-                self._capture = (batch.index, batch.y)
-            loss = super().observe(batch)
-            self._capture = None
-            self._steps += 1
-            if self.opt.dgm and self.opt.dgm_interval and self._steps % self.opt.dgm_interval == 0:
-                self._refresh_grad_masks()
+        self._gather = self._stage_steps % self.opt.importance_every == 0 and self._importance_read()
+        if self.opt.ddr:
+            self._capture = (batch.index, batch.y)
+        loss = super().observe(batch)
+        self._capture = None
+        self._gather = False
+        self._steps += 1
+        self._stage_steps += 1
+        if self.opt.dgm and self.opt.dgm_interval and self._steps % self.opt.dgm_interval == 0:
+            self._refresh_grad_masks()
         self._batch += 1
         # Stage ends inside an epoch (fractional delta_k); ends at an epoch's end run in end_epoch.
         progress = self._epoch + min(self._batch / self._batches, 1.0 - 1e-9)
@@ -302,7 +345,7 @@ class SparCL(MaskedTraining):
         self._stage_ends_upto(epoch + 1.0)
 
     def _stage_ends_upto(self, progress: float) -> None:
-        while self._stage < self.n_stages - 1 and progress >= (self._stage + 1) * self.opt.delta_k - 1e-9:
+        while stage_ends_by(progress, self._stage, self.n_stages, self.opt.delta_k):
             self._stage_end()
 
     def _stage_end(self) -> None:
@@ -313,12 +356,13 @@ class SparCL(MaskedTraining):
             self._update_mask()
         if o.ddr and self._stage <= o.ddr_cutoff:
             removed = self._remove_data()
-            if removed:
-                self._filter = True  # for the rest of this epoch; later epochs never draw them
+            self._trim = removed > 0  # the rest of this epoch drops them; later epochs never draw them
         if o.dgm:
             self._refresh_grad_masks()
         self._reset_importance()
         self._wrong.zero_()
+        self._visits.zero_()
+        self._stage_steps = 0
         self.history[-1]["stages"].append({
             "stage": self._stage, "at_epoch": round(self._stage * o.delta_k, 6), "removed": removed,
             "kept_examples": len(self._removed) - self._n_removed, "density": self.masks.density(),
@@ -355,6 +399,9 @@ class SparCL(MaskedTraining):
 class SparCLEROptions(ReplayOptions, MaskOptions, SparCLFields):
     lr: float = 0.1
     sparsity: float = 0.75
+    # ER forwards current and buffer rows together, so each importance gradient traverses both:
+    # twice DER++'s selection cost per gathering step (128: 1.2 % spec, 1.8 % sparcl-paper)
+    importance_every: int = 128
 
     def validate(self) -> None:
         super().validate()

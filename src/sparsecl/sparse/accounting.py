@@ -91,15 +91,18 @@ def sparsity_report(model: nn.Module, layers: list[LayerProfile], masks: MaskSet
 
 
 def capacity_report(sparsity: dict[str, Any], masks: MaskSet | None = None, ownership: TaskOwnership | None = None,
-                    *, gamma: float = CAPACITY_GAMMA) -> dict[str, Any]:
+                    *, stored: tuple[int, int] | None = None, gamma: float = CAPACITY_GAMMA) -> dict[str, Any]:
     """EsaCL eq. 6.24 from a :func:`sparsity_report`: ``(1 - S) + (1 - gamma) * T / 32``.
 
     ``1 - S`` is the measured nonzero fraction of all parameters; ``T`` the number of masks the
     method stores (0 for a dense run, 1 for one shared mask, one per task under parameter
-    isolation). ``mask_bytes`` are the real bytes of those masks as packed bitmasks.
+    isolation), or ``stored = (T, bytes)`` when the method says so (EsaCL's expand mode stores
+    none: its zeros are the mask). ``mask_bytes`` are the real bytes of those masks as packed bitmasks.
     """
     nonzero = float(sparsity["overall"]["nonzero_fraction"])
-    if ownership is not None:
+    if stored is not None:
+        n_masks, mask_bytes = stored
+    elif ownership is not None:
         n_masks, mask_bytes = ownership.n_tasks, ownership.task_mask_bytes()
     elif masks is not None and len(masks):
         n_masks, mask_bytes = 1, masks.mask_bytes()
