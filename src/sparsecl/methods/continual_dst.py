@@ -33,8 +33,11 @@ A weight is *free* until a task trains it, then *frozen* and owned by that task
 
 Evaluation of task j: ``M_j`` over the stored values, nothing else, with task j's head. For a task
 whose mask does not exist yet (forward transfer's ``R[j-1][j]``, and the random-init reference
-before task 1) the model evaluated is the live one: the latest task's subnetwork (``M_{j-1}`` after
-task j-1, the random ``M_1`` drawn at construction before training) with task j's untrained head.
+before task 1) the model evaluated is the latest finished task's subnetwork (``M_{j-1}`` after task
+j-1; before any training the random ``M_1`` drawn at construction, at its initial values) with
+task j's untrained head. Between tasks the live model holds the whole stored backbone (the union
+of the masks), so the saved ``model.pt`` has every task's weights and each task's export view is
+it times ``M_j``.
 
 BatchNorm and biases: shared and trainable by default (the paper's; ``per_task_bn=false``): every
 task's evaluation uses the latest running statistics and affine parameters, so BWT is measured,
@@ -343,6 +346,9 @@ class ContinualDST(TaskSubnetworks, ContinualMethod):
         trained = {n: mask[n] & self.ownership.free(n) for n in self.names}
         for n in self.names:
             self.backbone[n].copy_(torch.where(trained[n], self.masks.params[n], self.backbone[n]))
+            # Between tasks the live model is the whole stored backbone (the union of the masks), so
+            # the saved model holds every task's weights and each task's view is it times M_j.
+            self.masks.params[n].copy_(self.backbone[n])
         self.ownership.assign_all_(trained, t)
         self.task_masks.append(mask)
         self.current_task = -1
@@ -371,11 +377,14 @@ class ContinualDST(TaskSubnetworks, ContinualMethod):
 
     @torch.no_grad()
     def _use_task(self, j: int) -> None:
-        """Task j's mask over the stored values (a task without a mask yet: the live model)."""
+        """Task j's mask over the stored values. A task without a mask yet gets the latest finished
+        task's mask (before any training: the live model, M_1 at its initial values)."""
         state = self._model_tensors()
+        finished = len(self.task_masks)
         for n in self.names:
-            if j < len(self.task_masks):
-                state[n].copy_(torch.where(self.task_masks[j][n], self.backbone[n], torch.zeros_like(state[n])))
+            if j < finished or (finished and self.current_task < 0):
+                mask = self.task_masks[min(j, finished - 1)][n]
+                state[n].copy_(torch.where(mask, self.backbone[n], torch.zeros_like(state[n])))
             else:
                 state[n].copy_(self._saved[n])
         if self.opt.per_task_bn:
