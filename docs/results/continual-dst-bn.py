@@ -1,7 +1,7 @@
 """Where a shared-BatchNorm continual-DST run forgets (docs/results/continual-dst.md, "BatchNorm").
 
 Usage (from the repository root; DATA_DIR defaults to $SPARSECL_DATA):
-    python docs/results/continual-dst-bn.py RUN_DIR [DATA_DIR]
+    python docs/results/continual-dst-bn.py RUN_DIR [DATA_DIR] [N_TRAIN]
 
 For every task j of a finished ``per_task_bn=false`` run, the Task-IL test accuracy of task j's
 subnetwork M_j (from the run's export, so exactly what the run evaluated):
@@ -9,8 +9,9 @@ subnetwork M_j (from the run's export, so exactly what the run evaluated):
 - ``after j``: R[j][j] from result.json (just after task j was trained);
 - ``final``: with the final shared BN (running statistics and affine parameters of the last task),
   recomputed here; it must equal the run's R[T][j];
-- ``stats re-estimated``: the same network with only the BN running statistics recomputed on task
-  j's training images (non-augmented) through M_j, the final affine parameters kept.
+- ``stats re-estimated``: the same network with only the BN running statistics recomputed on the
+  first N_TRAIN (default 2,000) of task j's training images (non-augmented) through M_j, the final
+  affine parameters kept.
 
 If the re-estimated statistics bring task j back to about ``after j``, the forgetting is the running
 statistics (which follow the latest task's data and subnetwork), not the shared weights or affine
@@ -54,7 +55,7 @@ def reestimate_bn(model, augment, x, batch=256):
     return len(bns)
 
 
-def main(run_dir: str, data_dir: str | None = None) -> None:
+def main(run_dir: str, data_dir: str | None = None, n_train: str = "2000") -> None:
     run_dir = Path(run_dir)
     result = json.loads((run_dir / "result.json").read_text())
     cfg = result["config"]
@@ -73,10 +74,10 @@ def main(run_dir: str, data_dir: str | None = None) -> None:
         use_task(model, info, t.index)
         model.eval()
         final = task_il_accuracy(model, augment, t, t.test.x, t.test.y)
-        reestimate_bn(model, augment, t.train.x)
+        reestimate_bn(model, augment, t.train.x[: int(n_train)])
         fixed = task_il_accuracy(model, augment, t, t.test.x, t.test.y)
         print(f"| {t.index + 1} | {R[t.index][t.index]:.2f} | {R[-1][t.index]:.2f} | {final:.2f} | {fixed:.2f} |")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

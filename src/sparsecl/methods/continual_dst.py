@@ -35,9 +35,9 @@ Evaluation of task j: ``M_j`` over the stored values, nothing else, with task j'
 whose mask does not exist yet (forward transfer's ``R[j-1][j]``, and the random-init reference
 before task 1) the model evaluated is the latest finished task's subnetwork (``M_{j-1}`` after task
 j-1; before any training the random ``M_1`` drawn at construction, at its initial values) with
-task j's untrained head. Between tasks the live model holds the whole stored backbone (the union
-of the masks), so the saved ``model.pt`` has every task's weights and each task's export view is
-it times ``M_j``.
+task j's untrained head. Between tasks the live model holds the whole stored backbone and the
+mask set the union of the masks, so the saved ``model.pt`` and its masks have every task's weights
+(the export keeps them) and each task's export view is it times ``M_j``.
 
 BatchNorm and biases: shared and trainable by default (the paper's; ``per_task_bn=false``): every
 task's evaluation uses the latest running statistics and affine parameters, so BWT is measured,
@@ -344,12 +344,14 @@ class ContinualDST(TaskSubnetworks, ContinualMethod):
         size = {n: int(m.sum()) for n, m in mask.items()}
         reused = {n: int(self._reused(n).sum()) for n in self.names}
         trained = {n: mask[n] & self.ownership.free(n) for n in self.names}
+        self.ownership.assign_all_(trained, t)
         for n in self.names:
             self.backbone[n].copy_(torch.where(trained[n], self.masks.params[n], self.backbone[n]))
-            # Between tasks the live model is the whole stored backbone (the union of the masks), so
-            # the saved model holds every task's weights and each task's view is it times M_j.
+            # Between tasks the live model is the whole stored backbone and the mask the union of the
+            # task masks, so the saved model and its masks hold every task's weights (the export) and
+            # each task's view is it times M_j.
             self.masks.params[n].copy_(self.backbone[n])
-        self.ownership.assign_all_(trained, t)
+            self.masks.set_mask(n, self.ownership.owned(n), push=False)
         self.task_masks.append(mask)
         self.current_task = -1
         if self.opt.per_task_bn:
