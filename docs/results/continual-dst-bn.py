@@ -4,7 +4,8 @@ Usage (from the repository root; DATA_DIR defaults to $SPARSECL_DATA):
     python docs/results/continual-dst-bn.py RUN_DIR [DATA_DIR] [N_TRAIN]
 
 For every task j of a finished ``per_task_bn=false`` run, the Task-IL test accuracy of task j's
-subnetwork M_j (from the run's export, so exactly what the run evaluated):
+subnetwork M_j, rebuilt from the run's final checkpoint (the stored backbone, M_j, the final model's
+heads, biases and BN), which is what the run evaluated:
 
 - ``after j``: R[j][j] from result.json (just after task j was trained);
 - ``final``: with the final shared BN (running statistics and affine parameters of the last task),
@@ -19,7 +20,6 @@ parameters.
 """
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from torch import nn
 
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.benchmarks import load_benchmark
-from sparsecl.sparse.export import export_run, load_export, use_task
+from sparsecl.sparse.export import build_from_spec
 
 
 def task_il_accuracy(model, augment, task, x, y, batch=500):
@@ -61,9 +61,9 @@ def main(run_dir: str, data_dir: str | None = None, n_train: str = "2000") -> No
     cfg = result["config"]
     if cfg["method_options"].get("per_task_bn"):
         raise SystemExit("this run keeps per-task BN; the measurement is about shared BN")
-    with tempfile.TemporaryDirectory() as tmp:
-        path, _ = export_run(run_dir, "pt", Path(tmp) / "m.pt")
-        model, info = load_export(path)
+    final_state = torch.load(run_dir / "model.pt", weights_only=True)
+    method = torch.load(run_dir / "checkpoint.pt", weights_only=True)["method"]
+    model = build_from_spec(result["model"])
     stream = load_benchmark(cfg["benchmark"], data_dir, class_order=cfg.get("class_order"), download=False)
     augment = DeviceAugment(stream.augment, stream.input_shape)
     R = result["accuracy"]["task_il"]["matrix"]
@@ -71,7 +71,10 @@ def main(run_dir: str, data_dir: str | None = None, n_train: str = "2000") -> No
     print("| task | after j | final (run) | final (here) | BN stats re-estimated |")
     print("|---|---|---|---|---|")
     for t in stream.tasks:
-        use_task(model, info, t.index)
+        state = dict(final_state)  # task j's view: M_j over the stored backbone, the rest as the run ended
+        for n, values in method["backbone"].items():
+            state[n] = torch.where(method["task_masks"][t.index][n], values, torch.zeros_like(values))
+        model.load_state_dict(state)
         model.eval()
         final = task_il_accuracy(model, augment, t, t.test.x, t.test.y)
         reestimate_bn(model, augment, t.train.x[: int(n_train)])
