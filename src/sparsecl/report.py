@@ -243,7 +243,7 @@ def render_dst_table(results: list[dict[str, Any]], fmt: str = "md") -> str:
     """The continual-DST study's tables.
 
     First, one row per (benchmark, init, growth, BN setting), for each sparsity Task-IL ACC, BWT and
-    FWT as mean ± std over seeds (the paper's Tables 1-4 layout). Second, the capacity per task:
+    FWT as mean ± std over the seeds of finished runs (the paper's Tables 1-4 layout). Second, the capacity per task:
     one row per (benchmark, init, growth, BN, sparsity), for each task ``used (reused)``: the
     backbone usage after the task (% of the isolated weights in the union of the masks so far) and
     the share of the task's mask M_t that earlier tasks had trained (reused, frozen; the rest was
@@ -252,8 +252,8 @@ def render_dst_table(results: list[dict[str, Any]], fmt: str = "md") -> str:
     sparsities: set[float] = set()
     for r in results:
         cfg = r["config"]
-        if cfg["method"] != "continual-dst":
-            continue
+        if cfg["method"] != "continual-dst" or not r.get("complete", True):
+            continue  # an unfinished run's metrics cover fewer tasks
         sp = float(cfg["method_options"].get("sparsity", 0.9))
         sparsities.add(sp)
         groups.setdefault(_dst_key(cfg), {}).setdefault(sp, []).append(r)
