@@ -12,7 +12,7 @@ from sparsecl.metrics.efficiency import model_capacity
 from sparsecl.models import build_model
 from sparsecl.sparse import (
     FlopCounter, FrozenGuard, MaskPolicy, MaskSet, TaskOwnership, allocate, check_sparsity, cosine_update_fraction,
-    drop_and_grow_, drop_lowest, erk_densities, grow, profile_layers, random_mask, topk_mask, trainable_among_free,
+    drop_and_grow_, drop_lowest, erk_densities, grow, profile_layers, random_mask, topk_mask,
 )
 
 
@@ -222,11 +222,13 @@ def test_frozen_weights_bit_identical_through_many_steps(make_opt):
     net = _net()
     own = TaskOwnership(net, ["0.weight", "2.weight"])
     g = torch.Generator().manual_seed(0)
-    task0 = trainable_among_free(own, {"0.weight": 20, "2.weight": 12}, generator=g)
+    counts = {"0.weight": 20, "2.weight": 12}
+    params = dict(net.named_parameters())
+    task0 = {n: random_mask(params[n].shape, k, generator=g) for n, k in counts.items()}
     own.assign_all_(task0, 0)
-    task1 = trainable_among_free(own, {"0.weight": 20, "2.weight": 12}, generator=g)
-    assert all(not bool((task1[n] & task0[n]).any()) for n in task0)  # only free weights
-    assert all(int(task1[n].sum()) == {"0.weight": 20, "2.weight": 12}[n] for n in task1)
+    task1 = {n: topk_mask(torch.rand(params[n].shape, generator=g).masked_fill(~own.free(n), -1.0), k)
+             for n, k in counts.items()}  # among free weights
+    assert all(not bool((task1[n] & task0[n]).any()) for n in task0)
     frozen = own.frozen_masks(1)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     opt = make_opt(net.parameters())
@@ -245,6 +247,31 @@ def test_frozen_weights_bit_identical_through_many_steps(make_opt):
         assert not torch.equal(w[~m], before[n][~m])  # the rest did train
     assert own.task_mask_bytes() == 1 * (math.ceil(48 / 8) + math.ceil(32 / 8))
     assert 0 < own.used_fraction() < 1
+
+
+def test_frozen_guard_keeps_values_from_a_store_and_follows_set_frozen():
+    """A guard given ``values`` writes the store's values into the frozen positions (e.g. weights
+    the live parameter had masked out) and follows ``set_frozen_``."""
+    net = _net()
+    w = net[0].weight
+    store = torch.randn_like(w)
+    frozen = torch.zeros_like(w, dtype=torch.bool)
+    frozen[0] = True
+    guard = FrozenGuard(net, {"0.weight": frozen}, values={"0.weight": store})
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    guard.hook_optimizer(opt)
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.randn(5, 6)).pow(2).mean().backward()
+        opt.step()
+    assert torch.equal(w[0], store[0]) and not torch.equal(w[1], store[1])
+    frozen2 = torch.zeros_like(frozen)
+    frozen2[1] = True
+    guard.set_frozen_("0.weight", frozen2)
+    opt.zero_grad()
+    net(torch.randn(5, 6)).pow(2).mean().backward()
+    opt.step()
+    assert torch.equal(w[1], store[1]) and not torch.equal(w[0], store[0])
 
 
 def test_ownership_queries_and_state():

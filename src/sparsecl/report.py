@@ -232,6 +232,21 @@ def _compare(row: dict[str, Any], refs: dict[str, tuple[float | None, float]]) -
     row["flops_vs"] = flops / ref_flops if flops is not None and ref_flops else None
 
 
+def _lines(headers: list[str], rows: list[list[str]], fmt: str) -> str:
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(headers)
+        w.writerows(rows)
+        return buf.getvalue()
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(c) + " |" for c in rows]
+    return "\n".join(out) + "\n"
+
+
 def render_table(results: list[dict[str, Any]], fmt: str = "md", aggregate: bool = False,
                  baseline: str | None = None, convention: str = "spec") -> str:
     """Markdown or CSV table, one row per run (or per configuration with ``aggregate``); with
@@ -253,60 +268,74 @@ def render_table(results: list[dict[str, Any]], fmt: str = "md", aggregate: bool
     rows.sort(key=lambda r: (r["benchmark"], r["method"], str(r["buffer"]), r["options"], str(r["seed"])))
     headers = [h for _, h in columns]
     cells = [[_cell(k, r[k]) + ("" if r.get("complete", True) or k != "method" else " (incomplete)") for k, _ in columns] for r in rows]
-    if fmt == "csv":
-        import csv
-        import io
-
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(headers)
-        w.writerows(cells)
-        return buf.getvalue()
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(c) + " |" for c in cells]
-    return "\n".join(lines) + "\n"
+    return _lines(headers, cells, fmt)
 
 
 TABLES = ("runs", "dst")
 
 
+def _dst_key(cfg: dict[str, Any]) -> tuple[str, str, str, str]:
+    """(benchmark, init, growth, BN) of a continual-DST run; unfired's run-wide scope is named."""
+    mo = cfg["method_options"]
+    grow = str(mo.get("grow", "gradient"))
+    if "unfired" in grow and mo.get("unfired", "task") == "run":
+        grow += " (unfired: run)"
+    bn = "per-task" if mo.get("per_task_bn", False) else "shared"
+    return cfg["benchmark"], str(mo.get("init", "uniform")), grow, bn
+
+
 def render_dst_table(results: list[dict[str, Any]], fmt: str = "md") -> str:
-    """The continual-DST study's table: one row per (benchmark, init, growth), for each sparsity
-    Task-IL ACC, BWT and FWT as mean ± std over seeds (the paper's Tables 1-4 layout)."""
-    groups: dict[tuple[str, str, str], dict[float, list[dict[str, Any]]]] = {}
+    """The continual-DST study's tables.
+
+    First, one row per (benchmark, init, growth, BN setting), for each sparsity Task-IL ACC, BWT and
+    FWT as mean ± std over the seeds of finished runs (the paper's Tables 1-4 layout). Second, the capacity per task:
+    one row per (benchmark, init, growth, BN, sparsity), for each task ``used (reused)``: the
+    backbone usage after the task (% of the isolated weights in the union of the masks so far) and
+    the share of the task's mask M_t that earlier tasks had trained (reused, frozen; the rest was
+    newly trained), both in %, mean over seeds."""
+    groups: dict[tuple[str, str, str, str], dict[float, list[dict[str, Any]]]] = {}
     sparsities: set[float] = set()
     for r in results:
         cfg = r["config"]
-        if cfg["method"] != "continual-dst":
-            continue
-        mo = cfg["method_options"]
-        sp = float(mo.get("sparsity", 0.9))
+        if cfg["method"] != "continual-dst" or not r.get("complete", True):
+            continue  # an unfinished run's metrics cover fewer tasks
+        sp = float(cfg["method_options"].get("sparsity", 0.9))
         sparsities.add(sp)
-        key = (cfg["benchmark"], str(mo.get("init", "uniform")), str(mo.get("grow", "gradient")))
-        groups.setdefault(key, {}).setdefault(sp, []).append(r["accuracy"]["task_il"])
+        groups.setdefault(_dst_key(cfg), {}).setdefault(sp, []).append(r)
     if not groups:
         raise SparseCLError("no continual-dst runs among the results (the dst table needs them)")
     sps = sorted(sparsities)
-    headers = ["benchmark", "init", "growth"] + [f"{m} s={s:g}" for s in sps for m in ("ACC", "BWT", "FWT")] + ["seeds"]
+    headers = ["benchmark", "init", "growth", "BN"] + [f"{m} s={s:g}" for s in sps for m in ("ACC", "BWT", "FWT")]
     lines = []
-    for (bench, init, grow), by_sp in sorted(groups.items()):
-        cells = [bench, init, grow]
+    for key, by_sp in sorted(groups.items()):
+        cells = list(key)
         for s in sps:
-            members = by_sp.get(s, [])
+            members = [r["accuracy"]["task_il"] for r in by_sp.get(s, [])]
             for m in ("acc", "bwt", "fwt"):
                 vals = [a[m] for a in members if a.get(m) is not None]
                 cells.append(_cell(m, mean_std(vals)) if vals else "-")
         cells.append(",".join(str(len(by_sp.get(s, []))) for s in sps))
         lines.append(cells)
-    if fmt == "csv":
-        import csv
-        import io
-
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(headers)
-        w.writerows(lines)
-        return buf.getvalue()
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(c) + " |" for c in lines]
-    return "\n".join(out) + "\n"
+    text = _lines(headers + ["seeds"], lines, fmt)
+    capacity = []
+    n_tasks = 0
+    for key, by_sp in sorted(groups.items()):
+        for s in sps:
+            per_run = [r.get("method", {}).get("tasks", []) for r in by_sp.get(s, [])]
+            per_run = [h for h in per_run if h and "reused_fraction" in h[0]]
+            if not per_run:
+                continue
+            n = min(len(h) for h in per_run)
+            n_tasks = max(n_tasks, n)
+            cells = [*key, f"{s:g}"]
+            for t in range(n):
+                used = sum(100.0 * h[t]["used_fraction"] for h in per_run) / len(per_run)
+                reused = sum(100.0 * h[t]["reused_fraction"] for h in per_run) / len(per_run)
+                cells.append(f"{used:.1f} ({reused:.1f})")
+            capacity.append(cells)
+    if capacity:
+        cap_headers = ["benchmark", "init", "growth", "BN", "sparsity"] + [f"task {t + 1}" for t in range(n_tasks)]
+        capacity = [c + ["-"] * (len(cap_headers) - len(c)) for c in capacity]
+        text += "\n" + ("" if fmt == "csv" else "Backbone used after each task, % (of M_t reused from earlier tasks, %):\n\n")
+        text += _lines(cap_headers, capacity, fmt)
+    return text

@@ -111,13 +111,8 @@ class RigLDERpp(SparseDERpp):
     # ------------------------------------------------------------------ training
     def observe(self, batch: Batch) -> torch.Tensor:
         self._update_due = self._next_is_update()
-        flops = self.ctx.flops
-        if self._update_due and flops is not None:
-            # This step needs the dense weight gradient of the masked layers: charge it.
-            known = {p.weight for p in flops.layers}
-            for n in self.mask_names:
-                if n in known:
-                    flops.set_density(n, self.masks.density(n), 1.0)
+        if self._update_due:  # this step needs the dense weight gradient of the masked layers: charge it
+            self.masks.push_flops(dense_grad=True)
         return super().observe(batch)
 
     def _after_step(self) -> None:

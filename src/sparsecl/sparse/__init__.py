@@ -10,8 +10,8 @@ Modules:
   ever-active mask, densities, mask bytes, checkpoints), :func:`topk_mask`, :func:`random_mask`.
 - :mod:`.growth`: drop by magnitude or any score; grow random / unfired / gradient / momentum
   (:func:`drop_and_grow_`), RigL's cosine update fraction.
-- :mod:`.ownership`: per-task ownership (:class:`TaskOwnership`), trainable masks among free weights,
-  :class:`FrozenGuard` (frozen weights bit-identical through any optimiser).
+- :mod:`.ownership`: per-task ownership (:class:`TaskOwnership`), :class:`FrozenGuard` (frozen weights
+  bit-identical through any optimiser).
 - :mod:`.accounting`: densities into the FLOP counter, the sparsity and capacity reports.
 - :mod:`.export`: the final sparse model with its masks (bitmask or CSR) and :func:`~.export.load_export`.
 """
@@ -22,12 +22,12 @@ from sparsecl.sparse.growth import (
     reset_optimizer_state_,
 )
 from sparsecl.sparse.masks import MaskSet, bitmask_bytes, random_mask, topk_mask
-from sparsecl.sparse.ownership import FrozenGuard, TaskOwnership, trainable_among_free
+from sparsecl.sparse.ownership import FrozenGuard, TaskOwnership
 from sparsecl.sparse.policy import MaskPolicy
 
 __all__ = [
     "ALLOCATIONS", "GROWTH_MODES", "FlopCounter", "FrozenGuard", "LayerProfile", "MaskPolicy", "MaskSet",
     "TaskOwnership", "allocate", "bitmask_bytes", "check_sparsity", "cosine_update_fraction", "density_counts",
     "drop_and_grow_", "drop_lowest", "erk_densities", "grow", "optimizer_momentum", "profile_layers",
-    "random_mask", "reset_optimizer_state_", "topk_mask", "trainable_among_free", "uniform_densities",
+    "random_mask", "reset_optimizer_state_", "topk_mask", "uniform_densities",
 ]

@@ -9,7 +9,9 @@
                 than ``k`` exist the rest is grown at random among the other inactive weights,
                 so counts stay exact;
   ``gradient``  largest ``|dense gradient|`` (RigL);
-  ``momentum``  largest ``|optimiser momentum|`` (SNFS; SGD ``momentum_buffer``, Adam ``exp_avg``).
+  ``momentum``  largest ``|optimiser momentum|`` (SNFS; SGD ``momentum_buffer``, Adam ``exp_avg``,
+                or Adam's normalised first moment ``exp_avg / (sqrt(exp_avg_sq) + eps)`` where a
+                method asks for it: :func:`optimizer_momentum` with ``normalised=True``).
 
 Every selection is a top-k, so exactly ``k`` weights change (never coin flips). Grown weights
 start at zero and, if an optimiser is given, with zero optimiser state. As in RigL, weights
@@ -48,8 +50,12 @@ def drop_lowest(mask: torch.Tensor, score: torch.Tensor, k: int) -> torch.Tensor
     return mask & drop
 
 
-def optimizer_momentum(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor:
+def optimizer_momentum(optimizer: torch.optim.Optimizer, param: torch.Tensor, *, normalised: bool = False) -> torch.Tensor:
     """The optimiser's first-moment buffer of ``param`` (SGD ``momentum_buffer``, Adam(W) ``exp_avg``).
+
+    With ``normalised``, Adam's first moment is divided by ``sqrt(exp_avg_sq) + eps`` (the group's
+    eps), the quantity sparse-learning codes (SNFS, the continual-DST authors') rank by; SGD's
+    buffer has no second moment and is returned as is.
 
     Raises:
         SparseCLError: if the optimiser keeps none for it yet (plain SGD, or before the first step).
@@ -58,6 +64,9 @@ def optimizer_momentum(optimizer: torch.optim.Optimizer, param: torch.Tensor) ->
     for key in ("momentum_buffer", "exp_avg"):
         buf = state.get(key)
         if isinstance(buf, torch.Tensor):
+            if normalised and key == "exp_avg":
+                eps = next(g.get("eps", 1e-8) for g in optimizer.param_groups if any(q is param for q in g["params"]))
+                return buf / (state["exp_avg_sq"].sqrt() + eps)
             return buf
     raise SparseCLError("momentum growth needs an optimiser with momentum (SGD momentum > 0 or Adam) "
                         "that has taken at least one step")
@@ -141,6 +150,7 @@ def drop_and_grow_(
     drop_score: torch.Tensor | None = None,
     grad: torch.Tensor | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    momentum: torch.Tensor | None = None,
     ever_active: torch.Tensor | None = None,
     allowed: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -149,7 +159,8 @@ def drop_and_grow_(
 
     The parameter's dropped and grown weights are set to zero, the grown weights' optimiser state
     (if ``optimizer``) is zeroed, and the mask set (its ever-active mask and bound FLOP counter)
-    updated. ``grad`` defaults to the parameter's ``.grad``; momentum comes from ``optimizer``.
+    updated. ``grad`` defaults to the parameter's ``.grad``; ``momentum`` (the score of momentum
+    growth) defaults to the optimiser's first moment (:func:`optimizer_momentum`).
     Returns the number of weights grown (``k`` unless ``allowed`` limits it; then the layer keeps
     fewer active weights).
     """
@@ -159,9 +170,10 @@ def drop_and_grow_(
     k = max(0, min(int(k), active))
     score = param.abs() if drop_score is None else drop_score
     kept = drop_lowest(old, score, k)
-    if mode == "momentum" and optimizer is None:
-        raise SparseCLError("momentum growth needs the optimizer")
-    momentum = optimizer_momentum(optimizer, param) if mode == "momentum" else None
+    if mode == "momentum" and momentum is None:
+        if optimizer is None:
+            raise SparseCLError("momentum growth needs the optimizer")
+        momentum = optimizer_momentum(optimizer, param)
     n_cand = None if allowed is not None else param.numel() - (active - k)
     grown, n = grow(kept, k, mode, grad=param.grad if grad is None else grad, momentum=momentum,
                     ever_active=masks.ever_active[name] if ever_active is None else ever_active,

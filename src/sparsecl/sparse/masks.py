@@ -174,6 +174,12 @@ class MaskSet:
         if push:
             self.push_flops()
 
+    def reset_ever_active_(self) -> None:
+        """Forget earlier masks: the ever-active mask becomes the current mask (e.g. when "unfired"
+        is to mean "not yet used during this task")."""
+        for n in self.names:
+            self.ever_active[n].copy_(self.masks[n])
+
     def set_grad_mask(self, name: str, grad_mask: torch.Tensor | None, *, count: int | None = None,
                       push: bool = True) -> None:
         """Set (or with ``None`` remove) the gradient mask of ``name``; it is intersected with the weight mask.
@@ -240,11 +246,14 @@ class MaskSet:
         self._flops = counter
         self.push_flops()
 
-    def push_flops(self, counter: FlopCounter | None = None) -> None:
+    def push_flops(self, counter: FlopCounter | None = None, *, dense_grad: bool = False) -> None:
         """Set the current weight/gradient density of every masked layer in the FLOP counter.
 
-        ``counter`` defaults to the bound one. Parameters that are not a profiled conv/linear
-        weight are skipped. See also :func:`sparsecl.sparse.accounting.push_densities`.
+        ``counter`` defaults to the bound one. ``dense_grad``: charge a dense weight gradient
+        (gradient density 1), for steps whose backward computes it for every weight (gradient or
+        momentum growth); call it before the step's forward, and again without it afterwards.
+        Parameters that are not a profiled conv/linear weight are skipped. See also
+        :func:`sparsecl.sparse.accounting.push_densities`.
         """
         counter = counter or self._flops
         if counter is None:
@@ -252,7 +261,7 @@ class MaskSet:
         known = {p.weight for p in counter.layers}
         for n in self.names:
             if n in known:
-                counter.set_density(n, self.density(n), self.grad_density(n))
+                counter.set_density(n, self.density(n), 1.0 if dense_grad else self.grad_density(n))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -1,8 +1,7 @@
 """Per-task weight ownership for parameter isolation (continual DST, PackNet; SPEC).
 
 :class:`TaskOwnership` records, for every weight of some parameters, which task owns it
-(``-1`` = free). A task's trainable mask is chosen among free weights
-(:func:`trainable_among_free`); after the task it is assigned to that task and frozen.
+(``-1`` = free). After a task its trained weights are assigned to it and frozen.
 
 :class:`FrozenGuard` keeps frozen weights bit-identical through any optimiser: zeroing their
 gradients is not enough (SGD weight decay and momentum, Adam's moments and AdamW's decoupled
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from sparsecl import SparseCLError
-from sparsecl.sparse.masks import bitmask_bytes, topk_mask
+from sparsecl.sparse.masks import bitmask_bytes
 
 FREE = -1
 
@@ -104,31 +103,6 @@ class TaskOwnership:
         self.n_tasks = int(state["n_tasks"])
 
 
-def trainable_among_free(
-    ownership: TaskOwnership,
-    counts: Mapping[str, int],
-    *,
-    scores: Mapping[str, torch.Tensor] | None = None,
-    generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor]:
-    """A task's trainable mask: per parameter ``counts[name]`` weights among the free ones.
-
-    Random positions (exact count) unless ``scores`` are given (then the top scores among free
-    weights). If fewer weights are free than asked, all free weights are taken.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for n, k in counts.items():
-        free = ownership.free(n)
-        n_free = int(free.sum())
-        k = min(int(k), n_free)
-        if scores is not None:
-            s = scores[n].detach().float().masked_fill(~free, float("-inf"))
-        else:
-            s = torch.rand(free.shape, device=free.device, generator=generator).masked_fill(~free, -1.0)
-        out[n] = topk_mask(s, k)
-    return out
-
-
 class FrozenGuard:
     """Keeps the frozen weights of some parameters bit-identical through optimiser steps.
 
@@ -136,21 +110,31 @@ class FrozenGuard:
         model: the model.
         frozen: parameter name -> bool mask of frozen weights (e.g. ``ownership.frozen_masks(t)``).
         snapshot: take the frozen values now (else call :meth:`snapshot` before training).
+        values: the values to keep, per parameter, where they are not the parameter's current ones
+            (e.g. a backbone store holding weights the live parameter has masked out); the
+            guard reads these tensors, it does not copy them. Parameters not in ``values`` are
+            snapshotted.
     """
 
-    def __init__(self, model: nn.Module, frozen: Mapping[str, torch.Tensor], *, snapshot: bool = True) -> None:
+    def __init__(self, model: nn.Module, frozen: Mapping[str, torch.Tensor], *, snapshot: bool = True,
+                 values: Mapping[str, torch.Tensor] | None = None) -> None:
         params = dict(model.named_parameters())
         self.params = {n: params[n] for n in frozen}
         self.frozen = {n: m.to(params[n].device, torch.bool) for n, m in frozen.items()}
         self.saved: dict[str, torch.Tensor] = {}
+        self._values = dict(values or {})
         self._hooks: list[Any] = []
         if snapshot:
             self.snapshot()
 
+    def set_frozen_(self, name: str, mask: torch.Tensor) -> None:
+        """Change which weights of ``name`` are frozen (e.g. after a topology update)."""
+        self.frozen[name].copy_(mask)
+
     @torch.no_grad()
     def snapshot(self) -> None:
-        """Remember the current values of the frozen weights."""
-        self.saved = {n: p.detach().clone() for n, p in self.params.items()}
+        """Remember the current values of the frozen weights (those given as ``values`` are read live)."""
+        self.saved = {n: self._values[n] if n in self._values else p.detach().clone() for n, p in self.params.items()}
 
     @torch.no_grad()
     def before_step(self) -> None:
