@@ -5,7 +5,7 @@
 # the one-shot prune is printed (docs/results/esacl.md). Usage: scripts/esacl_cifar_task0.sh OUT_DIR
 set -uo pipefail
 OUT=${1:-runs/esacl-cifar-task0}
-DATA=${DATA:-../shared/data}
+DATA=${DATA:-${SPARSECL_DATA:?set DATA or SPARSECL_DATA to the data directory}}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 paper=(-o lr=0.01 -o tau=5 -o k_frac=0.05 -o rho=0.05 -o keep_frac=0.4)

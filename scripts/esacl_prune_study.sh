@@ -4,12 +4,12 @@
 # SA / SP ablations. Usage: scripts/esacl_prune_study.sh OUT_DIR "SEEDS" "ABLATION_SEEDS"
 # PROTOCOL=seq-cifar10-cpu: the same study on seq-cifar10-jpeg at a CPU budget (ResNet-18 nf 8,
 # 1 epoch per task, batch 32) instead of seq-mnist.
-# Restartable: a run whose result.json exists is skipped. Needs ../shared/data (MNIST, cifar10-jpeg).
+# Restartable: a run whose result.json exists is skipped. Needs DATA (or SPARSECL_DATA): a folder with MNIST and cifar10-jpeg.
 set -euo pipefail
 OUT=${1:-runs/esacl-prune}
 SEEDS=${2:-"0 1 2"}
 ABL_SEEDS=${3-"0"}  # "" = no ablation runs
-DATA=${DATA:-../shared/data}
+DATA=${DATA:-${SPARSECL_DATA:?set DATA or SPARSECL_DATA to the data directory}}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 case ${PROTOCOL:-seq-mnist} in
   seq-mnist) common=(--benchmark seq-mnist --data-dir "$DATA" --epochs 1 --batch-size 10 --quiet) ;;
