@@ -16,6 +16,8 @@ from sparsecl import SparseCLError
 from sparsecl.sparse.flops import CONVENTIONS as FLOP_CONVENTIONS
 
 SETTINGS = ("class-il", "task-il")
+# Where a run's data lives: never part of what makes two runs the same run.
+LOCATION_KEYS = ("data_dir", "data_root")
 SEED_LIMIT = 2**32  # numpy's legacy seeding takes 0 <= seed < 2**32
 
 
@@ -206,7 +208,7 @@ def save_config(cfg: RunConfig, path: Path) -> None:
 def run_identity(cfg: dict[str, Any]) -> dict[str, Any]:
     """A configuration (as a dict) without what may differ between a run and its resume or
     export (device, data location, output folder): what makes two runs the same run."""
-    return {k: v for k, v in cfg.items() if k not in ("device", "data_dir", "data_root", "out")}
+    return {k: v for k, v in cfg.items() if k not in ("device", "out", *LOCATION_KEYS)}
 
 
 def first_difference(old: Any, new: Any, where: str = "") -> str | None:

@@ -44,15 +44,13 @@ from typing import Any, Callable
 import yaml
 
 from sparsecl import SparseCLError
-from sparsecl.config import build_options, first_difference, load_preset, load_yaml, merge_config
+from sparsecl.config import LOCATION_KEYS, build_options, first_difference, load_preset, load_yaml, merge_config
 from sparsecl.engine.launch import PARENT_ENV
 from sparsecl.methods import METHODS
 
 NESTED = ("method_options", "backbone_options")
 SPEED_KEYS = ("amp", "channels_last", "cuda_graph", "fused_optimizer", "compile")
 SAME_FAILURES = 3  # this many runs failing with one message stop the sweep
-# Where the data is does not change a run: not part of the comparison with a kept directory.
-LOCATION_KEYS = ("data_dir", "data_root")
 
 
 @dataclass(frozen=True)
@@ -178,6 +176,7 @@ def check_unchanged(run_dir: Path, job: SweepJob) -> None:
 
 
 def _without_location(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The configuration without where its data is (that does not change a run)."""
     return {k: v for k, v in cfg.items() if k not in LOCATION_KEYS}
 
 
