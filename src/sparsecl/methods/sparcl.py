@@ -46,7 +46,9 @@ would still move the weights whose gradient is masked).
 Decisions where the paper is silent: the importance and misclassification statistics restart at
 every task (a new data distribution); the importance gradients come from the step's training-mode
 forward (BatchNorm batch statistics, as the training loss sees them); stages follow the data
-actually trained (after DDR an epoch is shorter).
+actually trained (after DDR an epoch is shorter); only active weights' importance gradients are
+kept (what the selection cost charges, and what real sparse kernels compute), so a weight regrown
+at a stage end has CGI 0 and gets no gradient under DGM until the next refresh.
 """
 from __future__ import annotations
 
@@ -263,18 +265,26 @@ class SparCL(MaskedTraining):
         super().before_backward(step)
         if not self._gather:
             return
-        weights = [self.masks.params[n] for n in self.mask_names]
-        loss = F.cross_entropy(self.mask_logits(step.current, step.task_id), step.y)
-        torch._foreach_add_(self._g_cur, torch.autograd.grad(loss, weights, retain_graph=True))
-        self._n_cur += 1
         rows = step.current_rows
+        loss = F.cross_entropy(self.mask_logits(step.current, step.task_id), step.y)
+        self._gather_grads(self._g_cur, loss)
+        self._n_cur += 1
         if step.buffer is not None:
-            loss = self.loss(step.buffer, step.buffer_y, step.buffer_task)
-            torch._foreach_add_(self._g_buf, torch.autograd.grad(loss, weights, retain_graph=True))
+            self._gather_grads(self._g_buf, self.loss(step.buffer, step.buffer_y, step.buffer_task))
             self._n_buf += 1
             rows += step.buffer_rows
         if self.ctx.flops is not None:
             self.ctx.flops.selection_samples(rows)
+
+    def _gather_grads(self, into: list[torch.Tensor], loss: torch.Tensor) -> None:
+        """Add every active weight's gradient of ``loss`` to ``into``, whatever the gradient masks.
+        Inactive weights' gradients are not kept: they are not charged (nor, on the sparse kernels,
+        computed), so a weight grown at a stage end has no CGI until the next gathering step."""
+        weights = [self.masks.params[n] for n in self.mask_names]
+        with self.masks.active_weight_grads():
+            grads = list(torch.autograd.grad(loss, weights, retain_graph=True))
+        torch._foreach_mul_(grads, [self.masks.masks[n] for n in self.mask_names])
+        torch._foreach_add_(into, grads)
 
     def _scores(self, with_weight: bool) -> dict[str, torch.Tensor]:
         """CWI (``with_weight``) or CGI per masked layer from the averaged gradients."""

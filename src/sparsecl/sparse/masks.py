@@ -20,7 +20,8 @@ every mask change pushes the new densities into it.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -86,6 +87,10 @@ class MaskSet:
         self._grad_active: dict[str, int] = {}
         self._flops: FlopCounter | None = None
         self._hooks: list[Any] = []
+        # Bumped on every change of a weight or gradient mask: sparse kernels rebuild their index then.
+        self._versions: dict[str, int] = {}
+        self._dense_grad = False  # this step's backward computes every weight's gradient
+        self._active_grads = 0  # > 0 inside active_weight_grads()
         for n in self.names:
             self.set_mask(n, masks[n], push=False)
 
@@ -171,6 +176,7 @@ class MaskSet:
             ever.logical_or_(mask)
         if name in self.grad_masks:  # a gradient mask never covers inactive weights
             self.set_grad_mask(name, self.grad_masks[name], push=False)
+        self._bump(name)
         if push:
             self.push_flops()
 
@@ -197,6 +203,7 @@ class MaskSet:
             else:  # in place, as for weight masks
                 current.copy_(g)
             self._grad_active[name] = int(g.sum()) if count is None else int(count)
+        self._bump(name)
         if push:
             self.push_flops()
 
@@ -204,7 +211,40 @@ class MaskSet:
         """Remove every gradient mask."""
         self.grad_masks.clear()
         self._grad_active.clear()
+        for n in self.names:
+            self._bump(n)
         self.push_flops()
+
+    def _bump(self, name: str) -> None:
+        self._versions[name] = self._versions.get(name, 0) + 1
+
+    def version(self, name: str) -> int:
+        """A number that changes whenever the weight or gradient mask of ``name`` changes."""
+        return self._versions[name]
+
+    # ------------------------------------------------------------------ where gradients are computed
+    def weight_grad_positions(self, name: str) -> torch.Tensor | None:
+        """Where a backward must compute the weight gradient of ``name`` for this step's use of it:
+        ``None`` for everywhere (a dense weight-gradient step, see :meth:`push_flops`), the weight
+        mask inside :meth:`active_weight_grads`, else the gradient mask where set, else the weight
+        mask. Real sparse kernels compute the weight gradient only there; the optimiser step is the
+        same as the dense path's, as gradients outside the weight mask (or the gradient mask) never
+        reach a weight (:meth:`apply_grads_` and :meth:`apply_`)."""
+        if self._dense_grad:
+            return None
+        if not self._active_grads and name in self.grad_masks:
+            return self.grad_masks[name]
+        return self.masks[name]
+
+    @contextmanager
+    def active_weight_grads(self) -> Iterator[None]:
+        """Backward passes inside the block need every active weight's gradient, whatever the
+        gradient masks (e.g. importance scores read from extra ``autograd.grad`` calls)."""
+        self._active_grads += 1
+        try:
+            yield
+        finally:
+            self._active_grads -= 1
 
     # ------------------------------------------------------------------ accounting
     def numel(self, name: str | None = None) -> int:
@@ -251,10 +291,14 @@ class MaskSet:
 
         ``counter`` defaults to the bound one. ``dense_grad``: charge a dense weight gradient
         (gradient density 1), for steps whose backward computes it for every weight (gradient or
-        momentum growth); call it before the step's forward, and again without it afterwards.
+        momentum growth); call it before the step's forward, and again without it afterwards. With
+        the bound counter it also tells real sparse kernels to compute that dense gradient
+        (:meth:`weight_grad_positions`), so what is charged is what is computed.
         Parameters that are not a profiled conv/linear weight are skipped. See also
         :func:`sparsecl.sparse.accounting.push_densities`.
         """
+        if counter is None or counter is self._flops:
+            self._dense_grad = dense_grad
         counter = counter or self._flops
         if counter is None:
             return
@@ -282,6 +326,7 @@ class MaskSet:
             self.masks[n].copy_(state["masks"][n])
             self.ever_active[n].copy_(state["ever_active"][n])
             self._active[n] = int(state["active"][n])
+            self._bump(n)
         self.grad_masks = {n: m.to(self.params[n].device, torch.bool) for n, m in state["grad_masks"].items()}
         self._grad_active = {n: int(v) for n, v in state["grad_active"].items()}
         self.push_flops()
