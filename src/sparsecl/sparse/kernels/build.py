@@ -14,6 +14,7 @@ import importlib.util
 import os
 import platform
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -65,7 +66,10 @@ def _import_built(name: str, directory: Path) -> ModuleType | None:
         return None
     spec = importlib.util.spec_from_file_location(name, so)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError:      # a truncated library from an interrupted build: build again
+        return None
     return module
 
 
@@ -89,7 +93,7 @@ def _compile(name: str, directory: Path) -> ModuleType:
     try:
         return load(name=name, sources=[str(SOURCE)], build_directory=str(directory), extra_cflags=CFLAGS,
                     extra_ldflags=LDFLAGS, verbose=False)
-    except (RuntimeError, OSError, ImportError) as exc:
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as exc:
         log = directory / "build.log"
         log.write_text(str(exc))
         raise SparseCLError(f"sparse kernels: the C++ build failed (compiler output in {log}); {INSTALL_HINT}") from None

@@ -18,7 +18,12 @@ def _pad(x: torch.Tensor, top: int, left: int, Hp: int, Wp: int, Np: int) -> tor
     C, H, W, N = x.shape
     if (H, W, N) == (Hp, Wp, Np):
         return x.contiguous()
-    out = x.new_zeros(C, Hp, Wp, Np)
+    out = x.new_empty(C, Hp, Wp, Np)
+    out[:, :top].zero_()                        # zero only the border: the copy fills the rest
+    out[:, top + H:].zero_()
+    out[:, top:top + H, :left].zero_()
+    out[:, top:top + H, left + W:].zero_()
+    out[:, top:top + H, left:left + W, N:].zero_()
     out[:, top:top + H, left:left + W, :N] = x
     return out
 
@@ -29,8 +34,9 @@ def _unpad_batch(y: torch.Tensor, N: int) -> torch.Tensor:
 
 def _gather(ext, src: torch.Tensor, val: torch.Tensor, tables, Np: int, out_shape: tuple[int, ...]) -> torch.Tensor:
     out = src.new_empty(out_shape)
-    ext.gather(src, val, tables.noff, tables.blkptr, tables.nblk, tables.rowcls, tables.rowbase, tables.clsptr,
-               tables.pin, tables.pout, Np, tables.sbpos, out)
+    ln = tables.lines
+    ext.gather(src, val, tables.noff, tables.blkptr, tables.nblk, tables.rowcls, tables.rowbase, ln.pin, ln.pout,
+               ln.len, ln.clsptr, Np, ln.step, ln.ostep, tables.sblines, tables.vmax, out)
     return out
 
 
@@ -69,8 +75,9 @@ class _SparseConv(torch.autograd.Function):
             taps, tables = index.wgrad_tables(g)
             gyn = _pad(gy, 0, 0, g.OH, g.OW, g.Np)
             dw = gy.new_empty(taps.flat.numel())
-            ext.wgrad(xp, gyn, tables.noff, tables.blkptr, tables.nblk, tables.pin, tables.gpos, g.Np,
-                      tables.sbpos, dw)
+            ln = tables.lines
+            ext.wgrad(xp, gyn, tables.noff, tables.blkptr, tables.nblk, ln.pin, ln.pout, ln.len, g.Np, ln.step,
+                      tables.sblines, tables.vmax, dw)
             gw = torch.zeros(weight.numel(), dtype=weight.dtype).index_put_((taps.flat,), dw).view(weight.shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum(dim=(1, 2, 3))

@@ -1,17 +1,22 @@
 // Direct sparse convolution on the CPU, tensors in batch-last layout [C][H][W][Np], Np a multiple of 16.
 //
-// Two kernels serve every conv/linear shape; the Python index (index.py) turns a mask into their flat tables.
+// Two kernels serve every conv/linear shape; the Python index (index.py) turns a mask into their tables.
+// Output positions come in "lines" (runs of positions along one output row): line j has len[j] positions,
+// the first at input offset pin[j] and output offset pout[j]; position t of the line is at
+// pin[j] + t * S * Np in the input (S: the input step, the conv's stride or 1) and pout[j] + t * ostep
+// in the output. A tile is T positions of one line, so its offsets are fixed for all the row's
+// nonzeros: one broadcast and T*V loads + FMAs per nonzero.
 //
 // gather: for every row r (an output channel, or an (input channel, stride class) pair for the input
-// gradient) and every position p of the row's class,
-//     out[rowbase[r] + pout[p] + n] = sum_{k in row r} val[k] * in[noff[k] + pin[p] + n],   n < Np.
+// gradient), every line j of the row's class and position t of the line,
+//     out[rowbase[r] + pout[j] + t*ostep + n] = sum_{k in row r} val[k] * in[noff[k] + pin[j] + t*S*Np + n].
 // wgrad:  for every nonzero k of row r (an output channel),
-//     dw[k] = sum_p sum_n g[r * grow + gpos[p] + n] * in[noff[k] + pin[p] + n].
+//     dw[k] = sum_{j, t, n} g[r * grow + gpos[j] + t*Np + n] * in[noff[k] + pin[j] + t*S*Np + n].
 //
 // Work is split over rows only, each row owned by one thread, and every sum runs in a fixed order that
 // does not depend on the split, so results are bitwise identical for any thread count. Rows are walked in
-// (N chunk, spatial block, reduction-channel block) order so that one input slab stays in L2 and is reused
-// by all of a thread's rows.
+// (N chunk, block of lines, reduction-channel block) order so that one input slab stays in cache and is
+// reused by all of a thread's rows.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -27,59 +32,73 @@ constexpr int kLanes = 16;
 inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 
-// Row tables shared by both kernels (all int32 but rowbase).
+struct Lines {
+  const int* pin;
+  const int* pout;
+  const int* len;
+  const int* clsptr;  // lines of class c: clsptr[c] .. clsptr[c+1]
+  int np;             // floats per position
+};
+
 struct Rows {
-  const int* blkptr;      // [R * nblk + 1]: nonzeros of row r in reduction block b are blkptr[r*nblk+b] ..
+  const int* blkptr;       // [R * nblk + 1]: nonzeros of row r in reduction block b: blkptr[r*nblk+b] ..
   int nblk;
-  const int* rowcls;      // [R]: class of row r (selects its positions)
-  const int64_t* rowbase; // [R]: offset of row r's output (gather only)
-  const int* clsptr;      // [ncls + 1]: positions of class c are clsptr[c] .. clsptr[c+1]
-  const int* noff;        // [nnz]
+  const int* rowcls;       // [R]
+  const int64_t* rowbase;  // [R]
+  const int* noff;         // [nnz]
   int R;
 };
 
-// One tile: T positions x V vectors of 16 batch entries, accumulated over nonzeros k0..k1.
+// Offsets of a tile's T positions; a short tile (tt < T) repeats position 0, whose results are dropped.
+template <int T>
+inline void tile_offsets(int tt, int pstep, int (&po)[T]) {
+#pragma GCC unroll 16
+  for (int t = 0; t < T; ++t) po[t] = (t < tt ? t : 0) * pstep;
+}
+
+// Tile of T positions x V vectors: out = (first ? 0 : out) + sum_k val[k] * in[noff[k] + ...].
 template <int T, int V>
 inline void gather_tile(const float* __restrict in, const int* __restrict noff, const float* __restrict val,
-                        int k0, int k1, const int* __restrict pin, const int* __restrict pout, int tt,
-                        bool first, float* __restrict out) {
-  vf acc[T][V];
+                        int k0, int k1, int tt, int pstep, bool first, float* __restrict out, int ostep) {
   int po[T];
+  tile_offsets<T>(tt, pstep, po);
+  vf acc[T][V];
 #pragma GCC unroll 16
-  for (int t = 0; t < T; ++t) {
-    po[t] = t < tt ? pin[t] : pin[0];  // a short tail tile re-reads position 0 and discards it
+  for (int t = 0; t < T; ++t)
 #pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) acc[t][v] = (first || t >= tt) ? (vf){} : load(out + pout[t] + kLanes * v);
-  }
+    for (int v = 0; v < V; ++v) acc[t][v] = (first || t >= tt) ? (vf){} : load(out + t * ostep + kLanes * v);
   for (int k = k0; k < k1; ++k) {
-    const float* base = in + noff[k];
+    const float* b = in + noff[k];
     const vf w = (vf){} + val[k];
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t)
 #pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) acc[t][v] += w * load(base + po[t] + kLanes * v);
+      for (int v = 0; v < V; ++v) acc[t][v] += w * load(b + po[t] + kLanes * v);
   }
 #pragma GCC unroll 16
   for (int t = 0; t < T; ++t)
     if (t < tt)
 #pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) store(out + pout[t] + kLanes * v, acc[t][v]);
+      for (int v = 0; v < V; ++v) store(out + t * ostep + kLanes * v, acc[t][v]);
 }
 
 // Rows r0..r1 on one N chunk (in/out already offset to the chunk).
 template <int T, int V>
-void gather_rows(const Rows& rw, const float* in, const float* val, const int* pin, const int* pout, int sbpos,
-                 int maxpos, int64_t r0, int64_t r1, float* out) {
-  for (int s0 = 0; s0 < maxpos; s0 += sbpos) {
+void gather_rows(const Rows& rw, const Lines& ln, const float* in, const float* val, int step, int sblines,
+                 int maxlines, int ostep, int64_t r0, int64_t r1, float* out) {
+  const int pstep = step * ln.np;
+  for (int s0 = 0; s0 < maxlines; s0 += sblines) {
     for (int b = 0; b < rw.nblk; ++b) {
       for (int64_t r = r0; r < r1; ++r) {
         const int k0 = rw.blkptr[r * rw.nblk + b], k1 = rw.blkptr[r * rw.nblk + b + 1];
         if (b > 0 && k0 == k1) continue;  // block 0 always runs: it writes the row (zeros if empty)
         const int c = rw.rowcls[r];
-        const int pbeg = rw.clsptr[c] + s0, pend = std::min(rw.clsptr[c + 1], pbeg + sbpos);
+        const int jb = ln.clsptr[c] + s0, je = std::min(ln.clsptr[c + 1], jb + sblines);
         float* o = out + rw.rowbase[r];
-        for (int p = pbeg; p < pend; p += T)
-          gather_tile<T, V>(in, rw.noff, val, k0, k1, pin + p, pout + p, std::min(T, pend - p), b == 0, o);
+        for (int j = jb; j < je; ++j)
+          for (int t0 = 0; t0 < ln.len[j]; t0 += T)
+            gather_tile<T, V>(in + ln.pin[j] + t0 * pstep, rw.noff, val, k0, k1, std::min(T, ln.len[j] - t0), pstep,
+                              b == 0, o + ln.pout[j] + t0 * ostep, ostep);
       }
     }
   }
@@ -87,33 +106,37 @@ void gather_rows(const Rows& rw, const float* in, const float* val, const int* p
 
 // Sampled weight gradient of rows r0..r1 on one N chunk; acc[k - kbase] collects 16 partial sums per nonzero.
 template <int T, int V>
-void wgrad_rows(const Rows& rw, const float* in, const float* g, int64_t grow, const int* pin, const int* gpos,
-                int sbpos, int npos, int64_t r0, int64_t r1, int kbase, vf* acc) {
-  for (int s0 = 0; s0 < npos; s0 += sbpos) {
-    const int pend = std::min(npos, s0 + sbpos);
+void wgrad_rows(const Rows& rw, const Lines& ln, const float* in, const float* g, int64_t grow, int step,
+                int sblines, int64_t r0, int64_t r1, int kbase, vf* acc) {
+  const int nlines = ln.clsptr[1];
+  const int np = ln.np, pstep = step * np;
+  for (int s0 = 0; s0 < nlines; s0 += sblines) {
+    const int je = std::min(nlines, s0 + sblines);
     for (int b = 0; b < rw.nblk; ++b) {
       for (int64_t r = r0; r < r1; ++r) {
         const int k0 = rw.blkptr[r * rw.nblk + b], k1 = rw.blkptr[r * rw.nblk + b + 1];
         if (k0 == k1) continue;
-        const float* gr = g + r * grow;
-        for (int p = s0; p < pend; p += T) {
-          const int tt = std::min(T, pend - p);
-          vf gg[T][V];
-          int po[T];
-#pragma GCC unroll 16
-          for (int t = 0; t < T; ++t) {
-            po[t] = t < tt ? pin[p + t] : pin[p];
-#pragma GCC unroll 16
-            for (int v = 0; v < V; ++v) gg[t][v] = t < tt ? load(gr + gpos[p + t] + kLanes * v) : (vf){};
-          }
-          for (int k = k0; k < k1; ++k) {
-            const float* base = in + rw.noff[k];
-            vf part[4] = {(vf){}, (vf){}, (vf){}, (vf){}};
+        for (int j = s0; j < je; ++j) {
+          const float* gj = g + r * grow + ln.pout[j];
+          for (int t0 = 0; t0 < ln.len[j]; t0 += T) {
+            const int tt = std::min(T, ln.len[j] - t0);
+            vf gg[T][V];  // the output gradient of the tile, zero at the positions a short tile repeats
 #pragma GCC unroll 16
             for (int t = 0; t < T; ++t)
 #pragma GCC unroll 16
-              for (int v = 0; v < V; ++v) part[(t * V + v) & 3] += gg[t][v] * load(base + po[t] + kLanes * v);
-            acc[k - kbase] += (part[0] + part[1]) + (part[2] + part[3]);
+              for (int v = 0; v < V; ++v) gg[t][v] = t < tt ? load(gj + (t0 + t) * np + kLanes * v) : (vf){};
+            int po[T];
+            tile_offsets<T>(tt, pstep, po);
+            const float* it = in + ln.pin[j] + t0 * pstep;
+            for (int k = k0; k < k1; ++k) {
+              const float* bb = it + rw.noff[k];
+              vf part[4] = {(vf){}, (vf){}, (vf){}, (vf){}};
+#pragma GCC unroll 16
+              for (int t = 0; t < T; ++t)
+#pragma GCC unroll 16
+                for (int v = 0; v < V; ++v) part[(t * V + v) & 3] += gg[t][v] * load(bb + po[t] + kLanes * v);
+              acc[k - kbase] += (part[0] + part[1]) + (part[2] + part[3]);
+            }
           }
         }
       }
@@ -125,10 +148,10 @@ void wgrad_rows(const Rows& rw, const float* in, const float* g, int64_t grow, c
 constexpr int kChunks[] = {8, 6, 4, 3, 2, 1};
 
 template <typename F>
-void for_chunks(int nv, F&& f) {
+void for_chunks(int nv, int vmax, F&& f) {
   for (int v0 = 0; v0 < nv;) {
     for (int c : kChunks)
-      if (c <= nv - v0) {
+      if (c <= nv - v0 && c <= vmax) {
         f(v0, c);
         v0 += c;
         break;
@@ -136,77 +159,93 @@ void for_chunks(int nv, F&& f) {
   }
 }
 
-Rows make_rows(const torch::Tensor& blkptr, int64_t nblk, const torch::Tensor& rowcls, const torch::Tensor& rowbase,
-               const torch::Tensor& clsptr, const torch::Tensor& noff) {
-  const int R = rowcls.numel();
-  TORCH_CHECK(blkptr.numel() == R * nblk + 1, "blkptr size");
-  return Rows{blkptr.data_ptr<int>(), (int)nblk, rowcls.data_ptr<int>(),
-              rowbase.defined() && rowbase.numel() ? rowbase.data_ptr<int64_t>() : nullptr,
-              clsptr.data_ptr<int>(), noff.data_ptr<int>(), R};
-}
-
 void check_f32(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.device().is_cpu(), name,
               " must be a contiguous float32 CPU tensor");
 }
 
+void check_i32(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == torch::kInt32 && t.is_contiguous(), name, " must be a contiguous int32 tensor");
+}
+
+Lines make_lines(const torch::Tensor& pin, const torch::Tensor& pout, const torch::Tensor& len,
+                 const torch::Tensor& clsptr, int64_t np) {
+  check_i32(pin, "pin");
+  check_i32(pout, "pout");
+  check_i32(len, "len");
+  check_i32(clsptr, "clsptr");
+  TORCH_CHECK(np % kLanes == 0, "np must be a multiple of 16");
+  TORCH_CHECK(pin.numel() == pout.numel() && pin.numel() == len.numel(), "line tables differ in size");
+  return Lines{pin.data_ptr<int>(), pout.data_ptr<int>(), len.data_ptr<int>(), clsptr.data_ptr<int>(), (int)np};
+}
+
+// Tile width T (positions) for a chunk of V vectors: T * V accumulators fill most of the 32 registers.
+#define SPARSECL_DISPATCH(NV, CALL) \
+  switch (NV) {                      \
+    case 8: CALL(3, 8); break;       \
+    case 6: CALL(4, 6); break;       \
+    case 4: CALL(6, 4); break;       \
+    case 3: CALL(8, 3); break;       \
+    case 2: CALL(8, 2); break;       \
+    default: CALL(12, 1); break;     \
+  }
+
 }  // namespace
 
-// np: floats per position (a multiple of 16); sbpos: positions per spatial block.
+// in: padded input; lines (pin, pout, len, clsptr) per class; step: input step along a line (1 or 2);
+// ostep: output floats between neighbouring positions of a line; sblines: lines per cache block.
 void gather(torch::Tensor in, torch::Tensor val, torch::Tensor noff, torch::Tensor blkptr, int64_t nblk,
-            torch::Tensor rowcls, torch::Tensor rowbase, torch::Tensor clsptr, torch::Tensor pin,
-            torch::Tensor pout, int64_t np, int64_t sbpos, torch::Tensor out) {
+            torch::Tensor rowcls, torch::Tensor rowbase, torch::Tensor pin, torch::Tensor pout, torch::Tensor len,
+            torch::Tensor clsptr, int64_t np, int64_t step, int64_t ostep, int64_t sblines, int64_t vmax,
+            torch::Tensor out) {
   check_f32(in, "input");
   check_f32(out, "output");
   check_f32(val, "values");
-  TORCH_CHECK(np % kLanes == 0, "np must be a multiple of 16");
-  const Rows rw = make_rows(blkptr, nblk, rowcls, rowbase, clsptr, noff);
-  const int ncls = clsptr.numel() - 1;
-  int maxpos = 0;
-  for (int c = 0; c < ncls; ++c) maxpos = std::max(maxpos, rw.clsptr[c + 1] - rw.clsptr[c]);
+  check_i32(noff, "noff");
+  check_i32(blkptr, "blkptr");
+  check_i32(rowcls, "rowcls");
+  TORCH_CHECK(rowbase.scalar_type() == torch::kInt64, "rowbase must be int64");
+  const int R = rowcls.numel();
+  TORCH_CHECK(blkptr.numel() == R * nblk + 1 && noff.numel() == val.numel(), "row tables differ in size");
+  const Lines ln = make_lines(pin, pout, len, clsptr, np);
+  const Rows rw{blkptr.data_ptr<int>(), (int)nblk, rowcls.data_ptr<int>(), rowbase.data_ptr<int64_t>(),
+                noff.data_ptr<int>(), R};
+  int maxlines = 0;
+  for (int c = 0; c + 1 < clsptr.numel(); ++c) maxlines = std::max(maxlines, ln.clsptr[c + 1] - ln.clsptr[c]);
   const float* x = in.data_ptr<float>();
   const float* w = val.data_ptr<float>();
-  const int* pi = pin.data_ptr<int>();
-  const int* pu = pout.data_ptr<int>();
   float* y = out.data_ptr<float>();
-  const int sb = std::max<int64_t>(1, sbpos);
-  at::parallel_for(0, rw.R, 1, [&](int64_t r0, int64_t r1) {
-    for_chunks(np / kLanes, [&](int v0, int nvc) {
-      const float* xi = x + kLanes * v0;
-      float* yo = y + kLanes * v0;
-      switch (nvc) {
-        case 8: gather_rows<3, 8>(rw, xi, w, pi, pu, sb, maxpos, r0, r1, yo); break;
-        case 6: gather_rows<4, 6>(rw, xi, w, pi, pu, sb, maxpos, r0, r1, yo); break;
-        case 4: gather_rows<6, 4>(rw, xi, w, pi, pu, sb, maxpos, r0, r1, yo); break;
-        case 3: gather_rows<6, 3>(rw, xi, w, pi, pu, sb, maxpos, r0, r1, yo); break;
-        case 2: gather_rows<8, 2>(rw, xi, w, pi, pu, sb, maxpos, r0, r1, yo); break;
-        default: gather_rows<12, 1>(rw, xi, w, pi, pu, sb, maxpos, r0, r1, yo); break;
-      }
+  const int sb = std::max<int64_t>(1, sblines);
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    for_chunks(np / kLanes, vmax, [&](int v0, int nvc) {
+#define CALL(T, V) gather_rows<T, V>(rw, ln, x + kLanes * v0, w, step, sb, maxlines, ostep, r0, r1, y + kLanes * v0)
+      SPARSECL_DISPATCH(nvc, CALL)
+#undef CALL
     });
   });
 }
 
-// g: [R][grow] gradient of the output, gpos[p] its position offsets; one class (all rows share pin/gpos).
+// g: [R][grow] gradient of the output (unpadded spatially; its lines at pout); one class.
 void wgrad(torch::Tensor in, torch::Tensor g, torch::Tensor noff, torch::Tensor blkptr, int64_t nblk,
-           torch::Tensor pin, torch::Tensor gpos, int64_t np, int64_t sbpos, torch::Tensor dw) {
+           torch::Tensor pin, torch::Tensor pout, torch::Tensor len, int64_t np, int64_t step, int64_t sblines,
+           int64_t vmax, torch::Tensor dw) {
   check_f32(in, "input");
   check_f32(g, "output gradient");
   check_f32(dw, "weight gradient");
-  TORCH_CHECK(np % kLanes == 0, "np must be a multiple of 16");
+  check_i32(noff, "noff");
+  check_i32(blkptr, "blkptr");
   const int R = (blkptr.numel() - 1) / nblk;
-  const auto zero_cls = torch::zeros({R}, torch::kInt32);
+  TORCH_CHECK(dw.numel() == noff.numel(), "dw and noff differ in size");
   const auto clsptr = torch::tensor({0, (int)pin.numel()}, torch::kInt32);
-  const Rows rw = make_rows(blkptr, nblk, zero_cls, torch::Tensor(), clsptr, noff);
-  const int npos = pin.numel();
+  const Lines ln = make_lines(pin, pout, len, clsptr, np);
+  const Rows rw{blkptr.data_ptr<int>(), (int)nblk, nullptr, nullptr, noff.data_ptr<int>(), R};
   const int64_t grow = R ? g.numel() / R : 0;
   const float* x = in.data_ptr<float>();
   const float* gg = g.data_ptr<float>();
-  const int* pi = pin.data_ptr<int>();
-  const int* gp = gpos.data_ptr<int>();
   float* out = dw.data_ptr<float>();
-  const int sb = std::max<int64_t>(1, sbpos);
+  const int sb = std::max<int64_t>(1, sblines);
   // Rows are processed in groups of bounded nonzero count so the accumulators stay small (a dense
-  // weight gradient of a wide layer would otherwise need 64 bytes per weight).
+  // weight gradient of a wide layer would otherwise need 64 bytes per weight at once).
   constexpr int kMaxAcc = 8192;
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
     std::vector<vf> acc;
@@ -216,20 +255,12 @@ void wgrad(torch::Tensor in, torch::Tensor g, torch::Tensor noff, torch::Tensor 
       while (gb < r1 && rw.blkptr[(gb + 1) * nblk] - kb <= kMaxAcc) ++gb;
       const int ke = rw.blkptr[gb * nblk];
       acc.assign(std::max(1, ke - kb), (vf){});
-      for_chunks(np / kLanes, [&](int v0, int nvc) {
-        const float* xi = x + kLanes * v0;
-        const float* gi = gg + kLanes * v0;
-        switch (nvc) {
-          case 8: wgrad_rows<2, 8>(rw, xi, gi, grow, pi, gp, sb, npos, ga, gb, kb, acc.data()); break;
-          case 6: wgrad_rows<4, 6>(rw, xi, gi, grow, pi, gp, sb, npos, ga, gb, kb, acc.data()); break;
-          case 4: wgrad_rows<4, 4>(rw, xi, gi, grow, pi, gp, sb, npos, ga, gb, kb, acc.data()); break;
-          case 3: wgrad_rows<4, 3>(rw, xi, gi, grow, pi, gp, sb, npos, ga, gb, kb, acc.data()); break;
-          case 2: wgrad_rows<8, 2>(rw, xi, gi, grow, pi, gp, sb, npos, ga, gb, kb, acc.data()); break;
-          default: wgrad_rows<8, 1>(rw, xi, gi, grow, pi, gp, sb, npos, ga, gb, kb, acc.data()); break;
-        }
+      for_chunks(np / kLanes, vmax, [&](int v0, int nvc) {
+#define CALL(T, V) wgrad_rows<T, V>(rw, ln, x + kLanes * v0, gg + kLanes * v0, grow, step, sb, ga, gb, kb, acc.data())
+        SPARSECL_DISPATCH(nvc, CALL)
+#undef CALL
       });
-      for (int k = kb; k < ke; ++k) {
-        // fixed pairwise order over the 16 lanes
+      for (int k = kb; k < ke; ++k) {  // fixed pairwise order over the 16 lanes
         const vf a = acc[k - kb];
         float s8[8];
         for (int j = 0; j < 8; ++j) s8[j] = a[j] + a[j + 8];
