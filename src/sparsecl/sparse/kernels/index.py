@@ -15,11 +15,12 @@ import torch
 from sparsecl import SparseCLError
 
 LANES = 16                 # floats per vector: the batch is padded to a multiple of this
-# Cache blocking, measured on ResNet-18's 3x3 convs (benchmarks/sparse_cpu.py): runs of at most 8 output
-# positions, each visited by all of a thread's rows for 32 reduction channels at a time, beat whole rows
-# with L2-sized channel blocks by 20-45 %.
+# Cache blocking, measured on ResNet-18's 3x3 convs at N = 32 and 96: runs of at most 8 output positions,
+# each visited by all of a thread's rows for one block of reduction channels at a time, beat whole rows
+# with L2-sized channel blocks by 20-45 %; the best blocks hold about 32 nonzeros per row (16 channels
+# at density 0.25, 32 at 0.1, 64 at 0.05), within 16..64 channels.
 LINE = 8
-BLOCK_CHANNELS = 32
+NNZ_PER_BLOCK = 32
 _I32_MAX = 2**31 - 1
 _MAX_WGRAD_CACHE = 4
 
@@ -88,7 +89,6 @@ class _Gather:
     rowbase: torch.Tensor
     lines: _Lines
     sblines: int
-    vmax: int = 8      # widest batch chunk, in vectors
 
 
 @dataclass
@@ -98,7 +98,6 @@ class _WGrad:
     nblk: int
     lines: _Lines
     sblines: int
-    vmax: int = 8
 
 
 @dataclass
@@ -130,8 +129,10 @@ class _Taps:
         self.local_ci = cl
 
 
-def _blocks(row: torch.Tensor, red: torch.Tensor, nrows: int, block: int, nred: int) -> tuple[torch.Tensor, int]:
+def _blocks(row: torch.Tensor, red: torch.Tensor, nrows: int, nred: int) -> tuple[torch.Tensor, int]:
     """Per (row, reduction block) nonzero pointers; the taps must be sorted by (row, red)."""
+    per_channel = row.numel() / max(1, nrows * nred)          # nonzeros per row and reduction channel
+    block = min(nred, max(16, min(64, int(NNZ_PER_BLOCK / max(per_channel, 1e-9)))))
     nblk = -(-nred // block)
     counts = torch.bincount(row * nblk + red // block, minlength=nrows * nblk)
     return _ptr(counts), nblk
@@ -209,7 +210,7 @@ class SparseConvIndex:
         oh = torch.arange(OH)
         flines = _lines(oh * sh * Wp, oh * OW, torch.full((OH,), OW), torch.zeros(OH, dtype=torch.long), 1, sw, Np, 1)
         fnoff = _i32(((t.ci * Hp + t.kh) * Wp + t.kw) * Np)
-        fptr, fnb = _blocks(t.oc, t.local_ci, self.OC, BLOCK_CHANNELS, self.Cg)
+        fptr, fnb = _blocks(t.oc, t.local_ci, self.OC, self.Cg)
         fwd = _Gather(fnoff, fptr, fnb, torch.zeros(self.OC, dtype=I32),
                       torch.arange(self.OC, dtype=torch.int64) * (OH * OW * Np), flines, 1)
         bwd, gpad = self._bwd_tables(H, W, OH, OW, Np)
@@ -240,7 +241,7 @@ class SparseConvIndex:
         ncls = sh * sw
         # reduction channel of a tap within its group's output channels
         ocg = self.OC // self.groups
-        ptr, nb = _blocks(row, oc % ocg, self.C * ncls, BLOCK_CHANNELS, ocg)
+        ptr, nb = _blocks(row, oc % ocg, self.C * ncls, ocg)
         rowbase = (torch.arange(self.C, dtype=torch.int64) * (H * W * Np)).repeat_interleave(ncls)
         lines = _lines(torch.cat(pins), torch.cat(pouts), torch.cat(lens), torch.cat(classes), ncls, 1, Np, sw)
         bwd = _Gather(noff, ptr, nb, torch.arange(ncls, dtype=I32).repeat(self.C), rowbase, lines, 1)
@@ -278,6 +279,6 @@ class SparseConvIndex:
         key = (geom.H, geom.W, geom.N)
         if key not in geoms:
             noff = _i32(((taps.ci * geom.Hp + taps.kh) * geom.Wp + taps.kw) * geom.Np)
-            ptr, nb = _blocks(taps.oc, taps.local_ci, self.OC, BLOCK_CHANNELS, self.Cg)
+            ptr, nb = _blocks(taps.oc, taps.local_ci, self.OC, self.Cg)
             geoms[key] = _WGrad(noff, ptr, nb, geom.fwd.lines, 1)
         return taps, geoms[key]

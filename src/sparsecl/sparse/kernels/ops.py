@@ -36,7 +36,7 @@ def _gather(ext, src: torch.Tensor, val: torch.Tensor, tables, Np: int, out_shap
     out = src.new_empty(out_shape)
     ln = tables.lines
     ext.gather(src, val, tables.noff, tables.blkptr, tables.nblk, tables.rowcls, tables.rowbase, ln.pin, ln.pout,
-               ln.len, ln.clsptr, Np, ln.step, ln.ostep, tables.sblines, tables.vmax, out)
+               ln.len, ln.clsptr, Np, ln.step, ln.ostep, tables.sblines, out)
     return out
 
 
@@ -77,7 +77,7 @@ class _SparseConv(torch.autograd.Function):
             dw = gy.new_empty(taps.flat.numel())
             ln = tables.lines
             ext.wgrad(xp, gyn, tables.noff, tables.blkptr, tables.nblk, ln.pin, ln.pout, ln.len, g.Np, ln.step,
-                      tables.sblines, tables.vmax, dw)
+                      tables.sblines, dw)
             gw = torch.zeros(weight.numel(), dtype=weight.dtype).index_put_((taps.flat,), dw).view(weight.shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum(dim=(1, 2, 3))

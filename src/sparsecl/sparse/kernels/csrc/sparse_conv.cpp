@@ -30,6 +30,8 @@ typedef float vfu __attribute__((vector_size(64), aligned(4)));
 constexpr int kLanes = 16;
 
 inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+// x - 0 is x for every x (0 + x is not, for x = -0), so this compiles to one broadcast.
+inline vf splat(float x) { return x - (vf){}; }
 inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 
 struct Lines {
@@ -49,31 +51,32 @@ struct Rows {
   int R;
 };
 
-// Offsets of a tile's T positions; a short tile (tt < T) repeats position 0, whose results are dropped.
+// Pointers to a tile's T positions; a short tile (tt < T) repeats position 0, whose results are dropped.
+// One pointer per position keeps each load a single base + index*4 + constant address.
 template <int T>
-inline void tile_offsets(int tt, int pstep, int (&po)[T]) {
+inline void tile_pointers(const float* in, int tt, int pstep, const float* (&pt)[T]) {
 #pragma GCC unroll 16
-  for (int t = 0; t < T; ++t) po[t] = (t < tt ? t : 0) * pstep;
+  for (int t = 0; t < T; ++t) pt[t] = in + (t < tt ? t : 0) * pstep;
 }
 
 // Tile of T positions x V vectors: out = (first ? 0 : out) + sum_k val[k] * in[noff[k] + ...].
 template <int T, int V>
 inline void gather_tile(const float* __restrict in, const int* __restrict noff, const float* __restrict val,
                         int k0, int k1, int tt, int pstep, bool first, float* __restrict out, int ostep) {
-  int po[T];
-  tile_offsets<T>(tt, pstep, po);
+  const float* pt[T];
+  tile_pointers<T>(in, tt, pstep, pt);
   vf acc[T][V];
 #pragma GCC unroll 16
   for (int t = 0; t < T; ++t)
 #pragma GCC unroll 16
     for (int v = 0; v < V; ++v) acc[t][v] = (first || t >= tt) ? (vf){} : load(out + t * ostep + kLanes * v);
   for (int k = k0; k < k1; ++k) {
-    const float* b = in + noff[k];
-    const vf w = (vf){} + val[k];
+    const int o = noff[k];
+    const vf w = splat(val[k]);
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t)
 #pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) acc[t][v] += w * load(b + po[t] + kLanes * v);
+      for (int v = 0; v < V; ++v) acc[t][v] += w * load(pt[t] + o + kLanes * v);
   }
 #pragma GCC unroll 16
   for (int t = 0; t < T; ++t)
@@ -125,16 +128,15 @@ void wgrad_rows(const Rows& rw, const Lines& ln, const float* in, const float* g
             for (int t = 0; t < T; ++t)
 #pragma GCC unroll 16
               for (int v = 0; v < V; ++v) gg[t][v] = t < tt ? load(gj + (t0 + t) * np + kLanes * v) : (vf){};
-            int po[T];
-            tile_offsets<T>(tt, pstep, po);
-            const float* it = in + ln.pin[j] + t0 * pstep;
+            const float* pt[T];
+            tile_pointers<T>(in + ln.pin[j] + t0 * pstep, tt, pstep, pt);
             for (int k = k0; k < k1; ++k) {
-              const float* bb = it + rw.noff[k];
+              const int o = rw.noff[k];
               vf part[4] = {(vf){}, (vf){}, (vf){}, (vf){}};
 #pragma GCC unroll 16
               for (int t = 0; t < T; ++t)
 #pragma GCC unroll 16
-                for (int v = 0; v < V; ++v) part[(t * V + v) & 3] += gg[t][v] * load(bb + po[t] + kLanes * v);
+                for (int v = 0; v < V; ++v) part[(t * V + v) & 3] += gg[t][v] * load(pt[t] + o + kLanes * v);
               acc[k - kbase] += (part[0] + part[1]) + (part[2] + part[3]);
             }
           }
@@ -148,10 +150,10 @@ void wgrad_rows(const Rows& rw, const Lines& ln, const float* in, const float* g
 constexpr int kChunks[] = {8, 6, 4, 3, 2, 1};
 
 template <typename F>
-void for_chunks(int nv, int vmax, F&& f) {
+void for_chunks(int nv, F&& f) {
   for (int v0 = 0; v0 < nv;) {
     for (int c : kChunks)
-      if (c <= nv - v0 && c <= vmax) {
+      if (c <= nv - v0) {
         f(v0, c);
         v0 += c;
         break;
@@ -196,8 +198,7 @@ Lines make_lines(const torch::Tensor& pin, const torch::Tensor& pout, const torc
 // ostep: output floats between neighbouring positions of a line; sblines: lines per cache block.
 void gather(torch::Tensor in, torch::Tensor val, torch::Tensor noff, torch::Tensor blkptr, int64_t nblk,
             torch::Tensor rowcls, torch::Tensor rowbase, torch::Tensor pin, torch::Tensor pout, torch::Tensor len,
-            torch::Tensor clsptr, int64_t np, int64_t step, int64_t ostep, int64_t sblines, int64_t vmax,
-            torch::Tensor out) {
+            torch::Tensor clsptr, int64_t np, int64_t step, int64_t ostep, int64_t sblines, torch::Tensor out) {
   check_f32(in, "input");
   check_f32(out, "output");
   check_f32(val, "values");
@@ -217,7 +218,7 @@ void gather(torch::Tensor in, torch::Tensor val, torch::Tensor noff, torch::Tens
   float* y = out.data_ptr<float>();
   const int sb = std::max<int64_t>(1, sblines);
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
-    for_chunks(np / kLanes, vmax, [&](int v0, int nvc) {
+    for_chunks(np / kLanes, [&](int v0, int nvc) {
 #define CALL(T, V) gather_rows<T, V>(rw, ln, x + kLanes * v0, w, step, sb, maxlines, ostep, r0, r1, y + kLanes * v0)
       SPARSECL_DISPATCH(nvc, CALL)
 #undef CALL
@@ -228,7 +229,7 @@ void gather(torch::Tensor in, torch::Tensor val, torch::Tensor noff, torch::Tens
 // g: [R][grow] gradient of the output (unpadded spatially; its lines at pout); one class.
 void wgrad(torch::Tensor in, torch::Tensor g, torch::Tensor noff, torch::Tensor blkptr, int64_t nblk,
            torch::Tensor pin, torch::Tensor pout, torch::Tensor len, int64_t np, int64_t step, int64_t sblines,
-           int64_t vmax, torch::Tensor dw) {
+           torch::Tensor dw) {
   check_f32(in, "input");
   check_f32(g, "output gradient");
   check_f32(dw, "weight gradient");
@@ -255,7 +256,7 @@ void wgrad(torch::Tensor in, torch::Tensor g, torch::Tensor noff, torch::Tensor 
       while (gb < r1 && rw.blkptr[(gb + 1) * nblk] - kb <= kMaxAcc) ++gb;
       const int ke = rw.blkptr[gb * nblk];
       acc.assign(std::max(1, ke - kb), (vf){});
-      for_chunks(np / kLanes, vmax, [&](int v0, int nvc) {
+      for_chunks(np / kLanes, [&](int v0, int nvc) {
 #define CALL(T, V) wgrad_rows<T, V>(rw, ln, x + kLanes * v0, gg + kLanes * v0, grow, step, sb, ga, gb, kb, acc.data())
         SPARSECL_DISPATCH(nvc, CALL)
 #undef CALL
