@@ -21,6 +21,9 @@ LANES = 16                 # floats per vector: the batch is padded to a multipl
 # at density 0.25, 32 at 0.1, 64 at 0.05), within 16..64 channels.
 LINE = 8
 NNZ_PER_BLOCK = 32
+# The weight gradient finishes each (row, block) over the whole image at once (its few accumulators stay
+# in L1) when the block's input over the whole image fits in this much of L2; otherwise it goes line by line.
+WGRAD_SLAB_BYTES = 3 << 19
 _I32_MAX = 2**31 - 1
 _MAX_WGRAD_CACHE = 4
 
@@ -280,5 +283,7 @@ class SparseConvIndex:
         if key not in geoms:
             noff = _i32(((taps.ci * geom.Hp + taps.kh) * geom.Wp + taps.kw) * geom.Np)
             ptr, nb = _blocks(taps.oc, taps.local_ci, self.OC, self.Cg)
-            geoms[key] = _WGrad(noff, ptr, nb, geom.fwd.lines, 1)
+            slab = -(-self.Cg // nb) * geom.Hp * geom.Wp * geom.Np * 4
+            nlines = int(geom.fwd.lines.len.numel())
+            geoms[key] = _WGrad(noff, ptr, nb, geom.fwd.lines, nlines if slab <= WGRAD_SLAB_BYTES else 1)
         return taps, geoms[key]
