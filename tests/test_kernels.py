@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecl import SparseCLError
+from sparsecl.sparse.kernels import index as kernel_index
 from sparsecl.sparse.kernels import SparseConvIndex, build, kernels_available, load_extension, sparse_conv2d, sparse_linear
 
 # (name, C, OC, kernel, stride, padding, groups, H, bias)
@@ -131,6 +132,16 @@ def test_linear_matches_dense_masked_linear(shape, N):
     ys.backward(gy.t().contiguous())
     ref = dict(y=y.detach(), x=xr.grad, w=w_eff.grad, b=br.grad if bias else None)
     out = dict(y=ys.detach().t(), x=xs.grad.t(), w=ws.grad, b=bs.grad if bias else None)
+    _assert_matches(ref, out, mask)
+
+
+@pytest.mark.parametrize("shape", [CONV_SHAPES[i] for i in (1, 2, 4, 9)], ids=lambda s: s[0])
+def test_weight_grad_line_by_line(shape, monkeypatch):
+    # Large layers accumulate the weight gradient line by line (their input does not fit in L2).
+    monkeypatch.setattr(kernel_index, "WGRAD_SLAB_BYTES", 0)
+    _, C, OC, k, s, p, g, H, bias = shape
+    mask = _mask((OC, C // g, k, k), 0.4, torch.Generator().manual_seed(7))
+    ref, out = _conv_case(C, OC, k, s, p, g, H + 3, bias, 19, mask)
     _assert_matches(ref, out, mask)
 
 
