@@ -1,0 +1,127 @@
+"""Autograd functions of the sparse kernels: :func:`sparse_conv2d` and :func:`sparse_linear`.
+
+Forward, input gradient and weight gradient run in the C++ kernels on batch-last tensors; the weight
+gradient is computed only at the index's weight-gradient positions (the mask unless
+:meth:`SparseConvIndex.set_weight_grad` says otherwise) and is zero elsewhere.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparsecl import SparseCLError
+from sparsecl.sparse.kernels.build import load_extension
+from sparsecl.sparse.kernels.index import Geometry, SparseConvIndex
+
+
+def _pad(x: torch.Tensor, top: int, left: int, Hp: int, Wp: int, Np: int) -> torch.Tensor:
+    """``x [C, H, W, N]`` placed at (top, left) in zeros of ``[C, Hp, Wp, Np]`` (no copy when it already fits)."""
+    C, H, W, N = x.shape
+    if (H, W, N) == (Hp, Wp, Np):
+        return x.contiguous()
+    out = x.new_empty(C, Hp, Wp, Np)
+    out[:, :top].zero_()                        # zero only the border: the copy fills the rest
+    out[:, top + H:].zero_()
+    out[:, top:top + H, :left].zero_()
+    out[:, top:top + H, left + W:].zero_()
+    out[:, top:top + H, left:left + W, N:].zero_()
+    out[:, top:top + H, left:left + W, :N] = x
+    return out
+
+
+def _unpad_batch(y: torch.Tensor, N: int) -> torch.Tensor:
+    return y if y.shape[-1] == N else y[..., :N].contiguous()
+
+
+def _gather(ext, src: torch.Tensor, val: torch.Tensor, tables, Np: int, out_shape: tuple[int, ...]) -> torch.Tensor:
+    out = src.new_empty(out_shape)
+    ln = tables.lines
+    ext.gather(src, val, tables.noff, tables.blkptr, tables.nblk, tables.rowcls, tables.rowbase, ln.pin, ln.pout,
+               ln.len, ln.clsptr, Np, ln.step, ln.ostep, tables.sblines, out)
+    return out
+
+
+class _SparseConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                index: SparseConvIndex) -> torch.Tensor:
+        ext = load_extension()
+        C, H, W, N = x.shape
+        g = index.geometry(H, W, N)
+        ph, pw = index.padding
+        xp = _pad(x.detach(), ph, pw, g.Hp, g.Wp, g.Np)
+        w = weight.detach().reshape(-1)
+        val = w[index.taps.flat].contiguous()
+        y = _unpad_batch(_gather(ext, xp, val, g.fwd, g.Np, (index.OC, g.OH, g.OW, g.Np)), N)
+        if bias is not None:
+            y = y + bias.detach().view(-1, 1, 1, 1)
+        ctx.index, ctx.geom, ctx.has_bias = index, g, bias is not None
+        ctx.save_for_backward(xp, val, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        ext = load_extension()
+        index: SparseConvIndex = ctx.index
+        g: Geometry = ctx.geom
+        xp, val, weight = ctx.saved_tensors
+        gy = gy.contiguous()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            top, left, OHp, OWp = g.gpad
+            gyp = _pad(gy, top, left, OHp, OWp, g.Np)
+            bval = val[index._bwd_order].contiguous()
+            gx = _unpad_batch(_gather(ext, gyp, bval, g.bwd, g.Np, (index.C, g.H, g.W, g.Np)), g.N)
+        if ctx.needs_input_grad[1]:
+            taps, tables = index.wgrad_tables(g)
+            gyn = _pad(gy, 0, 0, g.OH, g.OW, g.Np)
+            dw = gy.new_empty(taps.flat.numel())
+            ln = tables.lines
+            ext.wgrad(xp, gyn, tables.noff, tables.blkptr, tables.nblk, ln.pin, ln.pout, ln.len, g.Np, ln.step,
+                      tables.sblines, dw)
+            gw = torch.zeros(weight.numel(), dtype=weight.dtype).index_put_((taps.flat,), dw).view(weight.shape)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum(dim=(1, 2, 3))
+        return gx, gw, gb, None
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex, dims: int, channels: int) -> None:
+    if x.dim() != dims or x.dtype != torch.float32 or x.device.type != "cpu":
+        raise SparseCLError(f"sparse kernels: expected a float32 CPU input of {dims} dims (batch last), got {x.dim()} dims {x.dtype} on {x.device}")
+    if tuple(weight.shape) != index.weight_shape:
+        raise SparseCLError(f"sparse kernels: weight shape {tuple(weight.shape)} does not match the index's {index.weight_shape}")
+    if x.shape[0] != channels:
+        raise SparseCLError(f"sparse kernels: input has {x.shape[0]} channels, the weight expects {channels}")
+
+
+def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Sparse 2-d convolution of a batch-last input.
+
+    Args:
+        x: ``[C, H, W, N]`` float32 (batch last).
+        weight: the dense parameter ``[OC, C/groups, kh, kw]``; only the index's positions are read
+            (weights outside the mask count as zero).
+        index: the mask's :class:`SparseConvIndex` (stride, padding, groups).
+        bias: optional ``[OC]``.
+
+    Returns:
+        ``[OC, OH, OW, N]``; differentiable in ``x``, ``weight`` (at the weight-gradient positions only)
+        and ``bias``.
+    """
+    if index.linear:
+        raise SparseCLError("sparse kernels: this index was built for a linear weight; use sparse_linear")
+    _check(x, weight, index, 4, index.C)
+    return _SparseConv.apply(x, weight, bias, index)
+
+
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Sparse linear layer of a batch-last input: ``x [I, N]``, ``weight [O, I]`` -> ``[O, N]``.
+
+    The same kernels as :func:`sparse_conv2d` (a 1x1 convolution of a 1x1 image), same gradients.
+    """
+    if not index.linear:
+        raise SparseCLError("sparse kernels: this index was built for a conv weight; use sparse_conv2d")
+    _check(x, weight, index, 2, index.C)
+    y = _SparseConv.apply(x.view(x.shape[0], 1, 1, x.shape[1]), weight.view(index.mask.shape), bias, index)
+    return y.view(index.OC, x.shape[1])
