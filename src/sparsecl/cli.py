@@ -83,6 +83,8 @@ def _run_options(p) -> None:
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="write TensorBoard event files to RUN_DIR/tensorboard")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; recorded in config.yaml)")
+    p.add_argument("--sparse-kernels", nargs="?", const="on", metavar="on|off",
+                   help="run masked layers on real sparse CPU kernels (compiled once with g++ and ninja)")
 
 
 # What --resume still takes from the command line; every other run flag is the run's own.
@@ -104,7 +106,7 @@ def build_config(args: argparse.Namespace):
     for name in ("method", "benchmark", "setting", "backbone", "data_dir", "data_root", "class_order", "n_tasks",
                  "image_size", "validation", "epochs", "batch_size", "seed", "device", "out", "keep_checkpoints", "amp",
                  "channels_last", "cuda_graph", "sync_bn", "fused_optimizer", "compile", "tensorboard", "threads",
-                 "flop_convention"):
+                 "flop_convention", "sparse_kernels"):
         value = getattr(args, name)
         if value is not None:
             flags[name] = value

@@ -20,6 +20,7 @@ SETTINGS = ("class-il", "task-il")
 LOCATION_KEYS = ("data_dir", "data_root")
 SEED_LIMIT = 2**32  # numpy's legacy seeding takes 0 <= seed < 2**32
 
+SPARSE_KERNEL_MODES = ("off", "on")
 
 @dataclass
 class RunConfig:
@@ -56,6 +57,8 @@ class RunConfig:
     tensorboard: bool = False  # write TensorBoard event files under RUN_DIR/tensorboard
     threads: int | None = None  # torch CPU threads; None = torch's default (OMP_NUM_THREADS), recorded at start
     flop_convention: str = "spec"  # spec | sparcl-paper: which count result.json's flops.train is
+    # on: masked layers run on real sparse CPU kernels (sparsecl.sparse.execution); off: masks multiply dense tensors
+    sparse_kernels: str = "off"
     method_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -75,6 +78,8 @@ class RunConfig:
             raise SparseCLError(f"threads must be >= 1, got {self.threads}")
         if self.flop_convention not in FLOP_CONVENTIONS:
             raise SparseCLError(f"unknown flop_convention {self.flop_convention!r} (known: {', '.join(FLOP_CONVENTIONS)})")
+        if self.sparse_kernels not in SPARSE_KERNEL_MODES:
+            raise SparseCLError(f"unknown sparse_kernels {self.sparse_kernels!r} (known: {', '.join(SPARSE_KERNEL_MODES)})")
         if self.n_tasks is not None and self.n_tasks < 1:
             raise SparseCLError(f"n_tasks must be >= 1, got {self.n_tasks}")
 

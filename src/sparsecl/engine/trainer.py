@@ -35,6 +35,7 @@ from sparsecl.metrics.accuracy import summarize
 from sparsecl.metrics.efficiency import memory_footprint, peak_memory_bytes, reset_peak_memory
 from sparsecl.models import build_model
 from sparsecl.sparse.accounting import capacity_report, sparsity_report
+from sparsecl.sparse.execution import SparseExecution
 from sparsecl.sparse.export import INFERENCE_HEAD, TASK_VIEWS, compact_task_views, method_task_views
 from sparsecl.sparse.flops import CONVENTIONS as FLOP_CONVENTIONS
 from sparsecl.sparse.flops import FlopCounter, profile_layers
@@ -191,6 +192,19 @@ def build_method(cfg: RunConfig, stream: TaskStream, device: torch.device, augme
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def sparse_execution(cfg: RunConfig, method: ContinualMethod) -> SparseExecution | None:
+    """The run's real sparse execution (``--sparse-kernels``), installed on the method's model, or None."""
+    if cfg.sparse_kernels == "off":
+        return None
+    if not type(method).supports_sparse_kernels:
+        known = ", ".join(n for n, cls in METHODS.items() if cls.supports_sparse_kernels)
+        raise SparseCLError(f"method {cfg.method!r} does not support --sparse-kernels (methods that do: {known})")
+    for flag, on in (("--compile", cfg.compile), ("--amp", cfg.amp), ("--cuda-graph", cfg.cuda_graph)):
+        if on:
+            raise SparseCLError(f"--sparse-kernels cannot be combined with {flag}")
+    return SparseExecution(method.model, lambda: method.masks).install()
+
+
 def compile_net(model: nn.Module, cfg: RunConfig) -> nn.Module:
     """``torch.compile`` of ``model`` (or its DDP wrapper) for the training forwards
     (``method.net``; the parameters stay the model's own, so masks applied in place, checkpoints
@@ -329,6 +343,7 @@ class Trainer:
         self.flops = FlopCounter(self.layers, cfg.flop_convention)
         self.method.ctx.flops = self.flops  # sparse methods push their densities into it
         self.counter = SampleCounter(self.model, self.flops)
+        self.execution = sparse_execution(cfg, self.method)  # after profiling: it bypasses module hooks
         self.method.ctx.count_samples = self.counter.add
         self.method.ctx.note_replay = self.counter.note_replay
         T = self.stream.n_tasks

@@ -139,6 +139,10 @@ class ContinualMethod:
     # ``net`` a compiled module) covers the step. Read from the class's own body; methods that
     # support distributed training qualify too (the same requirement).
     supports_compile: ClassVar[bool] = False
+    # True when :attr:`masks` is the whole sparsity of the training step (weights outside it are
+    # zero, gradients outside :meth:`MaskSet.weight_grad_positions` are never used), so that
+    # ``--sparse-kernels`` can run the masked layers on real sparse kernels.
+    supports_sparse_kernels: ClassVar[bool] = False
     # Sparse methods set these (sparsecl.sparse); the engine reports per-layer densities, mask
     # bytes, the memory footprint's mask term and capacity from them. None = dense / no isolation.
     masks: MaskSet | None = None

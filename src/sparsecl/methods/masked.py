@@ -62,6 +62,7 @@ class MaskedTraining:
     """
 
     masks: MaskSet | None
+    supports_sparse_kernels = True
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)

@@ -35,6 +35,8 @@ from torch import nn
 from sparsecl import SparseCLError
 from sparsecl.config import first_difference, run_identity
 from sparsecl.models.heads import NearestMeanClassifier
+from sparsecl.sparse.execution import SparseExecution
+from sparsecl.sparse.masks import MaskSet
 
 FORMAT = "sparsecl-export"
 VERSION = 1
@@ -341,7 +343,8 @@ def build_export(run_dir: str | Path, fmt: str = "pt") -> tuple[dict[str, Any], 
     return payload, report
 
 
-def load_export(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_export(path: str | Path, device: torch.device | str = "cpu", *,
+                sparse_kernels: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the exported model for inference.
 
     Returns ``(model, info)``: the model in eval mode on ``device`` with the exported weights
@@ -352,6 +355,9 @@ def load_export(path: str | Path, device: torch.device | str = "cpu") -> tuple[n
     ``head`` (the model's logits) or ``nearest-mean`` (iCaRL runs: the model is then a
     :class:`~sparsecl.models.heads.NearestMeanClassifier` around the network, whose parameter names
     the ``masks`` use, at ``model.model``).
+
+    ``sparse_kernels``: run the masked layers on the real sparse CPU kernels
+    (:class:`~sparsecl.sparse.execution.SparseExecution`, kept in ``info['execution']``; CPU only).
     """
     path = Path(path)
     try:
@@ -378,6 +384,10 @@ def load_export(path: str | Path, device: torch.device | str = "cpu") -> tuple[n
     info = {"masks": masks, "model": payload["model"], "encoding": payload["encoding"],
             "sizes": payload["sizes"], "config": json.loads(payload["config"]), "task_views": None,
             "classifier": head["kind"] if head is not None else "head"}
+    if sparse_kernels:
+        net = model.model if head is not None else model
+        mask_set = MaskSet(net, {n: m.to(device) for n, m in masks.items()})
+        info["execution"] = SparseExecution(net, lambda: mask_set).install()
     if payload.get("task_views"):
         info["final_state"] = state
         info["task_views"] = [

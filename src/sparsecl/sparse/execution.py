@@ -1,0 +1,253 @@
+"""Real sparse execution on the CPU: masked layers run on the kernels of :mod:`sparsecl.sparse.kernels`
+(SPEC, "Real sparse execution on the CPU").
+
+:class:`SparseExecution` swaps the forward of a :class:`~sparsecl.models.ContinualNet`'s backbone
+(an instance attribute; :meth:`SparseExecution.remove` restores the class's). Parameters, buffers
+and the state dict stay the model's own, so checkpoints, resume, export and evaluation are
+unchanged. Two ways to run:
+
+- **batch-last** (ResNet-18 and the MLP): the whole backbone runs in ``[C, H, W, N]`` layout (batch
+  innermost, the kernels' layout), BatchNorm, ReLU, shortcuts and pooling included; the input is
+  converted once and the features once. Masked layers run on the sparse kernels with their mask's
+  index; unmasked 3x3 convolutions (the stem) on the same kernels with a full index, unmasked 1x1
+  convolutions and linears as dense matrix products.
+- **per layer** (any other backbone): each masked conv/linear module converts its input to the
+  kernels' layout and its output back (correct everywhere, but the conversions eat much of the gain).
+
+The weight gradient is computed where :meth:`MaskSet.weight_grad_positions` says, read when the
+backward reaches the layer: the mask, the gradient mask (DGM), or every weight on the steps whose
+FLOPs are charged a dense weight gradient (RigL's and continual DST's growth steps). The index is
+rebuilt only when the mask set reports a change (:meth:`MaskSet.version`).
+"""
+from __future__ import annotations
+
+import types
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsecl import SparseCLError
+from sparsecl.models.mlp import MLP
+from sparsecl.models.resnet import BasicBlock, ResNet18
+from sparsecl.sparse import kernels
+from sparsecl.sparse.masks import MaskSet
+
+MaskSource = Callable[[], "MaskSet | None"]
+
+
+def _geometry(module: nn.Module) -> dict:
+    if isinstance(module, nn.Linear):
+        return {}
+    return {"stride": module.stride, "padding": module.padding, "groups": module.groups}
+
+
+class KernelLayer:
+    """One conv/linear module run on the sparse kernels: its index, rebuilt when its mask changes."""
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name  # the weight's parameter name
+        self.module = module
+        self._index: kernels.SparseConvIndex | None = None
+        self._key: tuple | None = None
+        self._grad_key: tuple | None = None
+
+    def index(self, masks: MaskSet | None) -> kernels.SparseConvIndex:
+        """The index of the layer's current mask (all weights when it has none)."""
+        masked = masks is not None and self.name in masks.masks
+        key = (id(masks), masks.version(self.name)) if masked else ("full",)
+        if key != self._key:
+            w = self.module.weight
+            mask = masks.masks[self.name] if masked else torch.ones_like(w, dtype=torch.bool)
+            self._index = kernels.SparseConvIndex(mask.detach(), **_geometry(self.module))
+            self._key, self._grad_key = key, None
+        return self._index
+
+    def set_weight_grad(self, masks: MaskSet | None) -> None:
+        """Point the index's weight gradient at this backward's positions (see the module docstring)."""
+        positions = None  # the index's own mask
+        key: tuple = ("full",)
+        if masks is not None and self.name in masks.masks:
+            positions = masks.weight_grad_positions(self.name)
+            if positions is None:  # a dense weight-gradient step
+                positions, key = torch.ones_like(self.module.weight, dtype=torch.bool), ("dense",)
+            else:
+                key = (id(positions), masks.version(self.name))
+        if key != self._grad_key:
+            self._index.set_weight_grad(positions)
+            self._grad_key = key
+
+    def __call__(self, x: torch.Tensor, masks: MaskSet | None) -> torch.Tensor:
+        index = self.index(masks)
+        m = self.module
+        op = kernels.sparse_linear if isinstance(m, nn.Linear) else kernels.sparse_conv2d
+        y = op(x, m.weight, index, m.bias)
+        if y.requires_grad:  # runs as the backward reaches this layer, before the kernel's backward
+            y.register_hook(lambda g: self.set_weight_grad(masks))
+        return y
+
+
+# ---------------------------------------------------------------------- batch-last building blocks
+def batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """``bn`` on a batch-last ``[C, ...]`` tensor, with nn.BatchNorm's own running-statistics rules."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    y = F.batch_norm(x.reshape(1, x.shape[0], -1), bn.running_mean if keep else None,
+                     bn.running_var if keep else None, bn.weight, bn.bias, use_batch, factor, bn.eps)
+    return y.view_as(x)
+
+
+def dense_pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """An unmasked 1x1 convolution of a batch-last tensor as one matrix product."""
+    s = conv.stride
+    if s != (1, 1):
+        x = x[:, :: s[0], :: s[1]]
+    c, h, w, n = x.shape
+    y = torch.matmul(conv.weight.view(conv.out_channels, c), x.reshape(c, -1)).view(-1, h, w, n)
+    return y if conv.bias is None else y + conv.bias.view(-1, 1, 1, 1)
+
+
+def dense_linear(fc: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """An unmasked linear layer of a batch-last ``[I, N]`` tensor."""
+    if fc.bias is None:
+        return fc.weight @ x
+    return torch.addmm(fc.bias.unsqueeze(1), fc.weight, x)
+
+
+def _is_pointwise(conv: nn.Conv2d) -> bool:
+    return conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
+
+
+# ---------------------------------------------------------------------- the executor
+class SparseExecution:
+    """Runs ``model``'s backbone with the sparse kernels while masks exist (see the module docstring).
+
+    Args:
+        model: a :class:`~sparsecl.models.ContinualNet` on the CPU.
+        masks: returns the current mask set, or None while there is none (the dense forward runs).
+    """
+
+    def __init__(self, model: nn.Module, masks: MaskSource) -> None:
+        if any(p.device.type != "cpu" for p in model.parameters()):
+            raise SparseCLError("--sparse-kernels runs on the CPU only (use --device cpu)")
+        kernels.load_extension()  # one clear error now if the kernels cannot be built
+        self.model = model
+        self.backbone = model.backbone
+        self._masks = masks
+        self._layers: dict[str, KernelLayer] = {}
+        self.batch_last = _batch_last_forward(self.backbone) is not None
+        self._saved: list[nn.Module] = []
+
+    @property
+    def mode(self) -> str:
+        """``batch-last`` or ``per-layer`` (see the module docstring)."""
+        return "batch-last" if self.batch_last else "per-layer"
+
+    def layer(self, module: nn.Module) -> KernelLayer:
+        """The kernel layer of ``module`` (a conv or linear of the model)."""
+        key = id(module)
+        if key not in self._layers:
+            self._layers[key] = KernelLayer(self._weight_name(module), module)
+        return self._layers[key]
+
+    def _weight_name(self, module: nn.Module) -> str:
+        for name, m in self.model.named_modules():
+            if m is module:
+                return f"{name}.weight"
+        raise KeyError("module is not part of the model")
+
+    def install(self) -> "SparseExecution":
+        """Swap the forwards in; idempotent."""
+        self.remove()
+        if self.batch_last:
+            self.backbone.forward = types.MethodType(self._batch_last_forward, self.backbone)
+            self._saved.append(self.backbone)
+            return self
+        for name, m in self.backbone.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.forward = types.MethodType(self._per_layer_forward, m)
+                self._saved.append(m)
+        return self
+
+    def remove(self) -> None:
+        """Restore the class forwards."""
+        for m in self._saved:
+            del m.forward
+        self._saved.clear()
+
+    # ------------------------------------------------------------------ forwards
+    def _batch_last_forward(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        masks = self._masks()
+        if masks is None:
+            return type(backbone).forward(backbone, x)
+        run = _batch_last_forward(backbone)
+        return run(self, backbone, x, masks)
+
+    def _per_layer_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        masks = self._masks()
+        if masks is None or f"{self.layer(module).name}" not in masks.masks:
+            return type(module).forward(module, x)
+        layer = self.layer(module)
+        if isinstance(module, nn.Linear):
+            lead = x.shape[:-1]
+            y = layer(x.reshape(-1, x.shape[-1]).t().contiguous(), masks)
+            return y.t().reshape(*lead, -1)
+        return layer(x.permute(1, 2, 3, 0).contiguous(), masks).permute(3, 0, 1, 2)
+
+    def conv(self, conv: nn.Conv2d, x: torch.Tensor, masks: MaskSet) -> torch.Tensor:
+        """A convolution of a batch-last tensor: sparse kernels, or a matrix product for a dense 1x1."""
+        layer = self.layer(conv)
+        if _is_pointwise(conv) and layer.name not in masks.masks:
+            return dense_pointwise(conv, x)
+        return layer(x, masks)
+
+    def linear(self, fc: nn.Linear, x: torch.Tensor, masks: MaskSet) -> torch.Tensor:
+        """A linear layer of a batch-last ``[I, N]`` tensor."""
+        layer = self.layer(fc)
+        return layer(x, masks) if layer.name in masks.masks else dense_linear(fc, x)
+
+
+# ---------------------------------------------------------------------- backbones in batch-last layout
+def _resnet18(ex: SparseExecution, net: ResNet18, x: torch.Tensor, masks: MaskSet) -> torch.Tensor:
+    out = x.permute(1, 2, 3, 0).contiguous()
+    out = F.relu(batch_norm(net.bn1, ex.conv(net.conv1, out, masks)))
+    for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
+        for block in stage:
+            out = _basic_block(ex, block, out, masks)
+    return out.mean(dim=(1, 2)).t()
+
+
+def _basic_block(ex: SparseExecution, block: BasicBlock, x: torch.Tensor, masks: MaskSet) -> torch.Tensor:
+    out = F.relu(batch_norm(block.bn1, ex.conv(block.conv1, x, masks)))
+    out = batch_norm(block.bn2, ex.conv(block.conv2, out, masks))
+    if len(block.shortcut):
+        x = batch_norm(block.shortcut[1], ex.conv(block.shortcut[0], x, masks))
+    return F.relu(out + x)
+
+
+def _mlp(ex: SparseExecution, net: MLP, x: torch.Tensor, masks: MaskSet) -> torch.Tensor:
+    out = x.reshape(x.shape[0], -1).t().contiguous()
+    for m in net.net:
+        if isinstance(m, nn.Linear):
+            out = ex.linear(m, out, masks)
+        elif isinstance(m, nn.ReLU):
+            out = F.relu(out)
+    return out.t()
+
+
+def _plain_batchnorm(net: nn.Module) -> bool:
+    return all(type(m) is nn.BatchNorm2d for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
+def _batch_last_forward(net: nn.Module) -> Callable | None:
+    """The batch-last forward of ``net``'s exact class, if there is one and its layers are the plain ones."""
+    if type(net) is ResNet18 and _plain_batchnorm(net):
+        return _resnet18
+    if type(net) is MLP and all(isinstance(m, (nn.Flatten, nn.Linear, nn.ReLU)) for m in net.net):
+        return _mlp
+    return None
