@@ -126,7 +126,7 @@ def test_linear_matches_dense_masked_linear(shape, N):
     y = F.linear(xr, w_eff, br)
     gy = torch.randn(y.shape, generator=gen)
     y.backward(gy)
-    ws, xs = w.clone().requires_grad_(), x.t().contiguous().requires_grad_()
+    ws, xs = w.clone().requires_grad_(), x.t().requires_grad_()     # [I, N], a transposed view
     bs = b.clone().requires_grad_() if bias else None
     ys = sparse_linear(xs, ws, SparseConvIndex(mask), bs)
     ys.backward(gy.t().contiguous())
@@ -291,6 +291,8 @@ def test_bad_input_is_a_sparsecl_error():
         sparse_conv2d(torch.randn(3, 5, 5, 2), torch.randn(4, 2, 3, 3), index)        # wrong channel count
     with pytest.raises(SparseCLError):
         sparse_conv2d(torch.randn(2, 5, 5, 2), torch.randn(4, 3, 3, 3), index)        # wrong weight shape
+    with pytest.raises(SparseCLError):
+        sparse_conv2d(torch.randn(2, 5, 5, 2), torch.randn(4, 2, 3, 3).double(), index)  # not float32
     with pytest.raises(SparseCLError):
         sparse_linear(torch.randn(2, 5), torch.randn(4, 2, 3, 3), index)              # a conv index
     with pytest.raises(SparseCLError):

@@ -53,7 +53,7 @@ class _SparseConv(torch.autograd.Function):
         val = w[index.taps.flat].contiguous()
         y = _unpad_batch(_gather(ext, xp, val, g.fwd, g.Np, (index.OC, g.OH, g.OW, g.Np)), N)
         if bias is not None:
-            y = y + bias.detach().view(-1, 1, 1, 1)
+            y.add_(bias.detach().view(-1, 1, 1, 1))
         ctx.index, ctx.geom, ctx.has_bias = index, g, bias is not None
         ctx.save_for_backward(xp, val, weight)
         return y
@@ -87,6 +87,8 @@ class _SparseConv(torch.autograd.Function):
 def _check(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex, dims: int, channels: int) -> None:
     if x.dim() != dims or x.dtype != torch.float32 or x.device.type != "cpu":
         raise SparseCLError(f"sparse kernels: expected a float32 CPU input of {dims} dims (batch last), got {x.dim()} dims {x.dtype} on {x.device}")
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        raise SparseCLError(f"sparse kernels: expected a float32 CPU weight, got {weight.dtype} on {weight.device}")
     if tuple(weight.shape) != index.weight_shape:
         raise SparseCLError(f"sparse kernels: weight shape {tuple(weight.shape)} does not match the index's {index.weight_shape}")
     if x.shape[0] != channels:
@@ -123,5 +125,5 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex,
     if not index.linear:
         raise SparseCLError("sparse kernels: this index was built for a conv weight; use sparse_conv2d")
     _check(x, weight, index, 2, index.C)
-    y = _SparseConv.apply(x.view(x.shape[0], 1, 1, x.shape[1]), weight.view(index.mask.shape), bias, index)
+    y = _SparseConv.apply(x.reshape(x.shape[0], 1, 1, x.shape[1]), weight.view(index.mask.shape), bias, index)
     return y.view(index.OC, x.shape[1])
