@@ -117,9 +117,21 @@ def run_layers(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(args: argparse.Namespace) -> dict:
     """Threads, clock, CPU and load recorded beside the numbers."""
-    return dict(threads=args.threads, clock=args.clock, torch=torch.__version__, cpu=platform.processor() or platform.machine(),
+    return dict(threads=args.threads, clock=args.clock, torch=torch.__version__, cpu=cpu_model(),
                 cores=os.cpu_count(), loadavg_start=os.getloadavg()[0])
 
 
@@ -136,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     lay.add_argument("--json", help="write rows and environment to this file")
     args = ap.parse_args(argv)
     env = environment(args)
-    print(f"threads {env['threads']}, clock {env['clock']}, torch {env['torch']}, load {env['loadavg_start']:.2f}")
+    print(f"threads {env['threads']}, clock {env['clock']}, torch {env['torch']}, {env['cpu']} ({env['cores']} cores), "
+          f"load {env['loadavg_start']:.2f}")
     rows = run_layers(args)
     env["loadavg_end"] = os.getloadavg()[0]
     print(f"load average at the end: {env['loadavg_end']:.2f}")

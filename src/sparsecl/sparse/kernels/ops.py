@@ -54,8 +54,8 @@ class _SparseConv(torch.autograd.Function):
         y = _unpad_batch(_gather(ext, xp, val, g.fwd, g.Np, (index.OC, g.OH, g.OW, g.Np)), N)
         if bias is not None:
             y.add_(bias.detach().view(-1, 1, 1, 1))
-        ctx.index, ctx.geom, ctx.has_bias = index, g, bias is not None
-        ctx.save_for_backward(xp, val, weight)
+        ctx.index, ctx.geom, ctx.has_bias, ctx.weight_shape = index, g, bias is not None, weight.shape
+        ctx.save_for_backward(xp, val)
         return y
 
     @staticmethod
@@ -63,7 +63,7 @@ class _SparseConv(torch.autograd.Function):
         ext = load_extension()
         index: SparseConvIndex = ctx.index
         g: Geometry = ctx.geom
-        xp, val, weight = ctx.saved_tensors
+        xp, val = ctx.saved_tensors
         gy = gy.contiguous()
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
@@ -78,7 +78,7 @@ class _SparseConv(torch.autograd.Function):
             ln = tables.lines
             ext.wgrad(xp, gyn, tables.noff, tables.blkptr, tables.nblk, ln.pin, ln.pout, ln.len, g.Np, ln.step,
                       tables.sblines, dw)
-            gw = torch.zeros(weight.numel(), dtype=weight.dtype).index_put_((taps.flat,), dw).view(weight.shape)
+            gw = dw.new_zeros(ctx.weight_shape.numel()).index_put_((taps.flat,), dw).view(ctx.weight_shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum(dim=(1, 2, 3))
         return gx, gw, gb, None
