@@ -113,6 +113,21 @@ def test_conv_matches_dense_masked_conv(shape, N):
     _assert_matches(ref, out, mask)
 
 
+@pytest.mark.parametrize("N", [1, 3, 15])
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=[s[0] for s in CONV_SHAPES])
+def test_small_batch_inference_matches_dense(shape, N):
+    # Without autograd a batch below 16 runs vectorised along the output row (batch-1 latency).
+    _, C, OC, k, s, p, g, H, bias = shape
+    gen = torch.Generator().manual_seed(N)
+    mask = _mask((OC, C // g, k, k), 0.4, gen)
+    w, x = torch.randn(OC, C // g, k, k, generator=gen), torch.randn(N, C, H + 1, H, generator=gen)
+    b = torch.randn(OC, generator=gen) if bias else None
+    ref = F.conv2d(x, w * mask, b, stride=s, padding=p, groups=g)
+    with torch.no_grad():
+        out = sparse_conv2d(_to_last(x), w, SparseConvIndex(mask, stride=s, padding=p, groups=g), b)
+    _close(_from_last(out), ref)
+
+
 @pytest.mark.parametrize("N", [1, 3, 17, 150])
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=[s[0] for s in LINEAR_SHAPES])
 def test_linear_matches_dense_masked_linear(shape, N):

@@ -10,7 +10,7 @@ import torch
 
 from sparsecl import SparseCLError
 from sparsecl.sparse.kernels.build import load_extension
-from sparsecl.sparse.kernels.index import Geometry, SparseConvIndex
+from sparsecl.sparse.kernels.index import LANES, Geometry, RowGeometry, SparseConvIndex
 
 
 def _pad(x: torch.Tensor, top: int, left: int, Hp: int, Wp: int, Np: int) -> torch.Tensor:
@@ -38,6 +38,30 @@ def _gather(ext, src: torch.Tensor, val: torch.Tensor, tables, Np: int, out_shap
     ext.gather(src, val, tables.noff, tables.blkptr, tables.nblk, tables.rowcls, tables.rowbase, ln.pin, ln.pout,
                ln.len, ln.clsptr, Np, ln.step, ln.ostep, tables.sblines, out)
     return out
+
+
+def _phase_rows(x: torch.Tensor, index: SparseConvIndex, rg: RowGeometry) -> torch.Tensor:
+    """``x [C, H, W, N]`` zero-padded and split into stride phases along W: ``[C, Hp, sw, Wq]``."""
+    C, H, W, N = x.shape
+    sw, (ph, pw) = index.stride[1], index.padding
+    out = x.new_zeros(C, rg.Hp, sw, rg.Wq)
+    for f in range(sw):   # one strided copy per phase (the stride along W), not per element
+        c0 = max(0, -(-(pw - f) // sw))          # first phase column that holds an image column
+        cols = x[:, :, c0 * sw + f - pw::sw]
+        n = cols.shape[2]
+        out[:, ph:ph + H, f, c0 * N:(c0 + n) * N] = cols.reshape(C, H, n * N)
+    return out
+
+
+def _row_forward(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """Inference forward for batches below the vector width (vectors along the output row)."""
+    C, H, W, N = x.shape
+    rg = index.row_geometry(H, W, N)
+    val = weight.detach().reshape(-1)[index.taps.flat].contiguous()
+    y = _gather(load_extension(), _phase_rows(x, index, rg), val, rg.fwd, LANES, (index.OC, rg.OH, rg.row))
+    y = y[..., :rg.OW * N].reshape(index.OC, rg.OH, rg.OW, N)
+    return y if bias is None else y + bias.detach().view(-1, 1, 1, 1)
 
 
 class _SparseConv(torch.autograd.Function):
@@ -108,11 +132,15 @@ def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex,
 
     Returns:
         ``[OC, OH, OW, N]``; differentiable in ``x``, ``weight`` (at the weight-gradient positions only)
-        and ``bias``.
+        and ``bias``. Without autograd (inference) a batch below 16 is vectorised along the output
+        row instead of being padded to 16.
     """
     if index.linear:
         raise SparseCLError("sparse kernels: this index was built for a linear weight; use sparse_linear")
     _check(x, weight, index, 4, index.C)
+    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if x.shape[3] < LANES and not tracked:
+        return _row_forward(x, weight, index, bias)
     return _SparseConv.apply(x, weight, bias, index)
 
 
