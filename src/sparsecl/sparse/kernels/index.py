@@ -71,6 +71,13 @@ def _i32(t: torch.Tensor) -> torch.Tensor:
     return t.to(I32).contiguous()
 
 
+def _memo(cache: dict, key: tuple, build):
+    """``cache[key]``, built as ``build(*key)`` on first use."""
+    if key not in cache:
+        cache[key] = build(*key)
+    return cache[key]
+
+
 def padded_batch(n: int) -> int:
     """Batch size rounded up to the vector width."""
     return -(-n // LANES) * LANES
@@ -223,10 +230,7 @@ class SparseConvIndex:
 
     def geometry(self, H: int, W: int, N: int) -> Geometry:
         """Tables for an input ``[C, H, W, N]`` (built once per (H, W, N), then cached)."""
-        key = (H, W, N)
-        if key not in self._geometries:
-            self._geometries[key] = self._build_geometry(H, W, N)
-        return self._geometries[key]
+        return _memo(self._geometries, (H, W, N), self._build_geometry)
 
     def _build_geometry(self, H: int, W: int, N: int) -> Geometry:
         (sh, sw), (ph, pw) = self.stride, self.padding
@@ -248,10 +252,7 @@ class SparseConvIndex:
 
     def row_geometry(self, H: int, W: int, N: int) -> RowGeometry:
         """Small-batch inference tables for an input ``[C, H, W, N]`` (built once, then cached)."""
-        key = (H, W, N)
-        if key not in self._row_geometries:
-            self._row_geometries[key] = self._build_row_geometry(H, W, N)
-        return self._row_geometries[key]
+        return _memo(self._row_geometries, (H, W, N), self._build_row_geometry)
 
     def _build_row_geometry(self, H: int, W: int, N: int) -> RowGeometry:
         (sh, sw), (ph, pw) = self.stride, self.padding
