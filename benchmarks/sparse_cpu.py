@@ -1,12 +1,14 @@
 """Sparse CPU kernels against the best dense oneDNN convolution (SPEC "Real sparse execution on the CPU").
 
     python benchmarks/sparse_cpu.py layers [--nf 20 64] [--batch 32 96] [--sparsity 0.75 0.9 0.95]
-                                           [--threads 1] [--clock cpu] [--repeats 7] [--json out.json]
+                                           [--threads 1] [--clock cpu] [--repeats 7] [--forward-only]
+                                           [--json out.json]
 
 ``layers``: forward + backward (input gradient and weight gradient) of each 3x3 convolution inside
 ResNet-18's BasicBlocks (the layers SparCL's residual-3x3 policy masks), dense best of NCHW and
 channels_last against the sparse kernels (weight gradient at the mask only) on a random unstructured
-mask. Runs are interleaved (A B B A ...); the table gives medians, the spread (max/min - 1 over
+mask (``--forward-only``: the inference forward alone, where a batch below 16 runs vectorised along
+the output row). Runs are interleaved (A B B A ...); the table gives medians, the spread (max/min - 1 over
 repeats) and the speed-up, per layer and over all 16 block convs weighted by count. On a shared
 machine quote ratios only, and prefer ``--threads 1 --clock cpu`` (process CPU time).
 """
@@ -58,8 +60,10 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int, clock: Callabl
     return times
 
 
-def layer_fns(C: int, OC: int, H: int, stride: int, N: int, sparsity: float, gen: torch.Generator):
-    """The three fwd+bwd closures (dense NCHW, dense channels_last, sparse) of one layer."""
+def layer_fns(C: int, OC: int, H: int, stride: int, N: int, sparsity: float, gen: torch.Generator,
+              forward_only: bool = False):
+    """The three closures (dense NCHW, dense channels_last, sparse) of one layer: forward + backward,
+    or with ``forward_only`` the inference forward under ``torch.no_grad``."""
     shape = (OC, C, 3, 3)
     mask = random_mask(shape, round((1 - sparsity) * OC * C * 9), generator=gen)
     w = (torch.randn(shape, generator=gen) * mask).requires_grad_()
@@ -81,6 +85,10 @@ def layer_fns(C: int, OC: int, H: int, stride: int, N: int, sparsity: float, gen
         sparse_conv2d(xb, w, index).backward(gyb)
         xb.grad = w.grad = None
 
+    if forward_only:
+        return {"nchw": torch.no_grad()(lambda: F.conv2d(x, w, stride=stride, padding=1)),
+                "channels_last": torch.no_grad()(lambda: F.conv2d(x_cl, w, stride=stride, padding=1)),
+                "sparse": torch.no_grad()(lambda: sparse_conv2d(xb, w, index))}
     return {"nchw": dense(x, gy), "channels_last": dense(x_cl, gy_cl), "sparse": sparse}
 
 
@@ -95,7 +103,7 @@ def run_layers(args: argparse.Namespace) -> list[dict]:
             for sp in args.sparsity:
                 tot = {"dense": 0.0, "sparse": 0.0}
                 for name, C, OC, H, s, count in resnet18_block_convs(nf):
-                    times = interleaved(layer_fns(C, OC, H, s, N, sp, gen), args.repeats, clock)
+                    times = interleaved(layer_fns(C, OC, H, s, N, sp, gen, args.forward_only), args.repeats, clock)
                     med = {k: statistics.median(v) for k, v in times.items()}
                     best = min(("nchw", "channels_last"), key=med.get)
                     spread = {k: max(v) / min(v) - 1 for k, v in times.items()}
@@ -117,9 +125,21 @@ def run_layers(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(args: argparse.Namespace) -> dict:
     """Threads, clock, CPU and load recorded beside the numbers."""
-    return dict(threads=args.threads, clock=args.clock, torch=torch.__version__, cpu=platform.processor() or platform.machine(),
+    return dict(threads=args.threads, clock=args.clock, forward_only=args.forward_only, torch=torch.__version__, cpu=cpu_model(),
                 cores=os.cpu_count(), loadavg_start=os.getloadavg()[0])
 
 
@@ -133,10 +153,12 @@ def main(argv: list[str] | None = None) -> None:
     lay.add_argument("--threads", type=int, default=1)
     lay.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
     lay.add_argument("--repeats", type=int, default=7)
+    lay.add_argument("--forward-only", action="store_true", help="inference: the forward alone, under no_grad")
     lay.add_argument("--json", help="write rows and environment to this file")
     args = ap.parse_args(argv)
     env = environment(args)
-    print(f"threads {env['threads']}, clock {env['clock']}, torch {env['torch']}, load {env['loadavg_start']:.2f}")
+    print(f"threads {env['threads']}, clock {env['clock']}, torch {env['torch']}, {env['cpu']} ({env['cores']} cores), "
+          f"load {env['loadavg_start']:.2f}")
     rows = run_layers(args)
     env["loadavg_end"] = os.getloadavg()[0]
     print(f"load average at the end: {env['loadavg_end']:.2f}")

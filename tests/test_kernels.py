@@ -46,7 +46,7 @@ def extension(tmp_path_factory):
     cache = os.environ.get("SPARSECL_KERNELS_TEST_CACHE") or str(tmp_path_factory.mktemp("kernel-cache"))
     mp.setenv("SPARSECL_CACHE", cache)
     try:
-        yield load_extension(), cache
+        yield load_extension()
     finally:
         mp.undo()
 
@@ -113,6 +113,21 @@ def test_conv_matches_dense_masked_conv(shape, N):
     _assert_matches(ref, out, mask)
 
 
+@pytest.mark.parametrize("N", [1, 3, 15])
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=[s[0] for s in CONV_SHAPES])
+def test_small_batch_inference_matches_dense(shape, N):
+    # Without autograd a batch below 16 runs vectorised along the output row (batch-1 latency).
+    _, C, OC, k, s, p, g, H, bias = shape
+    gen = torch.Generator().manual_seed(N)
+    mask = _mask((OC, C // g, k, k), 0.4, gen)
+    w, x = torch.randn(OC, C // g, k, k, generator=gen), torch.randn(N, C, H + 1, H, generator=gen)
+    b = torch.randn(OC, generator=gen) if bias else None
+    ref = F.conv2d(x, w * mask, b, stride=s, padding=p, groups=g)
+    with torch.no_grad():
+        out = sparse_conv2d(_to_last(x), w, SparseConvIndex(mask, stride=s, padding=p, groups=g), b)
+    _close(_from_last(out), ref)
+
+
 @pytest.mark.parametrize("N", [1, 3, 17, 150])
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=[s[0] for s in LINEAR_SHAPES])
 def test_linear_matches_dense_masked_linear(shape, N):
@@ -126,7 +141,7 @@ def test_linear_matches_dense_masked_linear(shape, N):
     y = F.linear(xr, w_eff, br)
     gy = torch.randn(y.shape, generator=gen)
     y.backward(gy)
-    ws, xs = w.clone().requires_grad_(), x.t().contiguous().requires_grad_()
+    ws, xs = w.clone().requires_grad_(), x.t().requires_grad_()     # [I, N], a transposed view
     bs = b.clone().requires_grad_() if bias else None
     ys = sparse_linear(xs, ws, SparseConvIndex(mask), bs)
     ys.backward(gy.t().contiguous())
@@ -225,8 +240,8 @@ def test_bitwise_identical_for_one_and_two_threads():
 
 
 def test_second_process_loads_from_the_cache_without_compiling(extension):
-    module, cache = extension
-    so = Path(module.__file__)
+    so = Path(extension.__file__)
+    cache = str(so.parents[2])      # <cache>/kernels/<hash>/<name>.so: the cache it was loaded from
     mtime = so.stat().st_mtime_ns
     code = textwrap.dedent("""
         from sparsecl.sparse.kernels import load_extension
@@ -291,6 +306,8 @@ def test_bad_input_is_a_sparsecl_error():
         sparse_conv2d(torch.randn(3, 5, 5, 2), torch.randn(4, 2, 3, 3), index)        # wrong channel count
     with pytest.raises(SparseCLError):
         sparse_conv2d(torch.randn(2, 5, 5, 2), torch.randn(4, 3, 3, 3), index)        # wrong weight shape
+    with pytest.raises(SparseCLError):
+        sparse_conv2d(torch.randn(2, 5, 5, 2), torch.randn(4, 2, 3, 3).double(), index)  # not float32
     with pytest.raises(SparseCLError):
         sparse_linear(torch.randn(2, 5), torch.randn(4, 2, 3, 3), index)              # a conv index
     with pytest.raises(SparseCLError):

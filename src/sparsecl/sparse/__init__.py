@@ -14,6 +14,9 @@ Modules:
   bit-identical through any optimiser).
 - :mod:`.accounting`: densities into the FLOP counter, the sparsity and capacity reports.
 - :mod:`.export`: the final sparse model with its masks (bitmask or CSR) and :func:`~.export.load_export`.
+- :mod:`.kernels`: real sparse execution on the CPU (C++ kernels built on first use; imported on
+  demand, not from here): :class:`~.kernels.SparseConvIndex`, :func:`~.kernels.sparse_conv2d`,
+  :func:`~.kernels.sparse_linear`.
 """
 from sparsecl.sparse.allocation import ALLOCATIONS, allocate, check_sparsity, density_counts, erk_densities, uniform_densities
 from sparsecl.sparse.flops import FlopCounter, LayerProfile, profile_layers

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from sparsecl import SparseCLError
+from sparsecl.sparse.kernels.build import load_extension
 
 LANES = 16                 # floats per vector: the batch is padded to a multiple of this
-# Cache blocking, measured on ResNet-18's 3x3 convs at N = 32 and 96: runs of at most 8 output positions,
-# each visited by all of a thread's rows for one block of reduction channels at a time, beat whole rows
-# with L2-sized channel blocks by 20-45 %; the best blocks hold about 32 nonzeros per row (16 channels
-# at density 0.25, 32 at 0.1, 64 at 0.05), within 16..64 channels.
+# Cache blocking, measured on ResNet-18's 3x3 convs at N = 32 and 96: runs of about 8 output positions
+# (whole tiles), each visited by all of a thread's rows for one block of reduction channels at a time,
+# beat whole rows with L2-sized channel blocks by 20-45 %; the best blocks hold about 32 nonzeros per
+# row (16 channels at density 0.25, 32 at 0.1, 64 at 0.05), within 16..64 channels.
 LINE = 8
 NNZ_PER_BLOCK = 32
 # The weight gradient finishes each (row, block) over the whole image at once (its few accumulators stay
@@ -42,17 +43,23 @@ def _ptr(counts: torch.Tensor) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(I32)
 
 
+def line_length(Np: int) -> int:
+    """Positions per line piece: whole tiles of the kernel (csrc tile_positions), about LINE."""
+    tile = int(load_extension().tile_positions(Np // LANES))
+    return tile * max(1, round(LINE / tile))
+
+
 def _lines(pin: torch.Tensor, pout: torch.Tensor, length: torch.Tensor, cls: torch.Tensor, ncls: int,
-           step: int, Np: int, ostep: int) -> "_Lines":
+           step: int, Np: int, ostep: int, line: int) -> _Lines:
     """Line tables from runs of output positions (first position's input and output offsets in
-    positions, length, class; sorted by class), each run cut into pieces of at most LINE positions.
+    positions, length, class; sorted by class), each run cut into pieces of at most ``line`` positions.
     ``step``: input positions between neighbours of a run; ``ostep``: output positions between them."""
-    pieces = -(-int(length.max()) // LINE) if length.numel() else 0
+    pieces = -(-int(length.max()) // line) if length.numel() else 0
     i = torch.arange(pieces)
-    plen = (length[:, None] - i * LINE).clamp(0, LINE).reshape(-1)
+    plen = (length[:, None] - i * line).clamp(0, line).reshape(-1)
     keep = plen > 0
-    pin = (pin[:, None] + i * (LINE * step)).reshape(-1)[keep]
-    pout = (pout[:, None] + i * (LINE * ostep)).reshape(-1)[keep]
+    pin = (pin[:, None] + i * (line * step)).reshape(-1)[keep]
+    pout = (pout[:, None] + i * (line * ostep)).reshape(-1)[keep]
     cls = cls.repeat_interleave(pieces)[keep]
     return _Lines(_i32(pin * Np), _i32(pout * Np), _i32(plen[keep]), _ptr(torch.bincount(cls, minlength=ncls)),
                   step, ostep * Np)
@@ -62,6 +69,13 @@ def _i32(t: torch.Tensor) -> torch.Tensor:
     if t.numel() and int(t.max()) > _I32_MAX:
         raise SparseCLError("sparse kernels: tensor too large for 32-bit offsets (use a smaller batch)")
     return t.to(I32).contiguous()
+
+
+def _memo(cache: dict, key: tuple, build):
+    """``cache[key]``, built as ``build(*key)`` on first use."""
+    if key not in cache:
+        cache[key] = build(*key)
+    return cache[key]
 
 
 def padded_batch(n: int) -> int:
@@ -120,6 +134,23 @@ class Geometry:
     bwd: _Gather
 
 
+@dataclass
+class RowGeometry:
+    """Tables of the small-batch inference forward: vectors of 16 floats along the flattened (W, N)
+    output row instead of along the batch (no padding of a batch of 1 to 16), the input split into
+    stride phases along W so that a vector's inputs are contiguous too."""
+
+    H: int
+    W: int
+    N: int
+    OH: int
+    OW: int
+    Hp: int            # padded input rows
+    Wq: int            # floats per phase row of the input (a multiple of 16)
+    row: int           # floats per output row (a multiple of 16; the tail is dropped)
+    fwd: _Gather
+
+
 class _Taps:
     """Weight positions (nonzeros) of a [OC, C/groups, kh, kw] bool tensor, sorted by (oc, ci, kh, kw)."""
 
@@ -170,6 +201,7 @@ class SparseConvIndex:
         self.nnz = int(self.taps.flat.numel())
         self._bwd_order = self._input_grad_order()
         self._geometries: dict[tuple[int, int, int], Geometry] = {}
+        self._row_geometries: dict[tuple[int, int, int], RowGeometry] = {}
         self._wgrad_positions: torch.Tensor | None = None
         self._wgrad_cache: list[tuple[torch.Tensor, _Taps, dict]] = []
         self._mask_wgrad: tuple[_Taps, dict] = (self.taps, {})
@@ -198,10 +230,7 @@ class SparseConvIndex:
 
     def geometry(self, H: int, W: int, N: int) -> Geometry:
         """Tables for an input ``[C, H, W, N]`` (built once per (H, W, N), then cached)."""
-        key = (H, W, N)
-        if key not in self._geometries:
-            self._geometries[key] = self._build_geometry(H, W, N)
-        return self._geometries[key]
+        return _memo(self._geometries, (H, W, N), self._build_geometry)
 
     def _build_geometry(self, H: int, W: int, N: int) -> Geometry:
         (sh, sw), (ph, pw) = self.stride, self.padding
@@ -211,15 +240,41 @@ class SparseConvIndex:
         t = self.taps
         # forward: row = oc; tap k reads xp[ci, oh*sh + kh, ow*sw + kw]
         oh = torch.arange(OH)
-        flines = _lines(oh * sh * Wp, oh * OW, torch.full((OH,), OW), torch.zeros(OH, dtype=torch.long), 1, sw, Np, 1)
+        line = line_length(Np)
+        flines = _lines(oh * sh * Wp, oh * OW, torch.full((OH,), OW), torch.zeros(OH, dtype=torch.long), 1, sw, Np, 1,
+                        line)
         fnoff = _i32(((t.ci * Hp + t.kh) * Wp + t.kw) * Np)
         fptr, fnb = _blocks(t.oc, t.local_ci, self.OC, self.Cg)
         fwd = _Gather(fnoff, fptr, fnb, torch.zeros(self.OC, dtype=I32),
                       torch.arange(self.OC, dtype=torch.int64) * (OH * OW * Np), flines, 1)
-        bwd, gpad = self._bwd_tables(H, W, OH, OW, Np)
+        bwd, gpad = self._bwd_tables(H, W, OH, OW, Np, line)
         return Geometry(H, W, N, Np, OH, OW, Hp, Wp, gpad, fwd, bwd)
 
-    def _bwd_tables(self, H: int, W: int, OH: int, OW: int, Np: int) -> tuple[_Gather, tuple[int, int, int, int]]:
+    def row_geometry(self, H: int, W: int, N: int) -> RowGeometry:
+        """Small-batch inference tables for an input ``[C, H, W, N]`` (built once, then cached)."""
+        return _memo(self._row_geometries, (H, W, N), self._build_row_geometry)
+
+    def _build_row_geometry(self, H: int, W: int, N: int) -> RowGeometry:
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        OH, OW = self.output_size(H, W)
+        Hp, phase_cols = H + 2 * ph, -(-(W + 2 * pw) // sw)
+        vectors = -(-(OW * N) // LANES)
+        row = vectors * LANES
+        # input layout [C][Hp][sw][Wq]: output (ow, n) reads phase kw % sw at float (ow + kw // sw) * N + n
+        Wq = padded_batch(max(phase_cols * N, row + (self.KW - 1) // sw * N))
+        t = self.taps
+        noff = _i32(((t.ci * Hp + t.kh) * sw + t.kw % sw) * Wq + t.kw // sw * N)
+        oh = torch.arange(OH)
+        # one "position" of these lines is one vector of 16 floats
+        lines = _lines(oh * sh * sw * Wq // LANES, oh * row // LANES, torch.full((OH,), vectors),
+                       torch.zeros(OH, dtype=torch.long), 1, 1, LANES, 1, line_length(LANES))
+        ptr, nb = _blocks(t.oc, t.local_ci, self.OC, self.Cg)
+        fwd = _Gather(noff, ptr, nb, torch.zeros(self.OC, dtype=I32),
+                      torch.arange(self.OC, dtype=torch.int64) * (OH * row), lines, 1)
+        return RowGeometry(H, W, N, OH, OW, Hp, Wq, row, fwd)
+
+    def _bwd_tables(self, H: int, W: int, OH: int, OW: int, Np: int,
+                    line: int) -> tuple[_Gather, tuple[int, int, int, int]]:
         """Input-gradient gather: rows (ci, class), reduction over (oc, kh, kw) of the padded output grad."""
         (sh, sw), (ph, pw) = self.stride, self.padding
         # class (ry, rx) holds input pixels y = sh*a + ry - ph; tap kh = ry + sh*dh reads output row a - dh.
@@ -246,7 +301,7 @@ class SparseConvIndex:
         ocg = self.OC // self.groups
         ptr, nb = _blocks(row, oc % ocg, self.C * ncls, ocg)
         rowbase = (torch.arange(self.C, dtype=torch.int64) * (H * W * Np)).repeat_interleave(ncls)
-        lines = _lines(torch.cat(pins), torch.cat(pouts), torch.cat(lens), torch.cat(classes), ncls, 1, Np, sw)
+        lines = _lines(torch.cat(pins), torch.cat(pouts), torch.cat(lens), torch.cat(classes), ncls, 1, Np, sw, line)
         bwd = _Gather(noff, ptr, nb, torch.arange(ncls, dtype=I32).repeat(self.C), rowbase, lines, 1)
         return bwd, (top, left, OHp, OWp)
 

@@ -10,7 +10,7 @@ import torch
 
 from sparsecl import SparseCLError
 from sparsecl.sparse.kernels.build import load_extension
-from sparsecl.sparse.kernels.index import Geometry, SparseConvIndex
+from sparsecl.sparse.kernels.index import LANES, Geometry, RowGeometry, SparseConvIndex
 
 
 def _pad(x: torch.Tensor, top: int, left: int, Hp: int, Wp: int, Np: int) -> torch.Tensor:
@@ -40,6 +40,30 @@ def _gather(ext, src: torch.Tensor, val: torch.Tensor, tables, Np: int, out_shap
     return out
 
 
+def _phase_rows(x: torch.Tensor, index: SparseConvIndex, rg: RowGeometry) -> torch.Tensor:
+    """``x [C, H, W, N]`` zero-padded and split into stride phases along W: ``[C, Hp, sw, Wq]``."""
+    C, H, W, N = x.shape
+    sw, (ph, pw) = index.stride[1], index.padding
+    out = x.new_zeros(C, rg.Hp, sw, rg.Wq)
+    for f in range(sw):   # one strided copy per phase (the stride along W), not per element
+        c0 = max(0, -(-(pw - f) // sw))          # first phase column that holds an image column
+        cols = x[:, :, c0 * sw + f - pw::sw]
+        n = cols.shape[2]
+        out[:, ph:ph + H, f, c0 * N:(c0 + n) * N] = cols.reshape(C, H, n * N)
+    return out
+
+
+def _row_forward(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """Inference forward for batches below the vector width (vectors along the output row)."""
+    C, H, W, N = x.shape
+    rg = index.row_geometry(H, W, N)
+    val = weight.detach().reshape(-1)[index.taps.flat].contiguous()
+    y = _gather(load_extension(), _phase_rows(x, index, rg), val, rg.fwd, LANES, (index.OC, rg.OH, rg.row))
+    y = y[..., :rg.OW * N].reshape(index.OC, rg.OH, rg.OW, N)
+    return y if bias is None else y + bias.detach().view(-1, 1, 1, 1)
+
+
 class _SparseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -53,9 +77,9 @@ class _SparseConv(torch.autograd.Function):
         val = w[index.taps.flat].contiguous()
         y = _unpad_batch(_gather(ext, xp, val, g.fwd, g.Np, (index.OC, g.OH, g.OW, g.Np)), N)
         if bias is not None:
-            y = y + bias.detach().view(-1, 1, 1, 1)
-        ctx.index, ctx.geom, ctx.has_bias = index, g, bias is not None
-        ctx.save_for_backward(xp, val, weight)
+            y.add_(bias.detach().view(-1, 1, 1, 1))
+        ctx.index, ctx.geom, ctx.has_bias, ctx.weight_shape = index, g, bias is not None, weight.shape
+        ctx.save_for_backward(xp, val)
         return y
 
     @staticmethod
@@ -63,7 +87,7 @@ class _SparseConv(torch.autograd.Function):
         ext = load_extension()
         index: SparseConvIndex = ctx.index
         g: Geometry = ctx.geom
-        xp, val, weight = ctx.saved_tensors
+        xp, val = ctx.saved_tensors
         gy = gy.contiguous()
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
@@ -78,7 +102,7 @@ class _SparseConv(torch.autograd.Function):
             ln = tables.lines
             ext.wgrad(xp, gyn, tables.noff, tables.blkptr, tables.nblk, ln.pin, ln.pout, ln.len, g.Np, ln.step,
                       tables.sblines, dw)
-            gw = torch.zeros(weight.numel(), dtype=weight.dtype).index_put_((taps.flat,), dw).view(weight.shape)
+            gw = dw.new_zeros(ctx.weight_shape.numel()).index_put_((taps.flat,), dw).view(ctx.weight_shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum(dim=(1, 2, 3))
         return gx, gw, gb, None
@@ -87,6 +111,8 @@ class _SparseConv(torch.autograd.Function):
 def _check(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex, dims: int, channels: int) -> None:
     if x.dim() != dims or x.dtype != torch.float32 or x.device.type != "cpu":
         raise SparseCLError(f"sparse kernels: expected a float32 CPU input of {dims} dims (batch last), got {x.dim()} dims {x.dtype} on {x.device}")
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        raise SparseCLError(f"sparse kernels: expected a float32 CPU weight, got {weight.dtype} on {weight.device}")
     if tuple(weight.shape) != index.weight_shape:
         raise SparseCLError(f"sparse kernels: weight shape {tuple(weight.shape)} does not match the index's {index.weight_shape}")
     if x.shape[0] != channels:
@@ -106,11 +132,15 @@ def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex,
 
     Returns:
         ``[OC, OH, OW, N]``; differentiable in ``x``, ``weight`` (at the weight-gradient positions only)
-        and ``bias``.
+        and ``bias``. Without autograd (inference) a batch below 16 is vectorised along the output
+        row instead of being padded to 16.
     """
     if index.linear:
         raise SparseCLError("sparse kernels: this index was built for a linear weight; use sparse_linear")
     _check(x, weight, index, 4, index.C)
+    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if x.shape[3] < LANES and not tracked:
+        return _row_forward(x, weight, index, bias)
     return _SparseConv.apply(x, weight, bias, index)
 
 
@@ -123,5 +153,5 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex,
     if not index.linear:
         raise SparseCLError("sparse kernels: this index was built for a conv weight; use sparse_conv2d")
     _check(x, weight, index, 2, index.C)
-    y = _SparseConv.apply(x.view(x.shape[0], 1, 1, x.shape[1]), weight.view(index.mask.shape), bias, index)
+    y = _SparseConv.apply(x.reshape(x.shape[0], 1, 1, x.shape[1]), weight.view(index.mask.shape), bias, index)
     return y.view(index.OC, x.shape[1])

@@ -85,6 +85,17 @@ inline void gather_tile(const float* __restrict in, const int* __restrict noff, 
       for (int v = 0; v < V; ++v) store(out + t * ostep + kLanes * v, acc[t][v]);
 }
 
+// A tile of tt <= T positions on the narrowest instantiation that holds it (halving T), so short
+// lines (4x4 images, a batch-1 row of two vectors) do not pay for a full tile.
+template <int T, int V>
+inline void gather_fit(const float* in, const int* noff, const float* val, int k0, int k1, int tt, int pstep,
+                       bool first, float* out, int ostep) {
+  if constexpr (T > 1) {
+    if (tt <= T / 2) return gather_fit<T / 2, V>(in, noff, val, k0, k1, tt, pstep, first, out, ostep);
+  }
+  gather_tile<T, V>(in, noff, val, k0, k1, tt, pstep, first, out, ostep);
+}
+
 // Rows r0..r1 on one N chunk (in/out already offset to the chunk).
 template <int T, int V>
 void gather_rows(const Rows& rw, const Lines& ln, const float* in, const float* val, int step, int sblines,
@@ -100,11 +111,42 @@ void gather_rows(const Rows& rw, const Lines& ln, const float* in, const float* 
         float* o = out + rw.rowbase[r];
         for (int j = jb; j < je; ++j)
           for (int t0 = 0; t0 < ln.len[j]; t0 += T)
-            gather_tile<T, V>(in + ln.pin[j] + t0 * pstep, rw.noff, val, k0, k1, std::min(T, ln.len[j] - t0), pstep,
-                              b == 0, o + ln.pout[j] + t0 * ostep, ostep);
+            gather_fit<T, V>(in + ln.pin[j] + t0 * pstep, rw.noff, val, k0, k1, std::min(T, ln.len[j] - t0), pstep,
+                             b == 0, o + ln.pout[j] + t0 * ostep, ostep);
       }
     }
   }
+}
+
+// Weight gradient of one tile (tt <= T positions) for nonzeros k0..k1: acc[k - kbase] += its sum.
+template <int T, int V>
+inline void wgrad_tile(const float* in, const float* g, const int* noff, int k0, int k1, int tt, int pstep, int np,
+                       vf* acc, int kbase) {
+  vf gg[T][V];  // the output gradient of the tile, zero at the positions a short tile repeats
+#pragma GCC unroll 16
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) gg[t][v] = t < tt ? load(g + t * np + kLanes * v) : (vf){};
+  const float* pt[T];
+  tile_pointers<T>(in, tt, pstep, pt);
+  for (int k = k0; k < k1; ++k) {
+    const int o = noff[k];
+    vf part[4] = {(vf){}, (vf){}, (vf){}, (vf){}};
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t)
+#pragma GCC unroll 16
+      for (int v = 0; v < V; ++v) part[(t * V + v) & 3] += gg[t][v] * load(pt[t] + o + kLanes * v);
+    acc[k - kbase] += (part[0] + part[1]) + (part[2] + part[3]);
+  }
+}
+
+template <int T, int V>
+inline void wgrad_fit(const float* in, const float* g, const int* noff, int k0, int k1, int tt, int pstep, int np,
+                      vf* acc, int kbase) {
+  if constexpr (T > 1) {
+    if (tt <= T / 2) return wgrad_fit<T / 2, V>(in, g, noff, k0, k1, tt, pstep, np, acc, kbase);
+  }
+  wgrad_tile<T, V>(in, g, noff, k0, k1, tt, pstep, np, acc, kbase);
 }
 
 // Sampled weight gradient of rows r0..r1 on one N chunk; acc[k - kbase] collects 16 partial sums per nonzero.
@@ -119,28 +161,10 @@ void wgrad_rows(const Rows& rw, const Lines& ln, const float* in, const float* g
       for (int64_t r = r0; r < r1; ++r) {
         const int k0 = rw.blkptr[r * rw.nblk + b], k1 = rw.blkptr[r * rw.nblk + b + 1];
         if (k0 == k1) continue;
-        for (int j = s0; j < je; ++j) {
-          const float* gj = g + r * grow + ln.pout[j];
-          for (int t0 = 0; t0 < ln.len[j]; t0 += T) {
-            const int tt = std::min(T, ln.len[j] - t0);
-            vf gg[T][V];  // the output gradient of the tile, zero at the positions a short tile repeats
-#pragma GCC unroll 16
-            for (int t = 0; t < T; ++t)
-#pragma GCC unroll 16
-              for (int v = 0; v < V; ++v) gg[t][v] = t < tt ? load(gj + (t0 + t) * np + kLanes * v) : (vf){};
-            const float* pt[T];
-            tile_pointers<T>(in + ln.pin[j] + t0 * pstep, tt, pstep, pt);
-            for (int k = k0; k < k1; ++k) {
-              const int o = rw.noff[k];
-              vf part[4] = {(vf){}, (vf){}, (vf){}, (vf){}};
-#pragma GCC unroll 16
-              for (int t = 0; t < T; ++t)
-#pragma GCC unroll 16
-                for (int v = 0; v < V; ++v) part[(t * V + v) & 3] += gg[t][v] * load(pt[t] + o + kLanes * v);
-              acc[k - kbase] += (part[0] + part[1]) + (part[2] + part[3]);
-            }
-          }
-        }
+        for (int j = s0; j < je; ++j)
+          for (int t0 = 0; t0 < ln.len[j]; t0 += T)
+            wgrad_fit<T, V>(in + ln.pin[j] + t0 * pstep, g + r * grow + ln.pout[j] + t0 * np, rw.noff, k0, k1,
+                            std::min(T, ln.len[j] - t0), pstep, np, acc, kbase);
       }
     }
   }
@@ -273,7 +297,19 @@ void wgrad(torch::Tensor in, torch::Tensor g, torch::Tensor noff, torch::Tensor 
   });
 }
 
+// Tile width (positions) of the first batch chunk for nv vectors per position: lines are cut to multiples.
+int64_t tile_positions(int64_t nv) {
+  int64_t positions = 0;
+  for_chunks(std::max<int64_t>(1, nv), [&](int v0, int nvc) {
+#define CALL(T, V) positions = v0 == 0 ? T : positions
+    SPARSECL_DISPATCH(nvc, CALL)
+#undef CALL
+  });
+  return positions;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("tile_positions", &tile_positions, "positions per tile for a batch of nv vectors");
   m.doc() = "sparsecl direct sparse convolution kernels (batch-last layout)";
   m.def("gather", &gather, "sparse gather convolution (forward and input gradient)");
   m.def("wgrad", &wgrad, "weight gradient at the index's nonzeros only");
