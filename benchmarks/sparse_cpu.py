@@ -11,22 +11,47 @@ mask (``--forward-only``: the inference forward alone, where a batch below 16 ru
 the output row). Runs are interleaved (A B B A ...); the table gives medians, the spread (max/min - 1 over
 repeats) and the speed-up, per layer and over all 16 block convs weighted by count. On a shared
 machine quote ratios only, and prefer ``--threads 1 --clock cpu`` (process CPU time).
+
+    python benchmarks/sparse_cpu.py step [--nf 20 64] [--batch 96] [--sparsity ...] [--chunks 1|3]
+    python benchmarks/sparse_cpu.py memory [same options]
+    python benchmarks/sparse_cpu.py inference [--nf 20 64] [--batch 1 32] [--sparsity ...]
+    python benchmarks/sparse_cpu.py run --variant NAME=FLAGS [--variant ...] [--repeats 2] [--data-dir DATA]
+
+``step``: a whole DER++-shaped training step (CE on a third of the samples, logit MSE on a third,
+CE on the rest; forward, backward, SGD with the mask hooks) of ResNet-18: dense DER++ (best of NCHW
+and channels_last) against SparCL-DER++'s masks (``--policy``, uniform) with DGM's gradient mask
+(gradient sparsity s + 0.2 (1 - s)) on the kernels through :class:`SparseExecution`, the network
+batch-last end to end. ``--chunks 3`` runs three forwards of a third each, as DER++ does unless
+``fused_forward``. SparCL's importance gathering (every 64th step) is not in it. ``memory``: peak
+resident memory of three such steps, each variant in its own process. ``inference``: eval-mode
+forward latency of the same masked network, dense best-of against the kernels. ``run``: whole
+``sparsecl run`` invocations, one per ``--variant`` in turn (A B B A ...), their training seconds
+from result.json and the median ratio to the first variant.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from sparsecl.models import build_model
+from sparsecl.sparse.allocation import allocate
+from sparsecl.sparse.execution import SparseExecution
 from sparsecl.sparse.kernels import SparseConvIndex, load_extension, sparse_conv2d
-from sparsecl.sparse.masks import random_mask
+from sparsecl.sparse.masks import MaskSet, random_mask, topk_mask
+from sparsecl.sparse.policy import MaskPolicy
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -137,29 +162,221 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# ---------------------------------------------------------------------------------------------- step
+def masked_resnet(nf: int, sparsity: float, policy: str, gen: torch.Generator, grad_sparsity: float | None):
+    """ResNet-18 (10 classes) with uniform random masks over ``policy``'s layers (weights masked)."""
+    model = build_model("resnet18", (3, 32, 32), 10, nf=nf)
+    names = MaskPolicy(policy, False, False, False).select(model)
+    params = dict(model.named_parameters())
+    counts = allocate("uniform", {n: tuple(params[n].shape) for n in names}, 1.0 - sparsity)
+    masks = MaskSet(model, {n: random_mask(params[n].shape, k, generator=gen) for n, k in counts.items()})
+    masks.apply_()
+    if grad_sparsity is not None:  # SparCL's DGM: a gradient mask over the active weights
+        for n in names:
+            k = round((1.0 - grad_sparsity) * masks.numel(n))
+            score = torch.rand(params[n].shape, generator=gen).masked_fill(~masks.masks[n], -1.0)
+            masks.set_grad_mask(n, topk_mask(score, k), count=k, push=False)
+    return model, masks
+
+
+def derpp_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               z: torch.Tensor, chunks: int) -> Callable[[], None]:
+    """One DER++-shaped step: CE on the current third, logit MSE on the second, CE on the last
+    (one fused forward of all samples, or ``chunks`` forwards), backward, SGD."""
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        outs = [model(p) for p in x.chunk(chunks)]
+        out = torch.cat(outs) if chunks > 1 else outs[0]
+        a, b, c = out.chunk(3)
+        ya, _, yc = y.chunk(3)
+        loss = F.cross_entropy(a, ya) + 0.2 * F.mse_loss(b, z) + 0.5 * F.cross_entropy(c, yc)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def step_fns(nf: int, N: int, sparsity: float, policy: str, chunks: int, gen: torch.Generator,
+             only: str | None = None) -> dict:
+    """Dense DER++ (NCHW and channels_last) and SparCL-DER++ on the kernels: one training step each
+    (``only``: build just that one)."""
+    x = torch.randn(N, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (N,), generator=gen)
+    z = torch.randn(len(torch.arange(N).chunk(3)[1]), 10, generator=gen)  # the logits the middle third matches
+    fns = {}
+    for layout in ("nchw", "channels_last"):
+        if only not in (None, layout):
+            continue
+        model = build_model("resnet18", (3, 32, 32), 10, nf=nf)
+        xx = x
+        if layout == "channels_last":
+            model, xx = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+        fns[layout] = derpp_step(model, torch.optim.SGD(model.parameters(), lr=0.03), xx, y, z, chunks)
+    if only not in (None, "sparse"):
+        return fns
+    model, masks = masked_resnet(nf, sparsity, policy, gen, sparsity + 0.2 * (1.0 - sparsity))
+    SparseExecution(model, lambda: masks).install()
+    opt = torch.optim.SGD(model.parameters(), lr=0.03)
+    masks.hook_optimizer(opt)
+    fns["sparse"] = derpp_step(model, opt, x, y, z, chunks)
+    return fns
+
+
+def run_steps(args: argparse.Namespace) -> list[dict]:
+    load_extension()
+    torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for nf in args.nf:
+        for N in args.batch:
+            for sp in args.sparsity:
+                times = interleaved(step_fns(nf, N, sp, args.policy, args.chunks, gen), args.repeats, clock, warmup=1)
+                rows.append(summarise(times, nf=nf, N=N, sparsity=sp, what="DER++ step"))
+    return rows
+
+
+def summarise(times: dict[str, list[float]], **key) -> dict:
+    """Median and spread of dense best-of (NCHW / channels_last) against sparse; prints one line."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+    best = min((k for k in med if k != "sparse"), key=med.get)
+    spread = {k: max(v) / min(v) - 1 for k, v in times.items()}
+    row = dict(key, dense_best=best, dense_ms=1e3 * med[best], sparse_ms=1e3 * med["sparse"],
+               dense_spread=spread[best], sparse_spread=spread["sparse"], speedup=med[best] / med["sparse"])
+    print(" ".join(f"{k} {v}" for k, v in key.items()) + f": dense({best}) {row['dense_ms']:.1f} ms "
+          f"±{100 * row['dense_spread']:.0f}%, sparse {row['sparse_ms']:.1f} ms ±{100 * row['sparse_spread']:.0f}%, "
+          f"{row['speedup']:.2f}x", flush=True)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- inference
+def run_inference(args: argparse.Namespace) -> list[dict]:
+    """Eval-mode latency of one forward, dense best-of against the sparse kernels, batch 1 and 32."""
+    load_extension()
+    torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for nf in args.nf:
+        for sp in args.sparsity:
+            dense, masks = masked_resnet(nf, sp, args.policy, gen, None)
+            dense_cl = copy.deepcopy(dense).to(memory_format=torch.channels_last)
+            sparse = copy.deepcopy(dense)
+            sparse_masks = MaskSet(sparse, masks.masks)
+            SparseExecution(sparse, lambda: sparse_masks).install()
+            for m in (sparse, dense, dense_cl):
+                m.eval()
+            for N in args.batch:
+                x = torch.randn(N, 3, 32, 32, generator=gen)
+                x_cl = x.to(memory_format=torch.channels_last)
+                fns = {"nchw": lambda: dense(x), "channels_last": lambda: dense_cl(x_cl), "sparse": lambda: sparse(x)}
+                with torch.inference_mode():
+                    times = interleaved(fns, args.repeats, clock)
+                rows.append(summarise(times, nf=nf, N=N, sparsity=sp, what="inference"))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- run
+def run_protocol(args: argparse.Namespace) -> list[dict]:
+    """Whole runs through ``sparsecl run``: each ``--variant`` in turn (A B B A ...), the training
+    seconds from result.json (evaluation excluded) and their median ratio to the first variant."""
+    data = args.data_dir or os.environ.get("SPARSECL_DATA")
+    if not data:
+        raise SystemExit("sparse_cpu.py run: give --data-dir or set $SPARSECL_DATA")
+    variants = dict(v.split("=", 1) for v in args.variant)
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(args.repeats):
+        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            run_dir = Path(args.out) / f"{name}-r{r}"
+            cmd = [sys.executable, "-m", "sparsecl", "run", *variants[name].split(), "--data-dir", data,
+                   "--device", "cpu", "--threads", str(args.threads), "--out", str(run_dir), "--quiet"]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            result = json.loads((run_dir / "result.json").read_text())
+            seconds[name].append(result["timing"]["train_seconds"])
+            print(f"{name} repeat {r}: {seconds[name][-1]:.1f} s training, "
+                  f"Class-IL {result['accuracy']['class_il']['acc']:.2f}", flush=True)
+    base = statistics.median(seconds[next(iter(variants))])
+    rows = [dict(variant=v, flags=variants[v], train_seconds=s, median=statistics.median(s),
+                 vs_first=statistics.median(s) / base) for v, s in seconds.items()]
+    for row in rows:
+        print(f"{row['variant']}: median {row['median']:.1f} s ({row['vs_first']:.2f}x the first)", flush=True)
+    return rows
+
+
 def environment(args: argparse.Namespace) -> dict:
     """Threads, clock, CPU and load recorded beside the numbers."""
-    return dict(threads=args.threads, clock=args.clock, forward_only=args.forward_only, torch=torch.__version__, cpu=cpu_model(),
-                cores=os.cpu_count(), loadavg_start=os.getloadavg()[0])
+    return dict(threads=args.threads, clock=getattr(args, "clock", "wall"), forward_only=getattr(args, "forward_only", False),
+                torch=torch.__version__, cpu=cpu_model(), cores=os.cpu_count(), loadavg_start=os.getloadavg()[0])
+
+
+def peak_memory(args: argparse.Namespace) -> list[dict]:
+    """Peak resident memory of ``--steps`` training steps of each variant, each in its own process."""
+    rows = []
+    for variant in ("nchw", "sparse"):
+        for nf in args.nf:
+            for N in args.batch:
+                for sp in args.sparsity:
+                    cmd = [sys.executable, __file__, "step-memory", variant, str(nf), str(N), str(sp), args.policy,
+                           str(args.chunks), str(args.threads)]
+                    peak = int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
+                    rows.append(dict(variant=variant, nf=nf, N=N, sparsity=sp, peak_rss_mb=peak / 1024))
+                    print(f"{variant} nf {nf} N {N} s {sp}: peak RSS {peak / 1024:.0f} MB", flush=True)
+    return rows
+
+
+def step_memory(variant: str, nf: str, N: str, sp: str, policy: str, chunks: str, threads: str) -> None:
+    """Child of :func:`peak_memory`: three steps of one variant, then its peak RSS in KB."""
+    torch.set_num_threads(int(threads))
+    if variant == "sparse":
+        load_extension()
+    fns = step_fns(int(nf), int(N), float(sp), policy, int(chunks), torch.Generator().manual_seed(0), only=variant)
+    for _ in range(3):
+        fns[variant]()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def add_common(p: argparse.ArgumentParser, batch: list[int]) -> None:
+    p.add_argument("--nf", type=int, nargs="+", default=[20, 64])
+    p.add_argument("--batch", type=int, nargs="+", default=batch)
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.75, 0.90, 0.95])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--json", help="write rows and environment to this file")
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "step-memory":
+        return step_memory(*argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     lay = sub.add_parser("layers", help="per-layer fwd+bwd: dense best-of vs sparse kernels")
-    lay.add_argument("--nf", type=int, nargs="+", default=[20, 64])
-    lay.add_argument("--batch", type=int, nargs="+", default=[32, 96])
-    lay.add_argument("--sparsity", type=float, nargs="+", default=[0.75, 0.90, 0.95])
-    lay.add_argument("--threads", type=int, default=1)
-    lay.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
-    lay.add_argument("--repeats", type=int, default=7)
+    add_common(lay, [32, 96])
     lay.add_argument("--forward-only", action="store_true", help="inference: the forward alone, under no_grad")
-    lay.add_argument("--json", help="write rows and environment to this file")
+    for name, text in (("step", "whole DER++-shaped training step: dense best-of vs SparCL-DER++ on the kernels"),
+                       ("memory", "peak RSS of dense and sparse training steps, each in its own process")):
+        p = sub.add_parser(name, help=text)
+        add_common(p, [96])
+        p.add_argument("--policy", default="residual-3x3", help="masked layers (SparCL's: residual-3x3)")
+        p.add_argument("--chunks", type=int, default=1, help="forwards per step (3: DER++'s three batches of 32)")
+    inf = sub.add_parser("inference", help="eval-mode latency of a masked ResNet-18: dense best-of vs kernels")
+    add_common(inf, [1, 32])
+    inf.add_argument("--policy", default="residual-3x3")
+    rp = sub.add_parser("run", help="whole runs through `sparsecl run`, interleaved; training seconds")
+    rp.add_argument("--variant", action="append", required=True, metavar="NAME=FLAGS",
+                    help="a run: a name and its `sparsecl run` flags, e.g. 'derpp=--preset seq-cifar10-der++-500'")
+    rp.add_argument("--data-dir", help="datasets (default: $SPARSECL_DATA)")
+    rp.add_argument("--out", default="runs/sparse-cpu-runs")
+    rp.add_argument("--threads", type=int, default=1)
+    rp.add_argument("--repeats", type=int, default=2)
+    rp.add_argument("--json")
     args = ap.parse_args(argv)
     env = environment(args)
     print(f"threads {env['threads']}, clock {env['clock']}, torch {env['torch']}, {env['cpu']} ({env['cores']} cores), "
-          f"load {env['loadavg_start']:.2f}")
-    rows = run_layers(args)
+          f"load {env['loadavg_start']:.2f}", flush=True)
+    run = {"layers": run_layers, "step": run_steps, "memory": peak_memory, "inference": run_inference,
+           "run": run_protocol}[args.command]
+    rows = run(args)
     env["loadavg_end"] = os.getloadavg()[0]
     print(f"load average at the end: {env['loadavg_end']:.2f}")
     if args.json:
