@@ -117,11 +117,15 @@ def layer_fns(C: int, OC: int, H: int, stride: int, N: int, sparsity: float, gen
     return {"nchw": dense(x, gy), "channels_last": dense(x_cl, gy_cl), "sparse": sparse}
 
 
-def run_layers(args: argparse.Namespace) -> list[dict]:
+def prepare(args: argparse.Namespace) -> tuple[Callable[[], float], torch.Generator]:
+    """Build the kernels, set the thread count; the clock and a seeded generator."""
     load_extension()
     torch.set_num_threads(args.threads)
-    clock = CLOCKS[args.clock]
-    gen = torch.Generator().manual_seed(0)
+    return CLOCKS[args.clock], torch.Generator().manual_seed(0)
+
+
+def run_layers(args: argparse.Namespace) -> list[dict]:
+    clock, gen = prepare(args)
     rows = []
     for nf in args.nf:
         for N in args.batch:
@@ -222,10 +226,7 @@ def step_fns(nf: int, N: int, sparsity: float, policy: str, chunks: int, gen: to
 
 
 def run_steps(args: argparse.Namespace) -> list[dict]:
-    load_extension()
-    torch.set_num_threads(args.threads)
-    clock = CLOCKS[args.clock]
-    gen = torch.Generator().manual_seed(0)
+    clock, gen = prepare(args)
     rows = []
     for nf in args.nf:
         for N in args.batch:
@@ -251,10 +252,7 @@ def summarise(times: dict[str, list[float]], **key) -> dict:
 # ---------------------------------------------------------------------------------------------- inference
 def run_inference(args: argparse.Namespace) -> list[dict]:
     """Eval-mode latency of one forward, dense best-of against the sparse kernels, batch 1 and 32."""
-    load_extension()
-    torch.set_num_threads(args.threads)
-    clock = CLOCKS[args.clock]
-    gen = torch.Generator().manual_seed(0)
+    clock, gen = prepare(args)
     rows = []
     for nf in args.nf:
         for sp in args.sparsity:
@@ -262,7 +260,7 @@ def run_inference(args: argparse.Namespace) -> list[dict]:
             dense_cl = copy.deepcopy(dense).to(memory_format=torch.channels_last)
             sparse = copy.deepcopy(dense)
             sparse_masks = MaskSet(sparse, masks.masks)
-            SparseExecution(sparse, lambda: sparse_masks).install()
+            SparseExecution(sparse, lambda m=sparse_masks: m).install()
             for m in (sparse, dense, dense_cl):
                 m.eval()
             for N in args.batch:
