@@ -139,8 +139,8 @@ class SparseExecution:
         self.model = model
         self.backbone = model.backbone
         self._masks = masks
-        self._layers: dict[str, KernelLayer] = {}
-        self.batch_last = _batch_last_forward(self.backbone) is not None
+        self._layers: dict[int, KernelLayer] = {}  # by id of the module
+        self.batch_last = batch_last_runner(self.backbone) is not None
         self._saved: list[nn.Module] = []
 
     @property
@@ -168,7 +168,7 @@ class SparseExecution:
             self.backbone.forward = types.MethodType(self._batch_last_forward, self.backbone)
             self._saved.append(self.backbone)
             return self
-        for name, m in self.backbone.named_modules():
+        for m in self.backbone.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.forward = types.MethodType(self._per_layer_forward, m)
                 self._saved.append(m)
@@ -185,14 +185,13 @@ class SparseExecution:
         masks = self._masks()
         if masks is None:
             return type(backbone).forward(backbone, x)
-        run = _batch_last_forward(backbone)
-        return run(self, backbone, x, masks)
+        return batch_last_runner(backbone)(self, backbone, x, masks)
 
     def _per_layer_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         masks = self._masks()
-        if masks is None or f"{self.layer(module).name}" not in masks.masks:
-            return type(module).forward(module, x)
         layer = self.layer(module)
+        if masks is None or layer.name not in masks.masks:
+            return type(module).forward(module, x)
         if isinstance(module, nn.Linear):
             lead = x.shape[:-1]
             y = layer(x.reshape(-1, x.shape[-1]).t().contiguous(), masks)
@@ -244,7 +243,7 @@ def _plain_batchnorm(net: nn.Module) -> bool:
     return all(type(m) is nn.BatchNorm2d for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
-def _batch_last_forward(net: nn.Module) -> Callable | None:
+def batch_last_runner(net: nn.Module) -> Callable | None:
     """The batch-last forward of ``net``'s exact class, if there is one and its layers are the plain ones."""
     if type(net) is ResNet18 and _plain_batchnorm(net):
         return _resnet18
