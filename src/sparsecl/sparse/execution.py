@@ -214,7 +214,7 @@ class SparseExecution:
 # ---------------------------------------------------------------------- backbones in batch-last layout
 def _resnet18(ex: SparseExecution, net: ResNet18, x: torch.Tensor, masks: MaskSet) -> torch.Tensor:
     out = x.permute(1, 2, 3, 0).contiguous()
-    out = F.relu_(batch_norm(net.bn1, ex.conv(net.conv1, out, masks)))
+    out = F.relu(batch_norm(net.bn1, ex.conv(net.conv1, out, masks)))
     for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
         for block in stage:
             out = _basic_block(ex, block, out, masks)
@@ -222,13 +222,11 @@ def _resnet18(ex: SparseExecution, net: ResNet18, x: torch.Tensor, masks: MaskSe
 
 
 def _basic_block(ex: SparseExecution, block: BasicBlock, x: torch.Tensor, masks: MaskSet) -> torch.Tensor:
-    # In place where autograd allows it (BatchNorm's backward does not read its output): fewer
-    # passes over the activations, which the sparse step is bound by besides the kernels.
-    out = F.relu_(batch_norm(block.bn1, ex.conv(block.conv1, x, masks)))
+    out = F.relu(batch_norm(block.bn1, ex.conv(block.conv1, x, masks)))
     out = batch_norm(block.bn2, ex.conv(block.conv2, out, masks))
     if len(block.shortcut):
         x = batch_norm(block.shortcut[1], ex.conv(block.shortcut[0], x, masks))
-    return F.relu_(out.add_(x))
+    return F.relu(out + x)
 
 
 def _mlp(ex: SparseExecution, net: MLP, x: torch.Tensor, masks: MaskSet) -> torch.Tensor:
