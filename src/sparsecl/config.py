@@ -22,6 +22,7 @@ SEED_LIMIT = 2**32  # numpy's legacy seeding takes 0 <= seed < 2**32
 
 SPARSE_KERNEL_MODES = ("off", "on")
 
+
 @dataclass
 class RunConfig:
     """Everything that defines a run (the method's own options live in ``method_options``)."""

@@ -199,7 +199,8 @@ def sparse_execution(cfg: RunConfig, method: ContinualMethod) -> SparseExecution
     if not type(method).supports_sparse_kernels:
         known = ", ".join(n for n, cls in METHODS.items() if cls.supports_sparse_kernels)
         raise SparseCLError(f"method {cfg.method!r} does not support --sparse-kernels (methods that do: {known})")
-    for flag, on in (("--compile", cfg.compile), ("--amp", cfg.amp), ("--cuda-graph", cfg.cuda_graph)):
+    for flag, on in (("--compile", cfg.compile), ("--amp", cfg.amp), ("--cuda-graph", cfg.cuda_graph),
+                     ("torchrun", launched_world_size() > 1)):
         if on:
             raise SparseCLError(f"--sparse-kernels cannot be combined with {flag}")
     return SparseExecution(method.model, lambda: method.masks).install()
