@@ -173,7 +173,7 @@ def masked_resnet(nf: int, sparsity: float, policy: str, gen: torch.Generator, g
     names = MaskPolicy(policy, False, False, False).select(model)
     params = dict(model.named_parameters())
     counts = allocate("uniform", {n: tuple(params[n].shape) for n in names}, 1.0 - sparsity)
-    masks = MaskSet(model, {n: random_mask(params[n].shape, k, generator=gen) for n, k in counts.items()})
+    masks = MaskSet.from_counts(model, counts, generator=gen)
     masks.apply_()
     if grad_sparsity is not None:  # SparCL's DGM: a gradient mask over the active weights
         for n in names:

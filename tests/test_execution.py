@@ -31,10 +31,10 @@ def masked_pair(backbone: str, density: float = 0.3, seed: int = 0):
     dense = build_model(backbone, shape, 6, **opts)
     names = [n for n, p in dense.named_parameters() if p.dim() in (2, 4) and not n.startswith("head")]
     params = dict(dense.named_parameters())
-    g = torch.Generator().manual_seed(seed)
-    masks = {n: random_mask(params[n].shape, max(1, int(density * params[n].numel())), generator=g) for n in names}
+    counts = {n: max(1, int(density * params[n].numel())) for n in names}
+    dm = MaskSet.from_counts(dense, counts, generator=torch.Generator().manual_seed(seed))
     sparse = copy.deepcopy(dense)
-    dm, sm = MaskSet(dense, masks), MaskSet(sparse, masks)
+    sm = MaskSet(sparse, dm.masks)
     dm.apply_(), sm.apply_()
     ex = SparseExecution(sparse, lambda: sm).install()
     return dense, sparse, dm, sm, ex
