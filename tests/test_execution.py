@@ -12,7 +12,8 @@ from sparsecl.config import merge_config
 from sparsecl.engine.trainer import resume, run
 from sparsecl.models import build_model
 from sparsecl.sparse.execution import SparseExecution
-from sparsecl.sparse.export import load_export
+from sparsecl.methods.continual_dst import ContinualDST
+from sparsecl.sparse.export import load_export, use_task
 from sparsecl.sparse.masks import MaskSet, random_mask
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -116,7 +117,7 @@ def sparcl_cfg(kernels: str, out: Path, **extra):
 
 
 def matrices(result: dict) -> list:
-    return [v for k in ("class_il", "task_il") for row in result["accuracy"][k]["matrix"] for v in row]
+    return [v for k in sorted(result["accuracy"]) for row in result["accuracy"][k]["matrix"] for v in row]
 
 
 @pytest.mark.parametrize("extra", [{}, {"benchmark": "seq-cifar10-jpeg", "backbone": "resnet18", "epochs": 3}],
@@ -142,6 +143,64 @@ def test_sparcl_run_on_kernels_gives_the_dense_runs_results_and_counts(tmp_path,
     if "backbone" not in extra:
         assert max(diffs) <= 5.0 + 1e-9
     assert sparse["config"]["sparse_kernels"] == "on"
+
+
+ISOLATION = {  # methods whose masks change by phase or per evaluated task (digits: the MLP)
+    "continual-dst": dict(setting="task-il", batch_size=32, method_options={"sparsity": 0.7, "delta_t": 4}),
+    "packnet": dict(setting="task-il", batch_size=16, method_options={"lr": 0.1, "retrain_epochs": 1}),
+    "esacl-der++": dict(batch_size=16, method_options={"lr": 0.1, "sparsity": 0.8, "k_frac": 0.1, "buffer_size": 60}),
+}
+
+
+def isolation_cfg(method: str, kernels: str, out: Path, **extra):
+    base = dict(method=method, benchmark="digits", epochs=2, seed=0, device="cpu", threads=1, out=str(out),
+                sparse_kernels=kernels, **ISOLATION[method])
+    return merge_config({**base, **extra})
+
+
+@pytest.mark.parametrize("method, extra", [(m, {}) for m in ISOLATION] + [
+    ("continual-dst", {"benchmark": "seq-cifar10-jpeg", "backbone": "resnet18", "backbone_options": {"nf": 8}})],
+    ids=[*ISOLATION, "continual-dst-resnet18"])
+def test_isolation_methods_on_kernels_give_the_dense_runs_results_and_counts(tmp_path, method, extra):
+    if "backbone" in extra:
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / "cifar10-jpeg").symlink_to(FIXTURES.resolve() / "cifar10-jpeg-slice")
+        extra = {**extra, "data_dir": str(tmp_path / "data")}
+    dense, _ = run(isolation_cfg(method, "off", tmp_path / "dense", **extra))
+    sparse, _ = run(isolation_cfg(method, "on", tmp_path / "sparse", **extra))
+    assert sparse["flops"] == dense["flops"] and sparse["samples"] == dense["samples"]
+    for a, b in zip(sum(sparse["loss_per_epoch"], []), sum(dense["loss_per_epoch"], [])):
+        assert abs(a - b) <= 1e-3 * abs(b)
+    diffs = [abs(a - b) for a, b in zip(matrices(sparse), matrices(dense))]
+    assert sum(d > 0 for d in diffs) <= len(diffs) / 8
+
+
+def test_a_task_view_runs_on_its_own_weights_only(tmp_path, monkeypatch):
+    seen = {}
+    end_task = ContinualDST.end_task
+
+    def record(method, task):
+        end_task(method, task)
+        seen["method"], seen["x"] = method, method.ctx.augment.eval(task.test.x[:5])
+
+    monkeypatch.setattr(ContinualDST, "end_task", record)
+    run(isolation_cfg("continual-dst", "on", tmp_path / "r", epochs=1))
+    m = seen["method"]
+    assert m.execution_masks is m.masks  # outside evaluation: the training masks
+    with m.evaluation():
+        for j in (3, 0):
+            m.eval_logits(seen["x"], j)
+            view = m.execution_masks
+            assert all(torch.equal(view.masks[n], m.task_masks[j][n] & (m.backbone[n] != 0)) for n in m.names)
+    # The exported views too: each task's logits on its own weights.
+    assert main(["export", str(tmp_path / "r"), "--out", str(tmp_path / "m.pt")]) == 0
+    dense, dinfo = load_export(tmp_path / "m.pt")
+    sparse, sinfo = load_export(tmp_path / "m.pt", sparse_kernels=True)
+    for j in (0, 4):
+        use_task(dense, dinfo, j), use_task(sparse, sinfo, j)
+        assert sinfo["kernel_masks"].active() == sum(int(v.sum()) for v in m.task_masks[j].values())
+        with torch.no_grad():
+            assert close(sparse(seen["x"]), dense(seen["x"]))
 
 
 def test_resume_on_kernels_is_bit_identical(tmp_path):

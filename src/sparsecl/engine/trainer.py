@@ -203,7 +203,7 @@ def sparse_execution(cfg: RunConfig, method: ContinualMethod) -> SparseExecution
                      ("torchrun", launched_world_size() > 1)):
         if on:
             raise SparseCLError(f"--sparse-kernels cannot be combined with {flag}")
-    return SparseExecution(method.model, lambda: method.masks).install()
+    return SparseExecution(method.model, lambda: method.execution_masks).install()
 
 
 def compile_net(model: nn.Module, cfg: RunConfig) -> nn.Module:

@@ -19,10 +19,10 @@ from sparsecl import SparseCLError
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.stream import Split, Task, TaskStream
 from sparsecl.registry import Registry
+from sparsecl.sparse.masks import MaskSet
 
 if TYPE_CHECKING:  # only for annotations: the sparse core never imports methods
     from sparsecl.sparse.flops import FlopCounter
-    from sparsecl.sparse.masks import MaskSet
     from sparsecl.sparse.ownership import TaskOwnership
 
 CLASS_IL = "class-il"
@@ -139,9 +139,9 @@ class ContinualMethod:
     # ``net`` a compiled module) covers the step. Read from the class's own body; methods that
     # support distributed training qualify too (the same requirement).
     supports_compile: ClassVar[bool] = False
-    # True when :attr:`masks` is the whole sparsity of the training step (weights outside it are
-    # zero, gradients outside :meth:`MaskSet.weight_grad_positions` are never used), so that
-    # ``--sparse-kernels`` can run the masked layers on real sparse kernels.
+    # True when :attr:`execution_masks` is always the whole sparsity of the network as it runs
+    # (weights outside it are zero, gradients outside :meth:`MaskSet.weight_grad_positions` are never
+    # used), so that ``--sparse-kernels`` can run the masked layers on real sparse kernels.
     supports_sparse_kernels: ClassVar[bool] = False
     # Sparse methods set these (sparsecl.sparse); the engine reports per-layer densities, mask
     # bytes, the memory footprint's mask term and capacity from them. None = dense / no isolation.
@@ -173,6 +173,12 @@ class ContinualMethod:
     def compile_support(cls) -> bool:
         """Whether ``--compile`` covers this class's training step (see ``supports_compile``)."""
         return bool(vars(cls).get("supports_compile", False)) or cls.distributed_support()
+
+    @property
+    def execution_masks(self) -> MaskSet | None:
+        """The masks the network runs under right now, for ``--sparse-kernels`` (``None``: dense):
+        :attr:`masks` by default; per-task views and phases with their own masks override it."""
+        return self.masks
 
     # ------------------------------------------------------------------ hooks
     def begin_task(self, task: Task) -> None:
@@ -319,6 +325,7 @@ class TaskSubnetworks:
 
     _saved: dict[str, torch.Tensor] | None
     _view: int | None
+    _view_masks: tuple[int | None, MaskSet] | None = None  # (view, its nonzero weights) for sparse kernels
     shared_names: list[str]  # parameters/buffers every task trains (biases, BN...), per-task copies
 
     def _view_tensors(self) -> dict[str, torch.Tensor]:
@@ -332,7 +339,7 @@ class TaskSubnetworks:
     def evaluation(self) -> Iterator[None]:
         live = self._view_tensors()
         self._saved = {n: v.detach().clone() for n, v in live.items()}
-        self._view = None
+        self._view, self._view_masks = None, None
         self._views_active(True)
         try:
             yield
@@ -341,7 +348,19 @@ class TaskSubnetworks:
                 for n, v in live.items():
                     v.copy_(self._saved[n])
             self._views_active(False)
-            self._saved, self._view = None, None
+            self._saved, self._view, self._view_masks = None, None, None
+
+    @property
+    def execution_masks(self) -> MaskSet | None:
+        """Inside :meth:`evaluation`: the nonzero weights of the loaded view (exact for any view,
+        whatever the method stores); otherwise the training masks."""
+        if self._saved is None:
+            return super().execution_masks
+        if self._view_masks is None or self._view_masks[0] != self._view:
+            convs = {f"{n}.weight" for n, m in self.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+            names = [n for n in self._view_tensors() if n in convs]
+            self._view_masks = (self._view, MaskSet.from_nonzero(self.model, names))
+        return self._view_masks[1]
 
     def _model_tensors(self) -> dict[str, torch.Tensor]:
         """Every parameter and buffer of the model by name (the live tensors)."""

@@ -183,6 +183,7 @@ class ContinualDST(TaskSubnetworks, ContinualMethod):
     description = "Continual DST: per-task sparse subnetworks (reusing frozen weights) by drop-and-grow (Task-IL)"
     options_cls = ContinualDSTOptions
     settings = frozenset({TASK_IL})
+    supports_sparse_kernels = True
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)

@@ -186,6 +186,7 @@ class EsaCLMixin:
     """
 
     graph_capturable = False  # selection sizes, SAM's saved weights and the RNG rewind are host-side
+    supports_sparse_kernels = True  # the layers run dense until a prune, then under its masks
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)

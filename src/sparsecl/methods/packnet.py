@@ -54,6 +54,7 @@ class PackNet(TaskSubnetworks, ContinualMethod):
     description = "PackNet: per-task magnitude pruning of free weights, retrain, freeze (Task-IL)"
     options_cls = PackNetOptions
     settings = frozenset({TASK_IL})
+    supports_sparse_kernels = True
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
@@ -75,6 +76,7 @@ class PackNet(TaskSubnetworks, ContinualMethod):
         self._guard: FrozenGuard | None = None
         self._saved: dict[str, torch.Tensor] | None = None  # training weights during evaluation
         self._view: int | None = None  # task whose weights are loaded for evaluation
+        self._retrain_masks: MaskSet | None = None  # in force while the pruned network retrains
 
     # ------------------------------------------------------------------ training
     def _frozen(self, task: int) -> dict[str, torch.Tensor]:
@@ -119,8 +121,11 @@ class PackNet(TaskSubnetworks, ContinualMethod):
         self._guard.hook_optimizer(self.optimizer)
         allowed = {n: ~(self.ownership.free(n) & ~keep[n]) for n in keep}
         masks = MaskSet(self.model, allowed, mask_grads=True)
+        for n in keep:  # only the kept free weights train (the guard zeroes the frozen ones' gradients)
+            masks.set_grad_mask(n, keep[n], push=False)
         masks.apply_()
         masks.hook_optimizer(self.optimizer)
+        self._retrain_masks = masks
         split, bs, aug = task.train, self.ctx.batch_size, self.ctx.augment
         for _ in range(self.opt.retrain_epochs):
             perm = torch.randperm(len(split), device=self.device)
@@ -129,6 +134,12 @@ class PackNet(TaskSubnetworks, ContinualMethod):
                 x_raw, y = split.x[idx], split.y[idx]
                 self.observe(Batch(aug.train(x_raw), y, x_raw, idx, task.index))
         masks.unhook()
+        self._retrain_masks = None
+
+    @property
+    def execution_masks(self) -> MaskSet | None:
+        """The retraining masks while the pruned network retrains; else dense training and the views."""
+        return self._retrain_masks if self._retrain_masks is not None else super().execution_masks
 
     # ---------------------------------------------------------------- evaluation
     def _view_tensors(self) -> dict[str, torch.Tensor]:

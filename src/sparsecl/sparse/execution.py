@@ -50,13 +50,13 @@ class KernelLayer:
         self.name = name  # the weight's parameter name
         self.module = module
         self._index: kernels.SparseConvIndex | None = None
-        self._key: tuple | None = None
-        self._grad_key: tuple | None = None
+        self._key: object = None
+        self._grad_key: object = None
 
     def index(self, masks: MaskSet | None) -> kernels.SparseConvIndex:
         """The index of the layer's current mask (all weights when it has none)."""
         masked = masks is not None and self.name in masks.masks
-        key = (id(masks), masks.version(self.name)) if masked else ("full",)
+        key = masks.version(self.name) if masked else "full"
         if key != self._key:
             w = self.module.weight
             mask = masks.masks[self.name] if masked else torch.ones_like(w, dtype=torch.bool)
@@ -67,11 +67,11 @@ class KernelLayer:
     def set_weight_grad(self, masks: MaskSet | None) -> None:
         """Point the index's weight gradient at this backward's positions (see the module docstring)."""
         positions = None  # the index's own mask
-        key: tuple = ("full",)
+        key: object = "full"
         if masks is not None and self.name in masks.masks:
             positions = masks.weight_grad_positions(self.name)
             if positions is None:  # a dense weight-gradient step
-                positions, key = torch.ones_like(self.module.weight, dtype=torch.bool), ("dense",)
+                positions, key = torch.ones_like(self.module.weight, dtype=torch.bool), "dense"
             else:
                 key = (id(positions), masks.version(self.name))
         if key != self._grad_key:

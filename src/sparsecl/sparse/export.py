@@ -180,9 +180,10 @@ def method_task_views(method: Any, n_tasks: int) -> list[dict[str, torch.Tensor]
     return [first] + [method.task_view(j) for j in range(1, n_tasks)]
 
 
-def use_task(model: nn.Module, info: Mapping[str, Any], task_id: int) -> nn.Module:
+def use_task(model: nn.Module, info: dict[str, Any], task_id: int) -> nn.Module:
     """Switch a model from :func:`load_export` to task ``task_id``'s subnetwork (in place; returns
-    it). Exports without per-task views serve every task with the one model (a no-op here)."""
+    it; on the sparse kernels, ``info['kernel_masks']`` becomes the view's nonzero weights). Exports
+    without per-task views serve every task with the one model (a no-op here)."""
     views = info.get("task_views")
     if not views:
         return model
@@ -194,6 +195,8 @@ def use_task(model: nn.Module, info: Mapping[str, Any], task_id: int) -> nn.Modu
     state.update(view["dense"])
     device = next(model.parameters()).device
     model.load_state_dict({k: v.to(device) for k, v in state.items()})
+    if "execution" in info:  # the kernels run on the view's own weights, not the final network's
+        info["kernel_masks"] = MaskSet.from_nonzero(info["execution"].model, view["masks"])
     return model
 
 
@@ -386,8 +389,8 @@ def load_export(path: str | Path, device: torch.device | str = "cpu", *,
             "classifier": head["kind"] if head is not None else "head"}
     if sparse_kernels:
         net = model.model if head is not None else model
-        mask_set = MaskSet(net, {n: m.to(device) for n, m in masks.items()})
-        info["execution"] = SparseExecution(net, lambda: mask_set).install()
+        info["kernel_masks"] = MaskSet(net, {n: m.to(device) for n, m in masks.items()})
+        info["execution"] = SparseExecution(net, lambda: info["kernel_masks"]).install()
     if payload.get("task_views"):
         info["final_state"] = state
         info["task_views"] = [

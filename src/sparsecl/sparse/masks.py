@@ -19,6 +19,7 @@ every mask change pushes the new densities into it.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping
@@ -27,6 +28,11 @@ import torch
 from torch import nn
 
 from sparsecl.sparse.flops import FlopCounter
+
+
+# Mask versions are unique across all mask sets, so a cached sparse-kernel index keyed by a version
+# can never be mistaken for another set's (a freed set's id may be reused).
+_VERSIONS = itertools.count(1)
 
 
 def bitmask_bytes(numel: int) -> int:
@@ -103,6 +109,14 @@ class MaskSet:
         masks = {n: random_mask(params[n].shape, k, device=params[n].device, generator=generator)
                  for n, k in counts.items()}
         return cls(model, masks, **kwargs)
+
+    @classmethod
+    def from_nonzero(cls, model: nn.Module, names: Iterable[str], **kwargs: Any) -> "MaskSet":
+        """Masks of the nonzero weights of ``names`` (e.g. a loaded per-task view); fully dense
+        parameters are left out."""
+        params = dict(model.named_parameters())
+        nonzero = {n: params[n].detach() != 0 for n in names}
+        return cls(model, {n: m for n, m in nonzero.items() if not bool(m.all())}, **kwargs)
 
     @classmethod
     def from_scores(cls, model: nn.Module, scores: Mapping[str, torch.Tensor], counts: Mapping[str, int],
@@ -216,10 +230,11 @@ class MaskSet:
         self.push_flops()
 
     def _bump(self, name: str) -> None:
-        self._versions[name] = self._versions.get(name, 0) + 1
+        self._versions[name] = next(_VERSIONS)
 
     def version(self, name: str) -> int:
-        """A number that changes whenever the weight or gradient mask of ``name`` changes."""
+        """A number that changes whenever the weight or gradient mask of ``name`` changes, unique
+        across mask sets."""
         return self._versions[name]
 
     # ------------------------------------------------------------------ where gradients are computed
