@@ -15,6 +15,7 @@ machine quote ratios only, and prefer ``--threads 1 --clock cpu`` (process CPU t
     python benchmarks/sparse_cpu.py step [--nf 20 64] [--batch 96] [--sparsity ...] [--chunks 1|3]
     python benchmarks/sparse_cpu.py memory [same options]
     python benchmarks/sparse_cpu.py inference [--nf 20 64] [--batch 1 32] [--sparsity ...]
+    python benchmarks/sparse_cpu.py auto [--nf 20 64] [--batch 1 32 96] [--sparsity ...]
     python benchmarks/sparse_cpu.py run --variant NAME=FLAGS [--variant ...] [--repeats 2] [--data-dir DATA]
 
 ``step``: a whole DER++-shaped training step (CE on a third of the samples, logit MSE on a third,
@@ -24,7 +25,8 @@ and channels_last) against SparCL-DER++'s masks (``--policy``, uniform) with DGM
 batch-last end to end. ``--chunks 3`` runs three forwards of a third each, as DER++ does unless
 ``fused_forward``. SparCL's importance gathering (every 64th step) is not in it. ``memory``: peak
 resident memory of three such steps, each variant in its own process. ``inference``: eval-mode
-forward latency of the same masked network, dense best-of against the kernels. ``run``: whole
+forward latency of the same masked network, dense best-of against the kernels. ``auto``: what
+``--sparse-kernels auto`` chooses for that network, training and inference, measured afresh. ``run``: whole
 ``sparsecl run`` invocations, one per ``--variant`` in turn (A B B A ...), their training seconds
 from result.json and the median ratio to the first variant.
 """
@@ -39,6 +41,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -49,6 +52,7 @@ import torch.nn.functional as F
 from sparsecl.models import build_model
 from sparsecl.sparse.allocation import allocate
 from sparsecl.sparse.execution import SparseExecution
+from sparsecl.sparse.kernel_choice import KernelChoices
 from sparsecl.sparse.kernels import SparseConvIndex, load_extension, sparse_conv2d
 from sparsecl.sparse.masks import MaskSet, random_mask, topk_mask
 from sparsecl.sparse.policy import MaskPolicy
@@ -273,6 +277,31 @@ def run_inference(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- auto
+def run_auto(args: argparse.Namespace) -> list[dict]:
+    """What ``--sparse-kernels auto`` chooses, measured afresh: training (fwd+bwd) and inference (fwd)."""
+    _, gen = prepare(args)
+    rows = []
+    for nf in args.nf:
+        for sp in args.sparsity:
+            model, masks = masked_resnet(nf, sp, args.policy, gen, None)
+            with tempfile.TemporaryDirectory() as tmp:
+                choices = KernelChoices(file=Path(tmp) / "choices.json")
+                SparseExecution(model, lambda m=masks: m, choices=choices).install()
+                for N in args.batch:
+                    x = torch.randn(N, 3, 32, 32, generator=gen)
+                    for train in (True, False):
+                        model.train(train)
+                        with torch.set_grad_enabled(train):
+                            model(x)
+            for key, (dense, sparse) in choices.measured.items():
+                rows.append(dict(nf=nf, sparsity=sp, situation=key, dense_s=dense, sparse_s=sparse,
+                                 kernels=choices.decisions[key]))
+                print(f"nf {nf} s {sp}: {key}: dense {dense * 1e3:.1f} ms, kernels {sparse * 1e3:.1f} ms -> "
+                      f"{'kernels' if choices.decisions[key] else 'dense'}", flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- run
 def run_protocol(args: argparse.Namespace) -> list[dict]:
     """Whole runs through ``sparsecl run``: each ``--variant`` in turn (A B B A ...), the training
@@ -360,6 +389,9 @@ def main(argv: list[str] | None = None) -> None:
     inf = sub.add_parser("inference", help="eval-mode latency of a masked ResNet-18: dense best-of vs kernels")
     add_common(inf, [1, 32])
     inf.add_argument("--policy", default="residual-3x3")
+    au = sub.add_parser("auto", help="what --sparse-kernels auto chooses for a masked ResNet-18, measured afresh")
+    add_common(au, [1, 32, 96])
+    au.add_argument("--policy", default="residual-3x3")
     rp = sub.add_parser("run", help="whole runs through `sparsecl run`, interleaved; training seconds")
     rp.add_argument("--variant", action="append", required=True, metavar="NAME=FLAGS",
                     help="a run: a name and its `sparsecl run` flags, e.g. 'derpp=--preset seq-cifar10-der++-500'")
@@ -373,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"threads {env['threads']}, clock {env['clock']}, torch {env['torch']}, {env['cpu']} ({env['cores']} cores), "
           f"load {env['loadavg_start']:.2f}", flush=True)
     run = {"layers": run_layers, "step": run_steps, "memory": peak_memory, "inference": run_inference,
-           "run": run_protocol}[args.command]
+           "auto": run_auto, "run": run_protocol}[args.command]
     rows = run(args)
     env["loadavg_end"] = os.getloadavg()[0]
     print(f"load average at the end: {env['loadavg_end']:.2f}")

@@ -11,8 +11,10 @@ from sparsecl.cli import main
 from sparsecl.config import merge_config
 from sparsecl.engine.trainer import resume, run
 from sparsecl.models import build_model
+from sparsecl.sparse import execution as execution_mod
 from sparsecl.sparse.execution import SparseExecution
 from sparsecl.methods.continual_dst import ContinualDST
+from sparsecl.sparse import kernel_choice
 from sparsecl.sparse.export import load_export, use_task
 from sparsecl.sparse.masks import MaskSet, random_mask
 
@@ -223,6 +225,62 @@ def test_exported_model_on_kernels_gives_the_same_logits(tmp_path):
         x = torch.randn(n, 1, 28, 28)
         with torch.no_grad():
             assert close(sparse(x), dense(x))
+
+
+def fixed_timing(monkeypatch, dense: float, sparse: float) -> list:
+    """Make every ``auto`` measurement report these seconds; returns the list of measured situations."""
+    calls = []
+
+    def timed(*args, **kwargs):
+        calls.append(args[2].shape)
+        return dense, sparse
+
+    monkeypatch.setattr(kernel_choice, "time_paths", timed)
+    monkeypatch.setattr(execution_mod, "time_paths", timed)
+    return calls
+
+
+@pytest.mark.parametrize("kernels_win", [True, False])
+def test_auto_follows_the_measured_choice_and_measures_each_situation_once(tmp_path, monkeypatch, kernels_win):
+    pinned, _ = run(sparcl_cfg("on" if kernels_win else "off", tmp_path / "pinned"))
+    calls = fixed_timing(monkeypatch, *((2.0, 1.0) if kernels_win else (1.0, 2.0)))
+    auto, _ = run(sparcl_cfg("auto", tmp_path / "auto"))
+    assert auto["accuracy"] == pinned["accuracy"] and auto["loss_per_epoch"] == pinned["loss_per_epoch"]
+    assert auto["flops"] == pinned["flops"]
+    choices = auto["kernel_choices"]
+    # Training (forward and backward, batch 8) and evaluation situations, each measured once.
+    assert len(calls) == len(choices) >= 2 and set(choices.values()) == {kernels_win}
+    assert any(" fwd+bwd train density=0.10" in k for k in choices) and any(" fwd eval " in k for k in choices)
+    calls.clear()  # a rerun on this machine reads the choices instead of measuring them again
+    again, _ = run(sparcl_cfg("auto", tmp_path / "again"))
+    assert not calls and again["kernel_choices"] == choices and again["accuracy"] == auto["accuracy"]
+
+
+def test_auto_choices_are_resumed_from_the_checkpoint(tmp_path, monkeypatch):
+    fixed_timing(monkeypatch, 2.0, 1.0)
+    full, _ = run(sparcl_cfg("auto", tmp_path / "full"))
+    run_interrupted(sparcl_cfg("auto", tmp_path / "cut"), tmp_path / "cut", at_task=2)
+    for f in kernel_choice.cache_root().glob("*-choices.json"):
+        f.unlink()  # the machine's record is gone; a fresh measurement would now say "dense"
+    fixed_timing(monkeypatch, 1.0, 2.0)
+    resumed, _ = resume(tmp_path / "cut")
+    assert resumed["accuracy"] == full["accuracy"] and resumed["loss_per_epoch"] == full["loss_per_epoch"]
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "lenet"])
+def test_a_measurement_leaves_the_model_and_the_random_state_alone(backbone):
+    dense, sparse, dm, sm, ex = masked_pair(backbone)
+    ex.choices = kernel_choice.KernelChoices()
+    x = torch.randn(4, *NETS[backbone][0])
+    rng = torch.get_rng_state()
+    out = sparse(x)  # measures (real timings), then runs the chosen path
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in sparse.parameters())
+    assert len(ex.choices.decisions) >= 1
+    # Only the real forward moved the BatchNorm statistics, as one forward of the dense network does.
+    assert close(out, dense(x))
+    for (n, bd), (_, bs) in zip(dense.named_buffers(), sparse.named_buffers()):
+        assert close(bs.float(), bd.float()), n
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -83,8 +83,9 @@ def _run_options(p) -> None:
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="write TensorBoard event files to RUN_DIR/tensorboard")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; recorded in config.yaml)")
-    p.add_argument("--sparse-kernels", nargs="?", const="on", metavar="on|off",
-                   help="run masked layers on real sparse CPU kernels (compiled once with g++ and ninja)")
+    p.add_argument("--sparse-kernels", nargs="?", const="on", metavar="on|off|auto",
+                   help="run masked layers on real sparse CPU kernels (compiled once with g++ and ninja); "
+                        "auto: only where they measure faster")
 
 
 # What --resume still takes from the command line; every other run flag is the run's own.

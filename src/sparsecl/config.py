@@ -20,7 +20,7 @@ SETTINGS = ("class-il", "task-il")
 LOCATION_KEYS = ("data_dir", "data_root")
 SEED_LIMIT = 2**32  # numpy's legacy seeding takes 0 <= seed < 2**32
 
-SPARSE_KERNEL_MODES = ("off", "on")
+SPARSE_KERNEL_MODES = ("off", "on", "auto")
 
 
 @dataclass

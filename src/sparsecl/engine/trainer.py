@@ -36,6 +36,7 @@ from sparsecl.metrics.efficiency import memory_footprint, peak_memory_bytes, res
 from sparsecl.models import build_model
 from sparsecl.sparse.accounting import capacity_report, sparsity_report
 from sparsecl.sparse.execution import SparseExecution
+from sparsecl.sparse.kernel_choice import KernelChoices
 from sparsecl.sparse.export import INFERENCE_HEAD, TASK_VIEWS, compact_task_views, method_task_views
 from sparsecl.sparse.flops import CONVENTIONS as FLOP_CONVENTIONS
 from sparsecl.sparse.flops import FlopCounter, profile_layers
@@ -203,7 +204,8 @@ def sparse_execution(cfg: RunConfig, method: ContinualMethod) -> SparseExecution
                      ("torchrun", launched_world_size() > 1)):
         if on:
             raise SparseCLError(f"--sparse-kernels cannot be combined with {flag}")
-    return SparseExecution(method.model, lambda: method.execution_masks).install()
+    choices = KernelChoices() if cfg.sparse_kernels == "auto" else None
+    return SparseExecution(method.model, lambda: method.execution_masks, choices=choices).install()
 
 
 def compile_net(model: nn.Module, cfg: RunConfig) -> nn.Module:
@@ -359,6 +361,8 @@ class Trainer:
         self.tb: EventWriter | None = None  # TensorBoard events (rank 0, --tensorboard), open during run()
         if resume:
             self._load_checkpoint()
+        if self.execution is not None and self.execution.choices is not None:  # checkpointed with the state
+            self.execution.choices.decisions = self.state.setdefault("kernel_choices", {})
         if dist is not None:
             self.method.net = dist.wrap(self.model)
         if cfg.compile:  # under torchrun the DDP module is compiled (dynamo splits it at its buckets)
@@ -667,6 +671,7 @@ class Trainer:
             "memory": {"footprint_bytes": s["footprint"], "peak_bytes_per_task": s["peak_memory"],
                        "peak_kind": "cuda max allocated" if self.device.type == "cuda" else "process peak RSS"},
             "loss_per_epoch": s["epoch_loss"],
+            **({"kernel_choices": s["kernel_choices"]} if "kernel_choices" in s else {}),
         }
 
 

@@ -32,6 +32,7 @@ from sparsecl import SparseCLError
 from sparsecl.models.mlp import MLP
 from sparsecl.models.resnet import BasicBlock, ResNet18
 from sparsecl.sparse import kernels
+from sparsecl.sparse.kernel_choice import KernelChoices, situation, time_paths
 from sparsecl.sparse.masks import MaskSet
 
 MaskSource = Callable[[], "MaskSet | None"]
@@ -130,9 +131,11 @@ class SparseExecution:
     Args:
         model: a :class:`~sparsecl.models.ContinualNet` on the CPU.
         masks: returns the current mask set, or None while there is none (the dense forward runs).
+        choices: ``auto`` mode: the kernels run only where these measured choices say they pay
+            (:mod:`sparsecl.sparse.kernel_choice`); None: always.
     """
 
-    def __init__(self, model: nn.Module, masks: MaskSource) -> None:
+    def __init__(self, model: nn.Module, masks: MaskSource, *, choices: KernelChoices | None = None) -> None:
         if any(p.device.type != "cpu" for p in model.parameters()):
             raise SparseCLError("--sparse-kernels runs on the CPU only (use --device cpu)")
         kernels.load_extension()  # one clear error now if the kernels cannot be built
@@ -141,6 +144,7 @@ class SparseExecution:
         self._masks = masks
         self._layers: dict[int, KernelLayer] = {}  # by id of the module
         self.batch_last = batch_last_runner(self.backbone) is not None
+        self.choices = choices
         self._saved: list[nn.Module] = []
 
     @property
@@ -183,15 +187,34 @@ class SparseExecution:
     # ------------------------------------------------------------------ forwards
     def _batch_last_forward(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
         masks = self._masks()
-        if masks is None:
+        run = batch_last_runner(backbone)
+        if masks is None or not self._pays(backbone, x, masks, lambda s: run(self, backbone, s, masks)):
             return type(backbone).forward(backbone, x)
-        return batch_last_runner(backbone)(self, backbone, x, masks)
+        return run(self, backbone, x, masks)
 
     def _per_layer_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         masks = self._masks()
         layer = self.layer(module)
-        if masks is None or layer.name not in masks.masks:
+        if (masks is None or layer.name not in masks.masks
+                or not self._pays(module, x, masks, lambda s: self._on_kernels(module, layer, s, masks))):
             return type(module).forward(module, x)
+        return self._on_kernels(module, layer, x, masks)
+
+    def _pays(self, unit: nn.Module, x: torch.Tensor, masks: MaskSet, sparse: Callable) -> bool:
+        """Whether ``unit`` (the batch-last backbone, or one layer) runs on the kernels here."""
+        if self.choices is None:
+            return True
+        layers = [m for m in unit.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        key = situation(unit, layers, x, masks, [self.layer(m).name for m in layers])
+
+        def measure() -> tuple[float, float]:
+            return time_paths(lambda s: type(unit).forward(unit, s), sparse, x, list(unit.parameters()),
+                              list(unit.buffers()), input_grad=unit is not self.backbone)
+
+        return self.choices.choose(key, measure)
+
+    def _on_kernels(self, module: nn.Module, layer: KernelLayer, x: torch.Tensor, masks: MaskSet) -> torch.Tensor:
+        """One layer on the kernels, converting its input to the kernels' layout and its output back."""
         if isinstance(module, nn.Linear):
             lead = x.shape[:-1]
             y = layer(x.reshape(-1, x.shape[-1]).t().contiguous(), masks)

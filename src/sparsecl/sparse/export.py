@@ -36,6 +36,7 @@ from sparsecl import SparseCLError
 from sparsecl.config import first_difference, run_identity
 from sparsecl.models.heads import NearestMeanClassifier
 from sparsecl.sparse.execution import SparseExecution
+from sparsecl.sparse.kernel_choice import KernelChoices
 from sparsecl.sparse.masks import MaskSet
 
 FORMAT = "sparsecl-export"
@@ -347,7 +348,7 @@ def build_export(run_dir: str | Path, fmt: str = "pt") -> tuple[dict[str, Any], 
 
 
 def load_export(path: str | Path, device: torch.device | str = "cpu", *,
-                sparse_kernels: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+                sparse_kernels: bool | str = False) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the exported model for inference.
 
     Returns ``(model, info)``: the model in eval mode on ``device`` with the exported weights
@@ -360,7 +361,8 @@ def load_export(path: str | Path, device: torch.device | str = "cpu", *,
     the ``masks`` use, at ``model.model``).
 
     ``sparse_kernels``: run the masked layers on the real sparse CPU kernels
-    (:class:`~sparsecl.sparse.execution.SparseExecution`, kept in ``info['execution']``; CPU only).
+    (:class:`~sparsecl.sparse.execution.SparseExecution`, kept in ``info['execution']``; CPU only);
+    ``"auto"``: only where they measure faster (:mod:`sparsecl.sparse.kernel_choice`).
     """
     path = Path(path)
     try:
@@ -390,7 +392,8 @@ def load_export(path: str | Path, device: torch.device | str = "cpu", *,
     if sparse_kernels:
         net = model.model if head is not None else model
         info["kernel_masks"] = MaskSet(net, {n: m.to(device) for n, m in masks.items()})
-        info["execution"] = SparseExecution(net, lambda: info["kernel_masks"]).install()
+        choices = KernelChoices() if sparse_kernels == "auto" else None
+        info["execution"] = SparseExecution(net, lambda: info["kernel_masks"], choices=choices).install()
     if payload.get("task_views"):
         info["final_state"] = state
         info["task_views"] = [
