@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from sparsecl import SparseCLError
 from sparsecl.sparse.kernels import index as kernel_index
-from sparsecl.sparse.kernels import SparseConvIndex, build, kernels_available, load_extension, sparse_conv2d, sparse_linear
+from sparsecl.sparse.kernels import (SparseConvIndex, build, kernels_available, load_extension, relu_sparse_conv2d,
+                                     sparse_conv2d, sparse_linear)
 
 # (name, C, OC, kernel, stride, padding, groups, H, bias)
 CONV_SHAPES = [
@@ -158,6 +159,34 @@ def test_weight_grad_line_by_line(shape, monkeypatch):
     mask = _mask((OC, C // g, k, k), 0.4, torch.Generator().manual_seed(7))
     ref, out = _conv_case(C, OC, k, s, p, g, H + 3, bias, 19, mask)
     _assert_matches(ref, out, mask)
+
+
+@pytest.mark.parametrize("N", [5, 32])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_relu_fused_into_the_conv_equals_relu_then_conv(stride, N):
+    gen = torch.Generator().manual_seed(stride * N)
+    mask = _mask((16, 8, 3, 3), 0.3, gen)
+    index = SparseConvIndex(mask, stride=stride, padding=1)
+    x, w = torch.randn(8, 9, 9, N, generator=gen), torch.randn(16, 8, 3, 3, generator=gen)
+    gy = torch.randn(16, *index.output_size(9, 9), N, generator=gen)
+    ga = torch.randn(x.shape, generator=gen)
+
+    def run(fused: bool, shortcut: bool) -> list[torch.Tensor]:
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        if fused:
+            y, a = relu_sparse_conv2d(xs, ws, index)
+        else:
+            a = torch.relu(xs)
+            y = sparse_conv2d(a, ws, index)
+        loss = (y * gy).sum() + ((a * ga).sum() if shortcut else 0)  # ``a`` feeding a shortcut, or not
+        loss.backward()
+        return [y.detach(), a.detach(), xs.grad, ws.grad]
+
+    for shortcut in (True, False):
+        assert all(torch.equal(f, p) for f, p in zip(run(True, shortcut), run(False, shortcut)))
+    with torch.no_grad():  # inference below the vector width takes the row kernels
+        y, a = relu_sparse_conv2d(x[..., :3], w, index)
+        assert torch.equal(a, torch.relu(x[..., :3])) and torch.equal(y, sparse_conv2d(a, w, index))
 
 
 def test_wide_batch_is_split_into_chunks():

@@ -80,10 +80,16 @@ class KernelLayer:
             self._grad_key = key
 
     def __call__(self, x: torch.Tensor, masks: MaskSet | None) -> torch.Tensor:
-        index = self.index(masks)
         m = self.module
         op = kernels.sparse_linear if isinstance(m, nn.Linear) else kernels.sparse_conv2d
-        y = op(x, m.weight, index, m.bias)
+        return self._hooked(op(x, m.weight, self.index(masks), m.bias), masks)
+
+    def relu_first(self, x: torch.Tensor, masks: MaskSet | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(conv(relu(x)), relu(x))``, the ReLU fused into the convolution's input padding."""
+        y, a = kernels.relu_sparse_conv2d(x, self.module.weight, self.index(masks), self.module.bias)
+        return self._hooked(y, masks), a
+
+    def _hooked(self, y: torch.Tensor, masks: MaskSet | None) -> torch.Tensor:
         if y.requires_grad:  # runs as the backward reaches this layer, before the kernel's backward
             y.register_hook(lambda g: self.set_weight_grad(masks))
         return y
@@ -237,19 +243,22 @@ class SparseExecution:
 # ---------------------------------------------------------------------- backbones in batch-last layout
 def _resnet18(ex: SparseExecution, net: ResNet18, x: torch.Tensor, masks: MaskSet) -> torch.Tensor:
     out = x.permute(1, 2, 3, 0).contiguous()
-    out = F.relu(batch_norm(net.bn1, ex.conv(net.conv1, out, masks)))
+    pre = batch_norm(net.bn1, ex.conv(net.conv1, out, masks))  # activations travel before their ReLU
     for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
         for block in stage:
-            out = _basic_block(ex, block, out, masks)
-    return out.mean(dim=(1, 2)).t()
+            pre = _basic_block(ex, block, pre, masks)
+    return F.relu(pre).mean(dim=(1, 2)).t()
 
 
-def _basic_block(ex: SparseExecution, block: BasicBlock, x: torch.Tensor, masks: MaskSet) -> torch.Tensor:
-    out = F.relu(batch_norm(block.bn1, ex.conv(block.conv1, x, masks)))
-    out = batch_norm(block.bn2, ex.conv(block.conv2, out, masks))
+def _basic_block(ex: SparseExecution, block: BasicBlock, pre: torch.Tensor, masks: MaskSet) -> torch.Tensor:
+    """A BasicBlock given its input before the ReLU (fused into conv1, as conv2's is), returning its
+    output before the ReLU."""
+    out, x = ex.layer(block.conv1).relu_first(pre, masks)
+    out, _ = ex.layer(block.conv2).relu_first(batch_norm(block.bn1, out), masks)
+    out = batch_norm(block.bn2, out)
     if len(block.shortcut):
         x = batch_norm(block.shortcut[1], ex.conv(block.shortcut[0], x, masks))
-    return F.relu(out + x)
+    return out + x
 
 
 def _mlp(ex: SparseExecution, net: MLP, x: torch.Tensor, masks: MaskSet) -> torch.Tensor:

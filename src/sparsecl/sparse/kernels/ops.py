@@ -13,10 +13,11 @@ from sparsecl.sparse.kernels.build import load_extension
 from sparsecl.sparse.kernels.index import LANES, Geometry, RowGeometry, SparseConvIndex
 
 
-def _pad(x: torch.Tensor, top: int, left: int, Hp: int, Wp: int, Np: int) -> torch.Tensor:
-    """``x [C, H, W, N]`` placed at (top, left) in zeros of ``[C, Hp, Wp, Np]`` (no copy when it already fits)."""
+def _pad(x: torch.Tensor, top: int, left: int, Hp: int, Wp: int, Np: int, *, relu: bool = False) -> torch.Tensor:
+    """``x [C, H, W, N]`` (with ``relu``: ``relu(x)``) placed at (top, left) in zeros of
+    ``[C, Hp, Wp, Np]`` (no copy when it already fits and no ReLU is asked for)."""
     C, H, W, N = x.shape
-    if (H, W, N) == (Hp, Wp, Np):
+    if (H, W, N) == (Hp, Wp, Np) and not relu:
         return x.contiguous()
     out = x.new_empty(C, Hp, Wp, Np)
     out[:, :top].zero_()                        # zero only the border: the copy fills the rest
@@ -24,7 +25,11 @@ def _pad(x: torch.Tensor, top: int, left: int, Hp: int, Wp: int, Np: int) -> tor
     out[:, top:top + H, :left].zero_()
     out[:, top:top + H, left + W:].zero_()
     out[:, top:top + H, left:left + W, N:].zero_()
-    out[:, top:top + H, left:left + W, :N] = x
+    inner = out[:, top:top + H, left:left + W, :N]
+    if relu:  # the ReLU's one pass writes the padded input: no separate activation, no copy
+        torch.clamp(x, min=0, out=inner)
+    else:
+        inner.copy_(x)
     return out
 
 
@@ -64,47 +69,80 @@ def _row_forward(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex,
     return y if bias is None else y + bias.detach().view(-1, 1, 1, 1)
 
 
+def _conv_forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: SparseConvIndex,
+                  relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of both autograd functions: ``(y, xp)``, xp the padded (ReLU'd) input it saves."""
+    C, H, W, N = x.shape
+    g = index.geometry(H, W, N)
+    ph, pw = index.padding
+    xp = _pad(x.detach(), ph, pw, g.Hp, g.Wp, g.Np, relu=relu)
+    val = weight.detach().reshape(-1)[index.taps.flat].contiguous()
+    y = _unpad_batch(_gather(load_extension(), xp, val, g.fwd, g.Np, (index.OC, g.OH, g.OW, g.Np)), N)
+    if bias is not None:
+        y.add_(bias.detach().view(-1, 1, 1, 1))
+    ctx.index, ctx.geom, ctx.has_bias, ctx.weight_shape = index, g, bias is not None, weight.shape
+    ctx.save_for_backward(xp, val)
+    return y, xp
+
+
+def _conv_backward(ctx, gy: torch.Tensor, input_grad: bool):
+    """Input (unpadded), weight and bias gradients of :func:`_conv_forward`'s convolution."""
+    ext = load_extension()
+    index: SparseConvIndex = ctx.index
+    g: Geometry = ctx.geom
+    xp, val = ctx.saved_tensors
+    gy = gy.contiguous()
+    gx = gw = gb = None
+    if input_grad:
+        top, left, OHp, OWp = g.gpad
+        gyp = _pad(gy, top, left, OHp, OWp, g.Np)
+        bval = val[index._bwd_order].contiguous()
+        gx = _unpad_batch(_gather(ext, gyp, bval, g.bwd, g.Np, (index.C, g.H, g.W, g.Np)), g.N)
+    if ctx.needs_input_grad[1]:
+        taps, tables = index.wgrad_tables(g)
+        gyn = _pad(gy, 0, 0, g.OH, g.OW, g.Np)
+        dw = gy.new_empty(taps.flat.numel())
+        ln = tables.lines
+        ext.wgrad(xp, gyn, tables.noff, tables.blkptr, tables.nblk, ln.pin, ln.pout, ln.len, g.Np, ln.step,
+                  tables.sblines, dw)
+        gw = dw.new_zeros(ctx.weight_shape.numel()).index_put_((taps.flat,), dw).view(ctx.weight_shape)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        gb = gy.sum(dim=(1, 2, 3))
+    return gx, gw, gb
+
+
 class _SparseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 index: SparseConvIndex) -> torch.Tensor:
-        ext = load_extension()
-        C, H, W, N = x.shape
-        g = index.geometry(H, W, N)
-        ph, pw = index.padding
-        xp = _pad(x.detach(), ph, pw, g.Hp, g.Wp, g.Np)
-        w = weight.detach().reshape(-1)
-        val = w[index.taps.flat].contiguous()
-        y = _unpad_batch(_gather(ext, xp, val, g.fwd, g.Np, (index.OC, g.OH, g.OW, g.Np)), N)
-        if bias is not None:
-            y.add_(bias.detach().view(-1, 1, 1, 1))
-        ctx.index, ctx.geom, ctx.has_bias, ctx.weight_shape = index, g, bias is not None, weight.shape
-        ctx.save_for_backward(xp, val)
-        return y
+        return _conv_forward(ctx, x, weight, bias, index, relu=False)[0]
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
-        ext = load_extension()
-        index: SparseConvIndex = ctx.index
-        g: Geometry = ctx.geom
-        xp, val = ctx.saved_tensors
-        gy = gy.contiguous()
-        gx = gw = gb = None
+        return *_conv_backward(ctx, gy, ctx.needs_input_grad[0]), None
+
+
+class _ReluSparseConv(torch.autograd.Function):
+    """``a = relu(x)`` and ``conv(a)`` in one: the ReLU writes the conv's padded input, which is the
+    only tensor kept for the backward (it also holds ReLU's mask); ``a`` is a view of it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                index: SparseConvIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.set_materialize_grads(False)
+        y, xp = _conv_forward(ctx, x, weight, bias, index, relu=True)
+        (ph, pw), (C, H, W, N) = index.padding, x.shape
+        return y, xp[:, ph:ph + H, pw:pw + W, :N]
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor | None, ga: torch.Tensor | None):
+        gx, gw, gb = _conv_backward(ctx, gy, ctx.needs_input_grad[0]) if gy is not None else (None, None, None)
         if ctx.needs_input_grad[0]:
-            top, left, OHp, OWp = g.gpad
-            gyp = _pad(gy, top, left, OHp, OWp, g.Np)
-            bval = val[index._bwd_order].contiguous()
-            gx = _unpad_batch(_gather(ext, gyp, bval, g.bwd, g.Np, (index.C, g.H, g.W, g.Np)), g.N)
-        if ctx.needs_input_grad[1]:
-            taps, tables = index.wgrad_tables(g)
-            gyn = _pad(gy, 0, 0, g.OH, g.OW, g.Np)
-            dw = gy.new_empty(taps.flat.numel())
-            ln = tables.lines
-            ext.wgrad(xp, gyn, tables.noff, tables.blkptr, tables.nblk, ln.pin, ln.pout, ln.len, g.Np, ln.step,
-                      tables.sblines, dw)
-            gw = dw.new_zeros(ctx.weight_shape.numel()).index_put_((taps.flat,), dw).view(ctx.weight_shape)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gy.sum(dim=(1, 2, 3))
+            gx = ga if gx is None else gx if ga is None else gx + ga
+            if gx is not None:
+                (ph, pw), g = ctx.index.padding, ctx.geom
+                active = ctx.saved_tensors[0][:, ph:ph + g.H, pw:pw + g.W, :g.N] > 0
+                gx = gx * active
         return gx, gw, gb, None
 
 
@@ -142,6 +180,22 @@ def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex,
     if x.shape[3] < LANES and not tracked:
         return _row_forward(x, weight, index, bias)
     return _SparseConv.apply(x, weight, bias, index)
+
+
+def relu_sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex,
+                       bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sparse_conv2d(relu(x)), relu(x))`` in one pass over ``x`` and one saved tensor: the ReLU
+    writes the convolution's zero-padded input directly (``relu(x)`` is returned as a view of it, for
+    a shortcut), so the activation is neither copied nor kept twice. Same arguments and gradients
+    as :func:`sparse_conv2d` after :func:`torch.relu`."""
+    if index.linear:
+        raise SparseCLError("sparse kernels: this index was built for a linear weight; use sparse_linear")
+    _check(x, weight, index, 4, index.C)
+    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if x.shape[3] < LANES and not tracked:
+        a = torch.relu(x)
+        return _row_forward(a, weight, index, bias), a
+    return _ReluSparseConv.apply(x, weight, bias, index)
 
 
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex,
