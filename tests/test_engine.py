@@ -282,11 +282,12 @@ def test_disk_full_during_a_checkpoint_write_names_the_file(tmp_path, monkeypatc
 
 
 def test_thread_count_is_recorded_in_config_and_result(tmp_path):
-    from sparsecl.config import config_from_file
+    from sparsecl.config import config_from_text
 
     result, run_dir = run(cfg(epochs=1), tmp_path / "r")
     assert result["threads"] == torch.get_num_threads()
-    assert config_from_file(run_dir / "config.yaml").threads == torch.get_num_threads()  # a resume re-applies it
+    path = run_dir / "config.yaml"
+    assert config_from_text(path.read_text(), path).threads == torch.get_num_threads()  # a resume re-applies it
 
 
 def test_progress_lines_when_not_a_terminal(capsys, monkeypatch):

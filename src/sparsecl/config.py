@@ -228,10 +228,6 @@ def first_difference(old: Any, new: Any, where: str = "") -> str | None:
     return None if old == new else f"{where.rstrip('.')}: {old!r} -> {new!r}"
 
 
-def config_from_file(path: Path) -> RunConfig:
-    return merge_config(load_yaml(path))
-
-
 def config_from_text(text: str, path: Path) -> RunConfig:
-    """:func:`config_from_file` of YAML already read from ``path``."""
+    """The run configuration of YAML text already read from ``path``."""
     return merge_config(parse_yaml(text, path))

@@ -5,7 +5,7 @@ same name twice is an error so that typos in plugins do not silently shadow buil
 """
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Generic, Iterator, TypeVar
 
 from sparsecl import SparseCLError
 
@@ -18,13 +18,6 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
-
-    def register(self, name: str) -> Callable[[T], T]:
-        def deco(obj: T) -> T:
-            self.add(name, obj)
-            return obj
-
-        return deco
 
     def add(self, name: str, obj: T) -> None:
         if name in self._items:

@@ -271,9 +271,6 @@ def render_table(results: list[dict[str, Any]], fmt: str = "md", aggregate: bool
     return _lines(headers, cells, fmt)
 
 
-TABLES = ("runs", "dst")
-
-
 def _dst_key(cfg: dict[str, Any]) -> tuple[str, str, str, str]:
     """(benchmark, init, growth, BN) of a continual-DST run; unfired's run-wide scope is named."""
     mo = cfg["method_options"]

@@ -204,7 +204,7 @@ class EsaCLMixin:
         self.radius = ({n: ksparse_radius(self._layers[n], self.k[n], o.tau, o.radius_mode) for n in self.layer_names}
                        if o.polytope else {})
         self.masks: MaskSet | None = None  # the last prune's masks, in force until the next task expands
-        self.owner = TaskOwnership(model, self.layer_names) if o.isolate else None
+        self.ownership = TaskOwnership(model, self.layer_names) if o.isolate else None
         self.base_optimizer: torch.optim.Optimizer | None = None
         self._guard: FrozenGuard | None = None
         self.records: list[dict[str, Any]] = []  # one per task: accuracy around the prune, densities
@@ -232,8 +232,8 @@ class EsaCLMixin:
         if self._guard is not None:
             self._guard.unhook()
             self._guard = None
-        if self.owner is not None and self.owner.n_tasks > 0:
-            frozen = {n: self.owner.owned(n) for n in self.layer_names}
+        if self.ownership is not None and self.ownership.n_tasks > 0:
+            frozen = {n: self.ownership.owned(n) for n in self.layer_names}
             self._guard = FrozenGuard(self.model, frozen)
             self._guard.hook_optimizer(base)
             if o.polytope:
@@ -335,14 +335,14 @@ class EsaCLMixin:
         keep: dict[str, torch.Tensor] = {}
         for n in self.layer_names:
             score = params[n].detach().abs()
-            if self.owner is None:
+            if self.ownership is None:
                 keep[n] = topk_mask(score, self.keep_counts[n])
                 continue
-            frozen = self.owner.owned(n)
+            frozen = self.ownership.owned(n)
             n_free = int((~frozen).sum())
             k = density_counts({n: 1.0 - self.opt.sparsity}, {n: n_free})[n]
             new = topk_mask(score.masked_fill(frozen, -1.0), k)
-            self.owner.assign_(n, new, task_index)
+            self.ownership.assign_(n, new, task_index)
             keep[n] = frozen | new
         masks = MaskSet(self.model, keep)
         masks.apply_()
@@ -415,7 +415,7 @@ class EsaCLMixin:
             "density_overall": masks.density(),
             "nonzero": {n: int(torch.count_nonzero(params[n])) for n in self.layer_names},
             "nonzero_fraction_all_parameters": nonzero / total,
-            "frozen_fraction": self.owner.used_fraction() if self.owner is not None else 0.0,
+            "frozen_fraction": self.ownership.used_fraction() if self.ownership is not None else 0.0,
         })
         super().end_task(task)  # e.g. EWC's Fisher and anchor, on the pruned model
 
@@ -454,7 +454,7 @@ class EsaCLMixin:
         state = super().state_dict()
         state["esacl"] = {
             "masks": self.masks.state_dict() if self.masks is not None else None,
-            "owner": self.owner.state_dict() if self.owner is not None else None,
+            "owner": self.ownership.state_dict() if self.ownership is not None else None,
             "records": self.records,
         }
         return state
@@ -467,7 +467,7 @@ class EsaCLMixin:
             masks.load_state_dict(s["masks"])
             self._install(masks)
         if s["owner"] is not None:
-            self.owner.load_state_dict(s["owner"])
+            self.ownership.load_state_dict(s["owner"])
         self.records = list(s["records"])
 
 

@@ -1,9 +1,5 @@
 """Honest efficiency accounting of masks: FLOP-counter densities, the sparsity and capacity reports.
 
-- :func:`push_densities` sets every masked layer's weight/gradient density in a
-  :class:`~sparsecl.sparse.flops.FlopCounter` (call it whenever masks change, or bind the counter
-  with :meth:`MaskSet.bind_flops <sparsecl.sparse.masks.MaskSet.bind_flops>` so that it happens
-  by itself); the counter then charges every step at the real density.
 - :func:`sparsity_report` is the ``result.json`` ``sparsity`` section: per conv/linear layer the
   mask density, gradient density and *measured* nonzero count, overall densities and mask bytes.
 - :func:`capacity_report` is the ``capacity`` section (EsaCL eq. 6.24).
@@ -17,14 +13,9 @@ import torch
 from torch import nn
 
 from sparsecl.metrics.efficiency import CAPACITY_GAMMA, model_capacity
-from sparsecl.sparse.flops import FlopCounter, LayerProfile
+from sparsecl.sparse.flops import LayerProfile
 from sparsecl.sparse.masks import MaskSet
 from sparsecl.sparse.ownership import TaskOwnership
-
-
-def push_densities(counter: FlopCounter, masks: MaskSet) -> None:
-    """Set the current weight and gradient density of every masked conv/linear layer in ``counter``."""
-    masks.push_flops(counter)
 
 
 def parameter_densities(model: nn.Module, masks: MaskSet | None) -> tuple[float | None, float | None]:

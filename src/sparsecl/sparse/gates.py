@@ -178,7 +178,6 @@ def layer_graph(model: nn.Module, names: list[str]) -> tuple[dict[str, str], dic
     modules = dict(model.named_modules())
     layers = [n[: -len(".weight")] for n in names]
     order = [n for n, _ in model.named_modules()]
-    group = {n: n for n in layers}
     source: dict[str, str | None] = {}
     unit: dict[str, str] = {}
     for n in layers:  # unit = next BatchNorm before the next conv/linear, with matching width

@@ -309,8 +309,7 @@ class MaskSet:
         momentum growth); call it before the step's forward, and again without it afterwards. With
         the bound counter it also tells real sparse kernels to compute that dense gradient
         (:meth:`weight_grad_positions`), so what is charged is what is computed.
-        Parameters that are not a profiled conv/linear weight are skipped. See also
-        :func:`sparsecl.sparse.accounting.push_densities`.
+        Parameters that are not a profiled conv/linear weight are skipped.
         """
         if counter is None or counter is self._flops:
             self._dense_grad = dense_grad

@@ -71,10 +71,6 @@ class TaskOwnership:
         for n, m in masks.items():
             self.assign_(n, m, task)
 
-    def release_(self, name: str, mask: torch.Tensor) -> None:
-        """Make the weights of ``mask`` free again (e.g. CL-LSG's released weights)."""
-        self.owner[name].masked_fill_(mask.to(self.owner[name].device, torch.bool), FREE)
-
     def usage(self) -> dict[str, float]:
         """Fraction of each parameter owned by some task (one host sync per parameter)."""
         return {n: float((o != FREE).float().mean()) for n, o in self.owner.items()}
@@ -88,10 +84,6 @@ class TaskOwnership:
     def task_mask_bytes(self) -> int:
         """Bytes to store one packed bitmask per task and parameter (what per-task masks cost)."""
         return self.n_tasks * sum(bitmask_bytes(o.numel()) for o in self.owner.values())
-
-    def nbytes(self) -> int:
-        """Bytes of the ownership tensors as held in memory (int16 per weight)."""
-        return sum(o.numel() * o.element_size() for o in self.owner.values())
 
     def state_dict(self) -> dict[str, Any]:
         return {"owner": dict(self.owner), "n_tasks": self.n_tasks}
@@ -158,9 +150,3 @@ class FrozenGuard:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-
-    def frozen_fraction(self) -> float:
-        """Fraction of the guarded parameters' weights that are frozen (one sync)."""
-        total = sum(m.numel() for m in self.frozen.values())
-        return sum(int(m.sum()) for m in self.frozen.values()) / total if total else 0.0
-

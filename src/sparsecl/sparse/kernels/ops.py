@@ -131,7 +131,7 @@ class _ReluSparseConv(torch.autograd.Function):
                 index: SparseConvIndex) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.set_materialize_grads(False)
         y, xp = _conv_forward(ctx, x, weight, bias, index, relu=True)
-        (ph, pw), (C, H, W, N) = index.padding, x.shape
+        (ph, pw), (_, H, W, N) = index.padding, x.shape
         return y, xp[:, ph:ph + H, pw:pw + W, :N]
 
     @staticmethod
