@@ -131,7 +131,7 @@ def test_unsupported_method_is_a_clear_error():
     with pytest.raises(SparseCLError, match="^method lwf does not support distributed training"):
         check_distributed(merge_config({"method": "lwf", "batch_size": 16}), 2)
     # Support is declared per class: subclasses that change the step do not inherit it.
-    assert METHODS.get("der++").distributed_support() and not METHODS.get("esacl-der++").distributed_support()
+    assert METHODS.get("der++").supports_distributed and not METHODS.get("esacl-der++").supports_distributed
     if not torch.cuda.is_available():
         with pytest.raises(SparseCLError, match="--sync-bn needs CUDA"):
             check_distributed(merge_config({"method": "sgd", "sync_bn": True}), 2)

@@ -313,3 +313,17 @@ def test_progress_lines_when_not_a_terminal(capsys, monkeypatch):
     assert lines[9].startswith("task 1/2 epoch 1/1: loss 0.5000, ") and "samples/s, ETA " in lines[9]
     assert lines[-1].startswith("task 2/2 epoch 1/1: loss 0.5000, ") and "ETA" not in lines[-1]
     assert progress_mod.RunProgress(2, False).mode == "off"
+
+
+def test_capabilities_are_class_keywords_and_distributed_ones_are_not_inherited():
+    class Capable(ContinualMethod, graph_capturable=True, distributed=True):
+        pass
+
+    class ChangedStep(Capable):
+        pass
+
+    assert Capable.supports_distributed and Capable.supports_compile
+    assert ChangedStep.graph_capturable and not ChangedStep.supports_distributed and not ChangedStep.supports_compile
+    with pytest.raises(TypeError, match="declare supports_distributed as class keywords"):
+        class Probed(ContinualMethod):
+            supports_distributed = True

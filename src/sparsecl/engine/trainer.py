@@ -217,7 +217,7 @@ def compile_net(model: nn.Module, cfg: RunConfig) -> nn.Module:
     it; fixed shapes, so a new batch size compiles a new graph."""
     if cfg.cuda_graph:
         raise SparseCLError("--compile and --cuda-graph cannot be combined (pick one way to capture the step)")
-    if not METHODS.get(cfg.method).compile_support():
+    if not METHODS.get(cfg.method).supports_compile:
         raise SparseCLError(f"method {cfg.method!r} does not support --compile (its training forwards do not all "
                             "go through method.net)")
     backend, _, mode = cfg.compile.partition(":")
@@ -232,7 +232,7 @@ def check_distributed(cfg: RunConfig, world_size: int) -> None:
     """One clear error for a configuration that cannot train on ``world_size`` torchrun processes
     (needs no process group, so a launch fails before its ranks meet)."""
     n = world_size
-    if not METHODS.get(cfg.method).distributed_support():
+    if not METHODS.get(cfg.method).supports_distributed:
         raise SparseCLError(f"method {cfg.method} does not support distributed training (see docs/distributed.md)")
     if cfg.batch_size % n:
         raise SparseCLError(f"batch size {cfg.batch_size} is not divisible by the world size {n} "

@@ -56,13 +56,12 @@ def project(g: torch.Tensor, g_ref: torch.Tensor) -> torch.Tensor:
 
 
 @register_method
-class AGEM(ReplayMethod):
+class AGEM(ReplayMethod, graph_capturable=False):
     """Gradient projection so that the loss on the episodic memory does not increase (to first order)."""
 
     name = "a-gem"
     description = "A-GEM (Chaudhry et al. 2019): project the gradient when it conflicts with a memory gradient"
     options_cls = AGEMOptions
-    graph_capturable = False
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)

@@ -118,6 +118,9 @@ class MethodContext:
     dist: RankView | None = None
 
 
+CAPABILITIES = ("graph_capturable", "supports_sparse_kernels", "supports_distributed", "supports_compile")
+
+
 class ContinualMethod:
     """Base class: fine-tuning with cross-entropy on the current batch.
 
@@ -128,21 +131,23 @@ class ContinualMethod:
     description: ClassVar[str] = ""
     options_cls: ClassVar[type[MethodOptions]] = MethodOptions
     settings: ClassVar[frozenset[str]] = frozenset({CLASS_IL, TASK_IL})
-    # True when observe() is CUDA-graph safe once graph_ready(): fixed shapes, no host syncs,
-    # no Python state that changes from step to step except what after_graph_replay() updates.
+    # Capabilities the engine reads, declared as class keywords, e.g.
+    # ``class DERpp(ReplayMethod, distributed=True)`` (:meth:`__init_subclass__`):
+    # - graph_capturable: observe() is CUDA-graph safe once graph_ready(): fixed shapes, no host
+    #   syncs, no Python state that changes from step to step except what after_graph_replay() updates.
+    # - sparse_kernels: :attr:`execution_masks` is always the whole sparsity of the network as it runs
+    #   (weights outside it are zero, gradients outside :meth:`MaskSet.weight_grad_positions` are never
+    #   used), so ``--sparse-kernels`` can run the masked layers on real sparse kernels.
+    # - distributed: the method runs under torchrun (docs/distributed.md): its training forwards go
+    #   through :attr:`net`, its buffer draws through ``ctx.dist``.
+    # - compile: every training forward goes through :attr:`net`, so ``--compile`` (which makes ``net``
+    #   a compiled module) covers the step; distributed methods qualify too (the same requirement).
+    # The first two are inherited (mixins may set them as attributes); distributed and compile are
+    # not: a subclass that changes the step must declare them again.
     graph_capturable: ClassVar[bool] = False
-    # True when the method runs under torchrun (see docs/distributed.md): its training forwards go
-    # through :attr:`net`, its buffer draws through ``ctx.dist``. Read from the class's own body
-    # only (see :meth:`distributed_support`): a subclass that changes the step must opt in again.
-    supports_distributed: ClassVar[bool] = False
-    # True when every training forward goes through :attr:`net`, so ``--compile`` (which makes
-    # ``net`` a compiled module) covers the step. Read from the class's own body; methods that
-    # support distributed training qualify too (the same requirement).
-    supports_compile: ClassVar[bool] = False
-    # True when :attr:`execution_masks` is always the whole sparsity of the network as it runs
-    # (weights outside it are zero, gradients outside :meth:`MaskSet.weight_grad_positions` are never
-    # used), so that ``--sparse-kernels`` can run the masked layers on real sparse kernels.
     supports_sparse_kernels: ClassVar[bool] = False
+    supports_distributed: ClassVar[bool] = False
+    supports_compile: ClassVar[bool] = False
     # Sparse methods set these (sparsecl.sparse); the engine reports per-layer densities, mask
     # bytes, the memory footprint's mask term and capacity from them. None = dense / no isolation.
     masks: MaskSet | None = None
@@ -164,15 +169,19 @@ class ContinualMethod:
         tasks = torch.arange(ctx.stream.n_tasks, device=ctx.device)
         self._task_class_mask = self.class_task.unsqueeze(0) == tasks.unsqueeze(1)
 
-    @classmethod
-    def distributed_support(cls) -> bool:
-        """Whether this very class declared ``supports_distributed = True`` (not inherited)."""
-        return bool(vars(cls).get("supports_distributed", False))
-
-    @classmethod
-    def compile_support(cls) -> bool:
-        """Whether ``--compile`` covers this class's training step (see ``supports_compile``)."""
-        return bool(vars(cls).get("supports_compile", False)) or cls.distributed_support()
+    def __init_subclass__(cls, *, graph_capturable: bool | None = None, sparse_kernels: bool | None = None,
+                          distributed: bool = False, compile: bool = False, **kwargs: Any) -> None:
+        """Record the class keywords' capabilities (see the comment on the class attributes)."""
+        super().__init_subclass__(**kwargs)
+        in_body = [n for n in CAPABILITIES if n in vars(cls)]
+        if in_body:
+            raise TypeError(f"{cls.__name__}: declare {', '.join(in_body)} as class keywords, not attributes")
+        if graph_capturable is not None:
+            cls.graph_capturable = graph_capturable
+        if sparse_kernels is not None:
+            cls.supports_sparse_kernels = sparse_kernels
+        cls.supports_distributed = distributed
+        cls.supports_compile = compile or distributed
 
     @property
     def execution_masks(self) -> MaskSet | None:

@@ -176,14 +176,13 @@ class ContinualDSTOptions(MethodOptions):
 
 
 @register_method
-class ContinualDST(TaskSubnetworks, ContinualMethod):
+class ContinualDST(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
     """Per-task sparse subnetworks over all weights, reusing frozen ones, found by drop-and-grow (Task-IL)."""
 
     name = "continual-dst"
     description = "Continual DST: per-task sparse subnetworks (reusing frozen weights) by drop-and-grow (Task-IL)"
     options_cls = ContinualDSTOptions
     settings = frozenset({TASK_IL})
-    supports_sparse_kernels = True
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)

@@ -22,7 +22,7 @@ class DERppOptions(ReplayOptions):
 
 
 @register_method
-class DERpp(ReplayMethod):
+class DERpp(ReplayMethod, distributed=True):
     """Loss = CE(current) + alpha * MSE(logits of buffer x, stored logits) + beta * CE(buffer x', y').
 
     The buffer stores each example's non-augmented input, label and the logits the network gave it
@@ -32,7 +32,6 @@ class DERpp(ReplayMethod):
     name = "der++"
     description = "DER++: replay with stored-logit matching (alpha) and labels (beta)"
     options_cls = DERppOptions
-    supports_distributed = True
 
     def observe(self, batch: Batch) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -76,10 +75,9 @@ class DEROptions(DERppOptions):
 
 
 @register_method
-class DER(DERpp):
+class DER(DERpp, distributed=True):
     """DER: DER++ without the label term (beta = 0)."""
 
     name = "der"
     description = "DER: replay with stored-logit matching only (DER++ with beta = 0)"
     options_cls = DEROptions
-    supports_distributed = True

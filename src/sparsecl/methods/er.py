@@ -25,11 +25,10 @@ class ReplayOptions(MethodOptions):
             raise SparseCLError(f"minibatch_size must be > 0, got {self.minibatch_size}")
 
 
-class ReplayMethod(ContinualMethod):
+class ReplayMethod(ContinualMethod, graph_capturable=True):
     """Base for rehearsal methods: owns the buffer and its checkpointing."""
 
     options_cls = ReplayOptions
-    graph_capturable = True
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
@@ -78,12 +77,11 @@ class ReplayMethod(ContinualMethod):
 
 
 @register_method
-class ER(ReplayMethod):
+class ER(ReplayMethod, distributed=True):
     """Each step trains on the current batch concatenated with a buffer minibatch (Mammoth's ER)."""
 
     name = "er"
     description = "experience replay: current batch + reservoir-buffer minibatch, one forward"
-    supports_distributed = True
 
     def observe(self, batch: Batch) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)

@@ -473,13 +473,13 @@ class EsaCLMixin:
 
 # ---------------------------------------------------------------------- registered variants
 @register_method
-class EsaCL(EsaCLMixin, ContinualMethod):
+class EsaCL(EsaCLMixin, ContinualMethod, compile=True):
     """EsaCL on plain fine-tuning (no replay, no regulariser)."""
 
     name = "esacl"
     description = "EsaCL: SAM + Frank-Wolfe in K-sparse polytopes, one-shot prune per task, loss-based data selection"
     options_cls = EsaCLOptions
-    supports_compile = True  # SAM's two passes go through self.net (the selection pass is forward-only)
+    # compile: SAM's two passes go through self.net (the selection pass is forward-only)
 
 
 @dataclass
@@ -488,13 +488,12 @@ class EsaCLEROptions(EsaCLOptions, ReplayOptions):
 
 
 @register_method
-class EsaCLER(EsaCLMixin, ER):
+class EsaCLER(EsaCLMixin, ER, compile=True):
     """EsaCL with experience replay (ER's loss on the selected examples + a buffer minibatch)."""
 
     name = "esacl-er"
     description = "EsaCL-ER: EsaCL with experience replay"
     options_cls = EsaCLEROptions
-    supports_compile = True
 
 
 @dataclass
@@ -503,13 +502,12 @@ class EsaCLDERppOptions(EsaCLOptions, DERppOptions):
 
 
 @register_method
-class EsaCLDERpp(EsaCLMixin, DERpp):
+class EsaCLDERpp(EsaCLMixin, DERpp, compile=True):
     """EsaCL with DER++ (DER++'s loss on the selected examples + two buffer minibatches)."""
 
     name = "esacl-der++"
     description = "EsaCL-DER++: EsaCL with DER++ replay"
     options_cls = EsaCLDERppOptions
-    supports_compile = True
 
 
 @dataclass

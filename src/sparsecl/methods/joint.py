@@ -16,7 +16,7 @@ class JointOptions(MethodOptions):
 
 
 @register_method
-class Joint(ContinualMethod):
+class Joint(ContinualMethod, graph_capturable=True, distributed=True):
     """At task t, trains on the concatenated training data of tasks 0..t.
 
     With ``reset`` (default) each row of the accuracy matrix is a model trained from scratch on all
@@ -28,8 +28,6 @@ class Joint(ContinualMethod):
     name = "joint"
     description = "joint: trains on the union of all tasks seen so far (upper bound)"
     options_cls = JointOptions
-    graph_capturable = True
-    supports_distributed = True
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)

@@ -47,14 +47,13 @@ class PackNetOptions(MethodOptions):
 
 
 @register_method
-class PackNet(TaskSubnetworks, ContinualMethod):
+class PackNet(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
     """Prune-and-freeze parameter isolation with per-task heads (Task-IL only)."""
 
     name = "packnet"
     description = "PackNet: per-task magnitude pruning of free weights, retrain, freeze (Task-IL)"
     options_cls = PackNetOptions
     settings = frozenset({TASK_IL})
-    supports_sparse_kernels = True
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)

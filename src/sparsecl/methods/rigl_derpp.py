@@ -61,13 +61,13 @@ class RigLDERppOptions(SparseDERppOptions):
 
 
 @register_method
-class RigLDERpp(SparseDERpp):
+class RigLDERpp(SparseDERpp, distributed=True):
     """DER++ with RigL drop (magnitude) / grow (dense gradient) updates on a cosine schedule."""
 
     name = "rigl-der++"
     description = "RigL-DER++: DER++ with RigL dynamic sparsity (drop |w|, grow |grad|, cosine schedule)"
     options_cls = RigLDERppOptions
-    supports_distributed = True  # updates use the rank-averaged gradient; masks broadcast after each
+    # distributed: updates use the rank-averaged gradient; masks broadcast after each
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)

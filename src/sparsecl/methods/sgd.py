@@ -5,10 +5,8 @@ from sparsecl.methods.base import ContinualMethod, register_method
 
 
 @register_method
-class FineTune(ContinualMethod):
+class FineTune(ContinualMethod, graph_capturable=True, distributed=True):
     """Cross-entropy on the current task only; forgets catastrophically in Class-IL."""
 
     name = "sgd"
     description = "fine-tune: plain SGD on each task in turn (lower bound)"
-    graph_capturable = True
-    supports_distributed = True

@@ -42,7 +42,7 @@ class SNIPDERppOptions(SparseDERppOptions):
 
 
 @register_method
-class SNIPDERpp(SparseDERpp):
+class SNIPDERpp(SparseDERpp, graph_capturable=True, distributed=True):
     """DER++ with a static SNIP mask computed on the first task at initialisation."""
 
     name = "snip-der++"
@@ -50,8 +50,7 @@ class SNIPDERpp(SparseDERpp):
     options_cls = SNIPDERppOptions
     # The mask is fixed after begin_task and applied by optimiser hooks (device kernels only), so
     # DER++'s step stays CUDA-graph capturable; FLOPs are counted at the fixed density on replay.
-    graph_capturable = True
-    supports_distributed = True  # the SNIP pass runs whole on every rank; masks broadcast
+    # distributed: the SNIP pass runs whole on every rank; masks broadcast
 
     def snip_scores(self, task: Task) -> dict[str, torch.Tensor]:
         """``|g * w|`` per maskable weight from ``snip_batches`` batches of ``task``'s training data."""

@@ -420,13 +420,13 @@ class SparCLEROptions(ReplayOptions, MaskOptions, SparCLFields):
 
 
 @register_method
-class SparCLER(SparCL, ER):
+class SparCLER(SparCL, ER, compile=True):
     """SparCL (TDM + DDR + DGM) on experience replay."""
 
     name = "sparcl-er"
     description = "SparCL-ER: ER with task-aware dynamic masking, dynamic data removal, gradient masking"
     options_cls = SparCLEROptions
-    supports_compile = True  # the importance passes and the replay step go through self.net
+    # compile: the importance passes and the replay step go through self.net
 
 
 @dataclass
@@ -440,10 +440,9 @@ class SparCLDERppOptions(DERppOptions, MaskOptions, SparCLFields):
 
 
 @register_method
-class SparCLDERpp(SparCL, DERpp):
+class SparCLDERpp(SparCL, DERpp, compile=True):
     """SparCL (TDM + DDR + DGM) on DER++."""
 
     name = "sparcl-der++"
     description = "SparCL-DER++: DER++ with task-aware dynamic masking, dynamic data removal, gradient masking"
     options_cls = SparCLDERppOptions
-    supports_compile = True

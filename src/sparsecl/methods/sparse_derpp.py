@@ -27,8 +27,7 @@ class SparseDERppOptions(DERppOptions, MaskOptions):
         self.validate_masks(self.allocations)
 
 
-class SparseDERpp(MaskedTraining, DERpp):
+class SparseDERpp(MaskedTraining, DERpp, graph_capturable=False):
     """DER++ on a masked network. Subclasses create :attr:`masks` (see :class:`MaskedTraining`)."""
 
     options_cls = SparseDERppOptions
-    graph_capturable = False
