@@ -510,16 +510,16 @@ class Trainer:
                 s["flops"].append(self.flops.total - flops0)
                 s["dense_flops"].append(self.flops.dense_total - dense0)
                 s["peak_memory"].append(peak_memory_bytes(self.device))
-                masks, ownership = getattr(self.method, "masks", None), getattr(self.method, "ownership", None)
+                masks, ownership = self.method.masks, self.method.ownership
                 s["sparsity"] = sparsity_report(self.model, self.layers, masks, ownership,
-                                                policy=getattr(self.method, "mask_policy", None))
+                                                policy=self.method.mask_policy)
                 s["capacity"] = capacity_report(s["sparsity"], masks, ownership, stored=self.method.stored_masks())
                 wd, gd = self.method.training_densities()  # EsaCL: dense while training, pruned after
                 s["footprint"] = memory_footprint(
                     self.layers, self.model, max(s["max_step_samples"], 1),
                     weight_density=wd, grad_density=gd,
                     mask_bytes=s["sparsity"]["mask_bytes"] + s["sparsity"]["task_mask_bytes"],
-                    buffer_bytes=self._buffer_bytes(),
+                    buffer_bytes=self.method.memory_bytes(),
                 )
                 s["method"] = self.method.report()
                 s["completed"] = t + 1
@@ -564,10 +564,6 @@ class Trainer:
                 "note": "2 FLOPs per MAC of conv/linear layers; spec: backward = 2x forward for every trained sample; "
                         "sparcl-paper: replayed samples one forward, gradient masks scale the whole backward, task-end "
                         "passes not charged; selection (importance backward passes) apart; BN and activations omitted"}
-
-    def _buffer_bytes(self) -> int:
-        buffer = getattr(self.method, "buffer", None)
-        return buffer.nbytes() if buffer is not None else 0
 
     # ---------------------------------------------------------- checkpoint
     def _save_checkpoint(self, task_index: int) -> None:

@@ -304,6 +304,10 @@ class ContinualMethod:
 
         return parameter_densities(self.model, self.masks)
 
+    def memory_bytes(self) -> int:
+        """Bytes of the examples the method stores (a replay buffer, exemplars), for the footprint."""
+        return 0
+
     def stored_masks(self) -> tuple[int, int] | None:
         """``(number, bytes)`` of the masks the method keeps, for capacity (EsaCL eq. 6.24), when
         its :attr:`masks` are not what it stores; ``None`` (default): counted from the masks."""

@@ -35,6 +35,9 @@ class ReplayMethod(ContinualMethod, graph_capturable=True):
         self.buffer = ReservoirBuffer(options.buffer_size, ctx.device)
         self.minibatch = options.minibatch_size or ctx.batch_size
 
+    def memory_bytes(self) -> int:
+        return self.buffer.nbytes()
+
     def draw_sizes(self) -> list[int]:
         n = min(self.minibatch, len(self.buffer))
         return [n] if n else []

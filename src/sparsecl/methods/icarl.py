@@ -132,13 +132,16 @@ class ICaRL(ContinualMethod):
             raise SparseCLError(
                 f"icarl needs at least one exemplar per class: buffer_size {options.buffer_size} < {n_classes} classes"
             )
-        self.buffer = ExemplarMemory(options.buffer_size, self.device)  # `buffer`: the footprint report finds it
+        self.buffer = ExemplarMemory(options.buffer_size, self.device)
         self.teacher = FrozenCopy(model)
         self.class_means = torch.zeros(n_classes, model.feature_dim, device=self.device)
         self.seen = torch.zeros(n_classes, dtype=torch.bool, device=self.device)
         self.has_means = False
 
     # -------------------------------------------------------------- training
+    def memory_bytes(self) -> int:
+        return self.buffer.nbytes()
+
     def train_split(self, task: Task) -> Split:
         if len(self.buffer) == 0:
             return task.train
