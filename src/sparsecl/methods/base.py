@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Iterable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -340,6 +340,24 @@ class TaskSubnetworks:
     _view: int | None
     _view_masks: tuple[int | None, MaskSet] | None = None  # (view, its nonzero weights) for sparse kernels
     shared_names: list[str]  # parameters/buffers every task trains (biases, BN...), per-task copies
+
+    head_params: dict[int, list[str]]  # parameter names of each task's head
+
+    def split_task_heads(self, model: nn.Module, isolated: Iterable[str] = ()) -> None:
+        """Set :attr:`head_params` and :attr:`shared_names` (every parameter neither ``isolated`` nor
+        a head's, and every buffer); one clear error without per-task heads (Class-IL)."""
+        heads = getattr(model.head, "heads", None)  # MultiHead's; a shared head has none
+        if heads is None:
+            raise SparseCLError(f"{self.name} needs per-task heads (run it with --setting task-il)")
+        self.head_params = {t: [f"head.heads.{t}.{n}" for n, _ in h.named_parameters()] for t, h in enumerate(heads)}
+        apart = set(isolated) | {n for names in self.head_params.values() for n in names}
+        self.shared_names = [n for n, _ in model.named_parameters() if n not in apart]
+        self.shared_names += [n for n, _ in model.named_buffers()]
+
+    def frozen_heads(self, task: int) -> dict[str, torch.Tensor]:
+        """All-True frozen masks of the heads of the tasks before ``task`` (finished, never trained again)."""
+        params = dict(self.model.named_parameters())
+        return {n: torch.ones_like(params[n], dtype=torch.bool) for t in range(task) for n in self.head_params[t]}
 
     def _view_tensors(self) -> dict[str, torch.Tensor]:
         """The live tensors a task view overwrites (saved when evaluation starts, restored after)."""

@@ -174,9 +174,6 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
-        heads = getattr(model.head, "heads", None)
-        if heads is None:
-            raise SparseCLError(f"{self.name} needs per-task heads (run it with --setting task-il)")
         o = self.opt
         if ctx.epochs < 2 and o.growth == "target":
             raise SparseCLError(f"{self.name} needs >= 2 epochs per task for its two stages (or growth: always)")
@@ -200,10 +197,7 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
             on = self.gates.channel_gate(g).on
             on[: max(1, math.ceil(on.numel() * o.seed_fraction))] = True
         params = dict(model.named_parameters())
-        self.head_params = {t: [f"head.heads.{t}.{n}" for n, _ in h.named_parameters()] for t, h in enumerate(heads)}
-        head_names = {n for ns in self.head_params.values() for n in ns}
-        self.shared_names = [n for n in params if n not in set(names) and n not in head_names]
-        self.shared_names += [n for n, _ in model.named_buffers()]
+        self.split_task_heads(model, names)
         self.total_weights = sum(params[n].numel() for n in names)
         self.kernel_numel = {n: params[n][0, 0].numel() for n in names}
         # Per finished task: in-use kernels, open channels, shared-tensor snapshot, bookkeeping.
@@ -281,12 +275,7 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
     def begin_task(self, task: Task) -> None:
         t = task.index
         super().begin_task(task)  # SGD on the weights, re-created per task
-        frozen = self.ownership.frozen_masks(t)
-        params = dict(self.model.named_parameters())
-        for j in range(t):
-            for n in self.head_params[j]:
-                frozen[n] = torch.ones_like(params[n], dtype=torch.bool)
-        self._guard = FrozenGuard(self.model, frozen)
+        self._guard = FrozenGuard(self.model, {**self.ownership.frozen_masks(t), **self.frozen_heads(t)})
         self._guard.hook_optimizer(self.optimizer)
         # the target is only needed (and scratch models only trained) when growth depends on it
         self._target_acc = self._target(task) if self.opt.growth == "target" else float("nan")

@@ -186,9 +186,6 @@ class ContinualDST(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
-        heads = getattr(model.head, "heads", None)
-        if heads is None:
-            raise SparseCLError("continual-dst needs per-task heads (run it with --setting task-il)")
         self.growth = parse_growth_schedule(options.grow, ctx.stream.n_tasks)
         self.mask_policy = "conv-linear+first+shortcuts"
         names = MaskPolicy("conv-linear", include_first=True, include_shortcuts=True).select(model)
@@ -196,11 +193,7 @@ class ContinualDST(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
         self.ownership = TaskOwnership(model, names)
         params = dict(model.named_parameters())
         self.counts = allocate(options.init, {n: tuple(params[n].shape) for n in names}, 1.0 - options.sparsity)
-        self.head_params = {t: [f"head.heads.{t}.{n}" for n, _ in h.named_parameters()] for t, h in enumerate(heads)}
-        head_names = {n for names_t in self.head_params.values() for n in names_t}
-        isolated = set(names)
-        self.shared_names = [n for n in params if n not in isolated and n not in head_names]
-        self.shared_names += [n for n, _ in model.named_buffers()]
+        self.split_task_heads(model, names)
         # The backbone's initial values: a free weight entering a task's mask starts from them.
         self.init_values = {n: params[n].detach().clone() for n in names}
         # Values of the frozen weights (0 where free); the live parameter holds only M_t's.
@@ -270,10 +263,7 @@ class ContinualDST(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
         if self.ctx.flops is not None:
             self.masks.bind_flops(self.ctx.flops)
         self._set_grad_masks()
-        params = dict(self.model.named_parameters())
-        frozen = {n: self._reused(n) for n in self.names}
-        for t in range(task.index):
-            frozen.update({n: torch.ones_like(params[n], dtype=torch.bool) for n in self.head_params[t]})
+        frozen = {**{n: self._reused(n) for n in self.names}, **self.frozen_heads(task.index)}
         self._guard = FrozenGuard(self.model, frozen, values=self.backbone)
         self._guard.hook_optimizer(self.optimizer)
         self.masks.hook_optimizer(self.optimizer)

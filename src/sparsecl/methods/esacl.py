@@ -434,8 +434,6 @@ class EsaCLMixin:
     def report(self) -> dict[str, Any]:
         out = super().report()
         o = self.opt
-        last = self.records[-1] if self.records else None
-        n_masks = 1 if o.isolate else 0  # expand: the zeros are the mask; isolate stores the frozen mask
         out["esacl"] = {
             "variant": {"sam": o.sam, "polytope": o.polytope, "sse": o.sse, "ere": o.ere, "isolate": o.isolate},
             "sparsity": o.sparsity,

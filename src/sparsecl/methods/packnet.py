@@ -61,16 +61,9 @@ class PackNet(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
         names = MaskPolicy("conv-linear", include_first=True, include_shortcuts=True).select(model)
         self.ownership = TaskOwnership(model, names)
         self.isolated = set(names)
-        params = dict(model.named_parameters())
-        heads = getattr(model.head, "heads", None)
-        if heads is None:
-            raise SparseCLError("packnet needs per-task heads (run it with --setting task-il)")
-        # Head parameters of each task, frozen whole once the task is done.
-        self.head_params = {t: [f"head.heads.{t}.{n}" for n, _ in h.named_parameters()] for t, h in enumerate(heads)}
-        head_names = {n for names_t in self.head_params.values() for n in names_t}
-        # Small shared tensors (BN affine + running stats, biases) snapshotted per task.
-        self.shared_names = [n for n in params if n not in self.isolated and n not in head_names]
-        self.shared_names += [n for n, _ in model.named_buffers()]
+        # Heads frozen whole once their task is done; the small shared tensors (BN affine and
+        # running statistics, biases) snapshotted per task.
+        self.split_task_heads(model, self.isolated)
         self.snapshots: list[dict[str, torch.Tensor]] = []
         self._guard: FrozenGuard | None = None
         self._saved: dict[str, torch.Tensor] | None = None  # training weights during evaluation
@@ -79,12 +72,7 @@ class PackNet(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
 
     # ------------------------------------------------------------------ training
     def _frozen(self, task: int) -> dict[str, torch.Tensor]:
-        frozen = self.ownership.frozen_masks(task)
-        params = dict(self.model.named_parameters())
-        for t in range(task):
-            for n in self.head_params[t]:
-                frozen[n] = torch.ones_like(params[n], dtype=torch.bool)
-        return frozen
+        return {**self.ownership.frozen_masks(task), **self.frozen_heads(task)}
 
     def begin_task(self, task: Task) -> None:
         super().begin_task(task)

@@ -110,8 +110,7 @@ class Scratch(TaskValidation, TaskSubnetworks, ContinualMethod):
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
-        if getattr(model.head, "heads", None) is None:
-            raise SparseCLError("scratch needs per-task heads (run it with --setting task-il)")
+        self.split_task_heads(model)
         self.backbone_names = [f"backbone.{n}" for n in model.backbone.state_dict()]
         self.init_state = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
         self.models: list[dict[str, torch.Tensor]] = []  # backbone state of each finished task
