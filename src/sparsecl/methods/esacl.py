@@ -319,13 +319,7 @@ class EsaCLMixin:
             fresh = copy.deepcopy(self._layers[n])
             fresh.reset_parameters()
             params[n].copy_(torch.where(pruned, fresh.weight.detach() * self.opt.expand_scale, params[n]))
-        self.masks.bind_flops(None)
-        flops = self.ctx.flops
-        if flops is not None:
-            known = {p.weight for p in flops.layers}
-            for n in self.layer_names:
-                if n in known:
-                    flops.set_density(n, 1.0)
+        self.masks.unbind_flops()
         self.masks = None
 
     @torch.no_grad()

@@ -301,6 +301,17 @@ class MaskSet:
         self._flops = counter
         self.push_flops()
 
+    def unbind_flops(self) -> None:
+        """Unbind the FLOP counter, leaving the masked layers dense in it (the masks are lifted)."""
+        counter, self._flops = self._flops, None
+        for n in self._counted(counter):
+            counter.set_density(n, 1.0)
+
+    def _counted(self, counter: FlopCounter | None) -> list[str]:
+        """The masked parameters that are profiled conv/linear weights of ``counter``."""
+        known = set() if counter is None else {p.weight for p in counter.layers}
+        return [n for n in self.names if n in known]
+
     def push_flops(self, counter: FlopCounter | None = None, *, dense_grad: bool = False) -> None:
         """Set the current weight/gradient density of every masked layer in the FLOP counter.
 
@@ -314,12 +325,8 @@ class MaskSet:
         if counter is None or counter is self._flops:
             self._dense_grad = dense_grad
         counter = counter or self._flops
-        if counter is None:
-            return
-        known = {p.weight for p in counter.layers}
-        for n in self.names:
-            if n in known:
-                counter.set_density(n, self.density(n), 1.0 if dense_grad else self.grad_density(n))
+        for n in self._counted(counter):
+            counter.set_density(n, self.density(n), 1.0 if dense_grad else self.grad_density(n))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
