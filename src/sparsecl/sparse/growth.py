@@ -24,13 +24,52 @@ not synchronise with the host.
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 
 from sparsecl import SparseCLError
 from sparsecl.sparse.masks import MaskSet, topk_mask
 
-GROWTH_MODES = ("random", "unfired", "gradient", "momentum")
+class GrowthInputs(NamedTuple):
+    """What a growth score may read (the candidates are the inactive, allowed weights)."""
+
+    mask: torch.Tensor
+    candidates: torch.Tensor
+    grad: torch.Tensor | None
+    momentum: torch.Tensor | None
+    ever_active: torch.Tensor | None
+    generator: torch.Generator | None
+
+
+def _random_score(g: GrowthInputs) -> torch.Tensor:
+    return torch.rand(g.mask.shape, device=g.mask.device, generator=g.generator)
+
+
+def _unfired_score(g: GrowthInputs) -> torch.Tensor:
+    if g.ever_active is None:
+        raise SparseCLError("unfired growth needs the ever-active mask")
+    # Never-active candidates first (score + 2), then the other inactive ones (rand in [0, 1)).
+    return _random_score(g) + 2.0 * (g.candidates & ~g.ever_active)
+
+
+def _gradient_score(g: GrowthInputs) -> torch.Tensor:
+    if g.grad is None:
+        raise SparseCLError("gradient growth needs the dense gradient (none was computed)")
+    return g.grad.detach().abs().float()
+
+
+def _momentum_score(g: GrowthInputs) -> torch.Tensor:
+    if g.momentum is None:
+        raise SparseCLError("momentum growth needs the optimiser's momentum buffer")
+    return g.momentum.detach().abs().float()
+
+
+# Growth mode -> the score whose top-k candidates grow.
+GROWTH_SCORES: dict[str, Callable[[GrowthInputs], torch.Tensor]] = {
+    "random": _random_score, "unfired": _unfired_score, "gradient": _gradient_score, "momentum": _momentum_score,
+}
+GROWTH_MODES = tuple(GROWTH_SCORES)
 _STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
@@ -120,24 +159,8 @@ def grow(
         k = min(int(k), int(n_candidates))
     if k <= 0:
         return torch.zeros_like(mask), 0
-    if mode == "gradient":
-        if grad is None:
-            raise SparseCLError("gradient growth needs the dense gradient (none was computed)")
-        score = grad.detach().abs().float()
-    elif mode == "momentum":
-        if momentum is None:
-            raise SparseCLError("momentum growth needs the optimiser's momentum buffer")
-        score = momentum.detach().abs().float()
-    else:
-        score = torch.rand(mask.shape, device=mask.device, generator=generator)
-        if mode == "unfired":
-            if ever_active is None:
-                raise SparseCLError("unfired growth needs the ever-active mask")
-            # Never-active candidates first (score + 2), then the other inactive ones (rand in [0, 1)).
-            unfired = cand & ~ever_active
-            score = score + 2.0 * unfired
-    score = score.masked_fill(~cand, float("-inf"))
-    return topk_mask(score, k), k
+    score = GROWTH_SCORES[mode](GrowthInputs(mask, cand, grad, momentum, ever_active, generator))
+    return topk_mask(score.masked_fill(~cand, float("-inf")), k), k
 
 
 @torch.no_grad()
