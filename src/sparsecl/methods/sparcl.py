@@ -405,18 +405,22 @@ class SparCL(MaskedTraining):
         self.history = list(state["sparcl_history"])
 
 
-@dataclass
-class SparCLEROptions(ReplayOptions, MaskOptions, SparCLFields):
-    lr: float = 0.1
-    sparsity: float = 0.75
-    # ER forwards current and buffer rows together, so each importance gradient traverses both:
-    # twice DER++'s selection cost per gathering step (128: 1.2 % spec, 1.8 % sparcl-paper)
-    importance_every: int = 128
+class SparCLValidation:
+    """Put first in a SparCL options class: the replay method's checks, then the masks' and SparCL's."""
 
     def validate(self) -> None:
         super().validate()
         self.validate_masks()
         self.validate_sparcl()
+
+
+@dataclass
+class SparCLEROptions(SparCLValidation, ReplayOptions, MaskOptions, SparCLFields):
+    lr: float = 0.1
+    sparsity: float = 0.75
+    # ER forwards current and buffer rows together, so each importance gradient traverses both:
+    # twice DER++'s selection cost per gathering step (128: 1.2 % spec, 1.8 % sparcl-paper)
+    importance_every: int = 128
 
 
 @register_method
@@ -430,13 +434,8 @@ class SparCLER(SparCL, ER, compile=True):
 
 
 @dataclass
-class SparCLDERppOptions(DERppOptions, MaskOptions, SparCLFields):
+class SparCLDERppOptions(SparCLValidation, DERppOptions, MaskOptions, SparCLFields):
     sparsity: float = 0.75
-
-    def validate(self) -> None:
-        super().validate()
-        self.validate_masks()
-        self.validate_sparcl()
 
 
 @register_method
