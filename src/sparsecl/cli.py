@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -93,7 +94,7 @@ RESUME_FLAGS = {"resume", "device", "data_dir", "quiet"}
 
 
 def build_config(args: argparse.Namespace):
-    from sparsecl.config import load_preset, load_yaml, merge_config
+    from sparsecl.config import RunConfig, load_preset, load_yaml, merge_config
 
     layers: list[dict[str, Any]] = []
     if not any([args.method, args.benchmark, args.preset, args.config]):
@@ -103,14 +104,9 @@ def build_config(args: argparse.Namespace):
         layers.append(load_preset(preset))
     if args.config:
         layers.append(load_yaml(args.config))
-    flags: dict[str, Any] = {}
-    for name in ("method", "benchmark", "setting", "backbone", "data_dir", "data_root", "class_order", "n_tasks",
-                 "image_size", "validation", "epochs", "batch_size", "seed", "device", "out", "keep_checkpoints", "amp",
-                 "channels_last", "cuda_graph", "sync_bn", "fused_optimizer", "compile", "tensorboard", "threads",
-                 "flop_convention", "sparse_kernels"):
-        value = getattr(args, name)
-        if value is not None:
-            flags[name] = value
+    # Every flag named after a RunConfig field sets that field (an option is a field and a flag).
+    flags: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(RunConfig)
+                             if getattr(args, f.name, None) is not None}
     if args.no_download:
         flags["download"] = False
     method_opts: dict[str, Any] = _key_values(args.option, "--option")

@@ -58,7 +58,8 @@ class RunConfig:
     tensorboard: bool = False  # write TensorBoard event files under RUN_DIR/tensorboard
     threads: int | None = None  # torch CPU threads; None = torch's default (OMP_NUM_THREADS), recorded at start
     flop_convention: str = "spec"  # spec | sparcl-paper: which count result.json's flops.train is
-    # on: masked layers run on real sparse CPU kernels (sparsecl.sparse.execution); off: masks multiply dense tensors
+    # on: masked layers run on real sparse CPU kernels (sparsecl.sparse.execution); off: masks multiply dense
+    # tensors; auto: the kernels only where they measure faster (sparsecl.sparse.kernel_choice)
     sparse_kernels: str = "off"
     method_options: dict[str, Any] = field(default_factory=dict)
 
