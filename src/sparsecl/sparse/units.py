@@ -48,7 +48,8 @@ class UnitChain:
         heads = getattr(model.head, "heads", None)
         self.head_names = ([f"head.heads.{t}.weight" for t in range(len(heads))] if heads is not None
                            else ["head.weight"])
-        self.head_bias_names = [n[: -len("weight")] + "bias" for n in self.head_names]
+        params = dict(model.named_parameters())
+        self.head_rows = {n: params[n].shape[0] for n in self.head_names}
         self.multi_head = heads is not None
         self.stamp = []
         for w in self.width:
@@ -94,7 +95,7 @@ class UnitChain:
         out = {n: self.open(i, upto)[:, None] & self.sources(i, upto)[None, :] for i, n in enumerate(self.names)}
         last = self.open(len(self.width) - 1, upto)[None, :]
         for n in self.head_names:
-            out[n] = last
+            out[n] = last.expand(self.head_rows[n], -1).clone()
         return out
 
     def backbone_weights(self, widths: list[int] | None = None) -> int:
