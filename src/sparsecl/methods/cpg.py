@@ -220,23 +220,13 @@ class CPG(TaskValidation, PackNet):
         """Weights this task trains: free and inside the open network."""
         return self.ownership.free(n) & self.chain.structure()[n]
 
-    @torch.no_grad()
     def _grow(self, t: int) -> bool:
         """Open ``grow_units`` closed units per hidden layer with fresh weights; False if no room."""
         k = self.opt.grow_units
         units = [self.chain.closed_units(i, k) for i in range(len(self.chain.width))]
         if not k or any(u.numel() == 0 for u in units):
             return False
-        before = self.chain.structure()
-        for i, u in enumerate(units):
-            self.chain.open_(i, u, t)
-        after = self.chain.structure()
-        for n, m in after.items():
-            new = m & ~before[n]
-            if n in self.chain.head_names and self.chain.head_names.index(n) < t:
-                new = torch.zeros_like(m)  # finished tasks' heads never see the new units
-            self.params[n].copy_(torch.where(new, self.init_values[n], self.params[n]))
-            self.masks.set_mask(n, self.masks.masks[n] | new)
+        self.chain.grow_(units, t, self.masks, self.init_values)
         return True
 
     def _compact(self, task: Task, met: bool, floor: float) -> float:

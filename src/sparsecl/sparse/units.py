@@ -15,11 +15,15 @@ come from stamps: :meth:`UnitChain.structure` is ``open(out) x open(in)`` per la
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from sparsecl import SparseCLError
+
+if TYPE_CHECKING:
+    from sparsecl.sparse.masks import MaskSet
 
 CLOSED = -1
 
@@ -97,6 +101,30 @@ class UnitChain:
         for n in self.head_names:
             out[n] = last.expand(self.head_rows[n], -1).clone()
         return out
+
+    @torch.no_grad()
+    def grow_(self, units: list[torch.Tensor], task: int, masks: "MaskSet", init: dict[str, torch.Tensor]) -> None:
+        """Open ``units[level]`` (indices of closed units) for ``task``: their incoming and outgoing
+        weights take the values of ``init`` (the allocated tensors' initial weights) and join
+        ``masks``; heads of tasks before ``task`` never see new units (their columns stay zero)."""
+        before = self.structure()
+        for level, u in enumerate(units):
+            self.open_(level, u, task)
+        for n, m in self.structure().items():
+            new = m & ~before[n]
+            if n in self.head_names and self.multi_head and self.head_names.index(n) < task:
+                new = torch.zeros_like(new)
+            p = masks.params[n]
+            p.copy_(torch.where(new, init[n], p))
+            masks.set_mask(n, masks.masks[n] | new)
+
+    @torch.no_grad()
+    def shut_(self, level: int, units: torch.Tensor, masks: "MaskSet") -> None:
+        """Close ``units`` of ``level`` again: their weights leave ``masks`` and become zero."""
+        self.close_(level, units)
+        for n, m in self.structure().items():
+            masks.set_mask(n, masks.masks[n] & m)
+        masks.apply_()
 
     def backbone_weights(self, widths: list[int] | None = None) -> int:
         """Weights of the backbone at ``widths`` (default: the open units)."""
