@@ -38,8 +38,12 @@ weight with probability ``density``); the official code's repair of plastic unit
 connections (``fix_no_outgoing``) is not done. Only the MLP backbone is supported (the official
 code's conv networks are plain chains too; ours are not).
 
-Report: per task the number of phases, ``a_f`` of the kept phase, the stable units per layer and
-the fraction of active connections frozen; capacity counts one shared mask.
+A layer that has no inactive position with a plastic target left cannot regrow what it dropped
+(the output layer in the last task: every class is stable); those connections are lost, as in the
+official code, and reported (``unplaced``).
+
+Report: per task the number of phases, ``a_f`` of the kept phase, the stable units per layer, the
+fraction of active connections frozen and ``unplaced``; capacity counts one shared mask.
 """
 from __future__ import annotations
 
@@ -131,11 +135,15 @@ class NISPA(TaskValidation, MaskedTraining, ContinualMethod):
         self.stable = [torch.zeros(w, dtype=torch.bool, device=self.device) for w in self.chain.width]
         self.cand = [s.clone() for s in self.stable]
         self.guard: FrozenGuard | None = None
-        self.stats: dict[str, list[Any]] = {"phases": [], "stable_perc": [], "stable_units": [], "frozen_fraction": []}
+        self.stats: dict[str, list[Any]] = {"phases": [], "stable_perc": [], "stable_units": [], "frozen_fraction": [],
+                                            "unplaced": []}
+        self.budget = 0  # active connections of the initial masks
 
     # ------------------------------------------------------------------ masks
     def create_masks(self, task: Task) -> MaskSet:
-        return MaskSet.from_counts(self.model, self.layer_counts())
+        counts = self.layer_counts()
+        self.budget = sum(counts.values())
+        return MaskSet.from_counts(self.model, counts)
 
     def _layers(self) -> list[list[str]]:
         """Weight names per layer, the heads together as the last layer."""
@@ -228,6 +236,9 @@ class NISPA(TaskValidation, MaskedTraining, ContinualMethod):
         self.stats["stable_units"].append([int(s.sum()) for s in self.stable])
         active = sum(int((self.masks.masks[n] & frozen[n]).sum()) for g in self._layers() for n in g)
         self.stats["frozen_fraction"].append(active / max(self.masks.active(), 1))
+        # Dropped connections a layer had no plastic target left to regrow at (the official
+        # code loses them too, e.g. in the output layer during the last task).
+        self.stats["unplaced"].append(self.budget - self.masks.active())
         if self.guard is not None:
             self.guard.unhook()
         self.guard = None
@@ -297,10 +308,12 @@ class NISPA(TaskValidation, MaskedTraining, ContinualMethod):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["stable"] = [s.clone() for s in self.stable]
+        state["budget"] = self.budget
         state["stats"] = copy.deepcopy(self.stats)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.stable = [s.to(self.device) for s in state["stable"]]
+        self.budget = int(state["budget"])
         self.stats = copy.deepcopy(state["stats"])
