@@ -59,7 +59,7 @@ from sparsecl.data.stream import Task
 from sparsecl.methods.base import TASK_IL, Batch, register_method
 from sparsecl.methods.cl_lsg import parse_target
 from sparsecl.methods.packnet import PackNet, PackNetOptions
-from sparsecl.methods.phases import run_epochs, split_accuracy
+from sparsecl.methods.phases import restore_, run_epochs, snapshot, split_accuracy
 from sparsecl.methods.scratch import TaskValidation, task_target
 from sparsecl.sparse.masks import MaskSet, topk_mask
 from sparsecl.sparse.units import UnitChain
@@ -256,19 +256,10 @@ class CPG(TaskValidation, PackNet):
         self.masks.apply_()
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
-        state = {n: p.detach().clone() for n, p in self.params.items()}
-        state.update({f"pick:{n}": p.detach().clone() for n, p in self.picks.items()})
-        state.update({f"mask:{n}": m.clone() for n, m in self.masks.items()})
-        return state
+        return snapshot(self.params, self.masks, self.picks)
 
-    @torch.no_grad()
     def _restore(self, state: dict[str, torch.Tensor]) -> None:
-        for n, p in self.params.items():
-            p.copy_(state[n])
-        for n, p in self.picks.items():
-            p.copy_(state[f"pick:{n}"])
-        for n in self.masks.names:
-            self.masks.set_mask(n, state[f"mask:{n}"])
+        restore_(state, self.params, self.masks, self.picks)
 
     @torch.no_grad()
     def _finish(self, task: Task, target: float, grew: int, ratio: float) -> None:

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -158,16 +158,19 @@ class DEN(TaskSubnetworks, ContinualMethod):
             out[n] = sel[i][:, None] & src[None, :]
         return out
 
+    def _trained(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """``(name, weight, where it trains)`` of every weight this stage trains."""
+        for n in self.weights:
+            g = self.masks.grad_masks.get(n)
+            if g is not None:
+                yield n, self.params[n], g
+
     def observe(self, batch: Batch) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         ce = self.loss(self.net(batch.x), batch.y, batch.task_id)
         reg = ce
         o = self.opt
-        for n in self.weights:
-            g = self.masks.grad_masks.get(n)
-            if g is None:
-                continue
-            w = self.params[n]
+        for n, w, g in self._trained():
             reg = reg + o.l2_lambda * (w * g).square().sum() / 2
             if n in self.prev:
                 reg = reg + o.regular_lambda * ((w - self.prev[n]) * (g & self.old[n])).square().sum() / 2
@@ -182,11 +185,7 @@ class DEN(TaskSubnetworks, ContinualMethod):
     def _proximal(self) -> None:
         """L1 shrinkage on the trained weights; group lasso on new units' incoming weights."""
         o = self.opt
-        for n in self.weights:
-            g = self.masks.grad_masks.get(n)
-            if g is None:
-                continue
-            w = self.params[n]
+        for _, w, g in self._trained():
             shrunk = torch.sign(w) * (w.abs() - o.l1_lambda).clamp_min(0)
             w.copy_(torch.where(g, shrunk, w))
         for i, n in enumerate(self.chain.names):

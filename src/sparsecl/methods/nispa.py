@@ -59,7 +59,7 @@ from sparsecl import SparseCLError
 from sparsecl.data.stream import Task
 from sparsecl.methods.base import CLASS_IL, TASK_IL, ContinualMethod, MethodOptions, register_method
 from sparsecl.methods.masked import MaskedTraining, MaskOptions
-from sparsecl.methods.phases import run_epochs, split_accuracy
+from sparsecl.methods.phases import restore_, run_epochs, snapshot, split_accuracy
 from sparsecl.methods.scratch import TaskValidation
 from sparsecl.sparse.masks import MaskSet
 from sparsecl.sparse.ownership import FrozenGuard
@@ -244,16 +244,10 @@ class NISPA(TaskValidation, MaskedTraining, ContinualMethod):
         self.guard = None
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
-        state = {n: p.detach().clone() for n, p in self.params.items()}
-        state.update({f"mask:{n}": m.clone() for n, m in self.masks.items()})
-        return state
+        return snapshot(self.params, self.masks)
 
-    @torch.no_grad()
     def _restore(self, state: dict[str, torch.Tensor]) -> None:
-        for n, p in self.params.items():
-            p.copy_(state[n])
-        for n in self.masks.names:
-            self.masks.set_mask(n, state[f"mask:{n}"])
+        restore_(state, self.params, self.masks)
 
     @torch.no_grad()
     def _rewire(self, train, perc: float) -> None:

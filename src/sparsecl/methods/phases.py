@@ -1,5 +1,6 @@
 """Extra training passes a method runs itself, beyond the engine's epochs of a task (NISPA's later
-phases, DEN's selective/expansion/split stages, CPG's growing, pruning and retraining).
+phases, DEN's selective/expansion/split stages, CPG's growing, pruning and retraining), the
+validation accuracy that decides between them, and snapshots to roll a stage back.
 
 :func:`run_epochs` goes through :meth:`ContinualMethod.observe` with augmented batches, as the
 engine does, so every pass is charged to the run's FLOP counter by the engine's forward hook.
@@ -11,6 +12,7 @@ import torch
 from sparsecl.data.stream import Split
 from sparsecl.methods.base import Batch, ContinualMethod
 from sparsecl.methods.scratch import task_il_accuracy
+from sparsecl.sparse.masks import MaskSet
 
 
 def run_epochs(method: ContinualMethod, split: Split, task_id: int, epochs: int) -> torch.Tensor:
@@ -36,3 +38,24 @@ def split_accuracy(method: ContinualMethod, split: Split, classes: torch.Tensor)
     acc = task_il_accuracy(method.model, split, classes, method.ctx.augment)
     method.model.train(was)
     return acc
+
+
+def snapshot(params: dict[str, torch.Tensor], masks: MaskSet, extra: dict[str, torch.Tensor] | None = None
+             ) -> dict[str, torch.Tensor]:
+    """Copies of the parameters, the masks and ``extra`` tensors (a state to roll back to)."""
+    state = {n: p.detach().clone() for n, p in params.items()}
+    state.update({f"mask:{n}": m.clone() for n, m in masks.items()})
+    state.update({f"extra:{n}": t.detach().clone() for n, t in (extra or {}).items()})
+    return state
+
+
+@torch.no_grad()
+def restore_(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor], masks: MaskSet,
+             extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Roll back to a :func:`snapshot` (in place: optimisers and hooks keep their tensors)."""
+    for n, p in params.items():
+        p.copy_(state[n])
+    for n in masks.names:
+        masks.set_mask(n, state[f"mask:{n}"])
+    for n, t in (extra or {}).items():
+        t.copy_(state[f"extra:{n}"])
