@@ -79,3 +79,12 @@ def test_export_reproduces_every_tasks_accuracy(cpg_run, tmp_path, fmt):
 def test_cpg_refuses_class_il():
     with pytest.raises(SparseCLError, match="supports only task-il"):
         run(cfg(setting="class-il"), "x")
+
+
+def test_seq_mnist_preset_validates():
+    from sparsecl.config import build_options, load_preset
+    from sparsecl.methods import METHODS
+
+    p = load_preset("seq-mnist-cpg")
+    opts = build_options(METHODS.get(p["method"]).options_cls, p["method_options"], "seq-mnist-cpg")
+    assert (opts.base_units, opts.grow_units, p["backbone_options"]["hidden"]) == (100, 50, [150, 150])

@@ -61,3 +61,12 @@ def test_never_expands_under_a_loose_threshold(tmp_path):
 def test_den_refuses_class_il():
     with pytest.raises(SparseCLError, match="supports only task-il"):
         run(cfg(setting="class-il"), "x")
+
+
+def test_seq_mnist_preset_validates():
+    from sparsecl.config import build_options, load_preset
+    from sparsecl.methods import METHODS
+
+    p = load_preset("seq-mnist-den")
+    opts = build_options(METHODS.get(p["method"]).options_cls, p["method_options"], "seq-mnist-den")
+    assert (opts.base_units, opts.ex_k, opts.loss_thr, opts.spl_thr) == (100, 10, 0.01, 0.05)

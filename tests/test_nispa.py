@@ -81,3 +81,13 @@ def test_earlier_tasks_task_il_accuracy_is_exactly_kept(nispa_run):
 def test_nispa_refuses_a_non_mlp_backbone():
     with pytest.raises(SparseCLError, match="needs the mlp backbone"):
         run(cfg(backbone="lenet"), "x")
+
+
+@pytest.mark.parametrize("name, setting", [("seq-mnist-nispa", "task-il"), ("seq-mnist-nispa-cil", "class-il")])
+def test_seq_mnist_presets_validate(name, setting):
+    from sparsecl.config import build_options, load_preset
+    from sparsecl.methods import METHODS
+
+    p = load_preset(name)
+    opts = build_options(METHODS.get(p["method"]).options_cls, p["method_options"], name)
+    assert p["setting"] == setting and (opts.sparsity, opts.phase_epochs, opts.optimizer) == (0.8, 5, "adam")
