@@ -78,6 +78,13 @@ def test_earlier_tasks_task_il_accuracy_is_exactly_kept(nispa_run):
     assert len(rep["phases"]) == 5 and all(1 <= k <= 6 for k in rep["phases"])
 
 
+def test_export_is_the_sparse_network_every_task_runs_on(nispa_run, tmp_path):
+    from export_check import exported_task_il
+
+    result, run_dir = nispa_run
+    assert exported_task_il(run_dir, tmp_path / "m.pt", "csr") == result["accuracy"]["task_il"]["matrix"][-1]
+
+
 def test_nispa_refuses_a_non_mlp_backbone():
     with pytest.raises(SparseCLError, match="needs the mlp backbone"):
         run(cfg(backbone="lenet"), "x")
