@@ -4,7 +4,7 @@ split/duplication of units that drifted; Task-IL with a head per task.
 
 Every step minimises the task's cross-entropy plus ``l2_lambda * ||W||^2 / 2`` over the weights it
 trains and, for weights that existed before the task, ``regular_lambda * ||W - W_prev||^2 / 2``
-(drift towards the previous task's values), then applies the L1 proximal step (``|w| <
+(drift towards the previous task's values; both terms on the hidden units' biases too), then applies the L1 proximal step (``|w| <
 l1_lambda`` -> 0, else shrink by ``l1_lambda``) to the weights it trains, as the official code.
 
 Task 1: the whole base network and its head train for the run's ``E`` epochs.
@@ -131,8 +131,9 @@ class DEN(TaskSubnetworks, ContinualMethod):
         self.task = t = task.index
         if self.ctx.flops is not None:
             self.masks.bind_flops(self.ctx.flops)
-        self.prev = {n: self.params[n].detach().clone() for n in self.chain.names}
+        self.prev = {n: self.params[n].detach().clone() for n in self.chain.names + self.chain.bias_names}
         self.old = {n: self.masks.masks[n].clone() for n in self.chain.names}
+        self.old.update({b: self.chain.open(i) for i, b in enumerate(self.chain.bias_names)})
         self.new_units = [torch.zeros_like(s, dtype=torch.bool) for s in self.chain.stamp]
         self._loss, self._seen = torch.zeros((), device=self.device), 0
         if t == 0:
@@ -174,6 +175,10 @@ class DEN(TaskSubnetworks, ContinualMethod):
             reg = reg + o.l2_lambda * (w * g).square().sum() / 2
             if n in self.prev:
                 reg = reg + o.regular_lambda * ((w - self.prev[n]) * (g & self.old[n])).square().sum() / 2
+        for i, n in enumerate(self.chain.bias_names):  # hidden biases: the same two terms
+            b, live = self.params[n], self.chain.open(i)
+            reg = reg + o.l2_lambda * (b * live).square().sum() / 2
+            reg = reg + o.regular_lambda * ((b - self.prev[n]) * self.old[n]).square().sum() / 2
         reg.backward()
         self.optimizer.step()
         self._proximal()
