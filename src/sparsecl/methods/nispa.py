@@ -63,7 +63,7 @@ from sparsecl.methods.phases import restore_, run_epochs, snapshot, split_accura
 from sparsecl.methods.scratch import TaskValidation
 from sparsecl.sparse.masks import MaskSet
 from sparsecl.sparse.ownership import FrozenGuard
-from sparsecl.sparse.units import UnitChain, kaiming_fan_out_
+from sparsecl.sparse.units import UnitChain
 
 SCHEDULES = ("cosine", "linear", "exp_decay")
 GROW_INITS = ("normal", "zero")
@@ -291,7 +291,8 @@ class NISPA(TaskValidation, MaskedTraining, ContinualMethod):
         for group in self._layers():
             for n in group:
                 w, b = self.params[n], n[: -len("weight")] + "bias"
-                w.copy_(torch.where(frozen[n], w, kaiming_fan_out_(torch.empty_like(w))))
+                fresh = torch.nn.init.kaiming_normal_(torch.empty_like(w), mode="fan_out", nonlinearity="relu")
+                w.copy_(torch.where(frozen[n], w, fresh))
                 self.params[b].masked_fill_(~frozen[b], 0.0)
         self.masks.apply_()
 

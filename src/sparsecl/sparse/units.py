@@ -14,7 +14,6 @@ come from stamps: :meth:`UnitChain.structure` is ``open(out) x open(in)`` per la
 """
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -156,8 +155,3 @@ class UnitChain:
                 h.remove()
         return [s / max(len(x), 1) for s in sums]
 
-
-def kaiming_fan_out_(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Fill a ``[out, in]`` tensor from kaiming normal (fan_out, relu), as NISPA's re-initialisation."""
-    std = math.sqrt(2.0 / t.shape[0])
-    return t.normal_(0.0, std, generator=generator)
