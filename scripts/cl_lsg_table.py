@@ -14,7 +14,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-ROWS = [("scratch", "Scratch"), ("grow", "Grow"), ("cl-lsg", "CL-LSG (ours impl.)")]
+ROWS = [("scratch", "Scratch"), ("grow", "Grow"), ("den", "DEN (ours impl.)"), ("cpg", "CPG (ours impl.)"),
+        ("cl-lsg", "CL-LSG (ours impl.)")]
 STATS = [("growth_stage", "growth stage ran"), ("grew", "grew (a channel kept)"),
          ("grown_kept", "grown channels kept / growable"), ("selected", "old frozen kernels selected"),
          ("released", "old kernels released (free to retrain)"), ("released_kept", "released kernels kept"),
@@ -68,7 +69,7 @@ def main(root: Path) -> None:
         print(f"\n{title}\n")
         print("| Method | " + " | ".join(str(j + 1) for j in range(T)) + " |\n" + "|" + "---|" * (T + 1))
         for key, label in ROWS:
-            if key in runs:
+            if key in runs and all(field in r["method"] for r in runs[key]):
                 cols = [ms([r["method"][field][j] for r in runs[key]]) for j in range(T)]
                 print(f"| {label} | " + " | ".join(c + "x" for c in cols) + " |")
     for key in ("cl-lsg", "grow"):

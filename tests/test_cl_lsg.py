@@ -238,10 +238,11 @@ def test_the_grow_decision_and_target_never_see_the_test_split(tmp_path, monkeyp
     """Everything the decision and the scratch target are computed on is held-out training data
     that the engine does not train on; no test example is read by them."""
     import sparsecl.methods.cl_lsg as cl_lsg
+    import sparsecl.methods.scratch as scratch_mod  # the scratch target is trained there (task_target)
 
     rows = lambda split: {bytes(r) for r in split.x.reshape(len(split), -1).numpy()}  # noqa: E731
     seen, trained_on = [], []
-    accuracy, scratch, observe = cl_lsg.task_il_accuracy, cl_lsg.scratch_accuracy, cl_lsg.CLLSG.observe
+    accuracy, scratch, observe = cl_lsg.task_il_accuracy, scratch_mod.scratch_accuracy, cl_lsg.CLLSG.observe
 
     def spy_accuracy(model, split, *args, **kw):
         seen.append(split)
@@ -257,7 +258,7 @@ def test_the_grow_decision_and_target_never_see_the_test_split(tmp_path, monkeyp
         return observe(self, batch)
     observed = []
     monkeypatch.setattr(cl_lsg, "task_il_accuracy", spy_accuracy)
-    monkeypatch.setattr(cl_lsg, "scratch_accuracy", spy_scratch)
+    monkeypatch.setattr(scratch_mod, "scratch_accuracy", spy_scratch)
     monkeypatch.setattr(cl_lsg.CLLSG, "observe", spy_observe)
     BENCHMARKS.add("test-two-tasks", BenchmarkInfo("two tasks", _two_tasks))
     try:

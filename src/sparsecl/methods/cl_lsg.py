@@ -81,7 +81,7 @@ import torch
 from sparsecl import SparseCLError
 from sparsecl.data.stream import Task
 from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions, TaskSubnetworks, register_method
-from sparsecl.methods.scratch import TaskValidation, scratch_accuracy, task_il_accuracy
+from sparsecl.methods.scratch import TaskValidation, task_il_accuracy, task_target
 from sparsecl.sparse.gates import GateSet, reach_scale
 from sparsecl.sparse.ownership import FrozenGuard, TaskOwnership
 from sparsecl.sparse.policy import MaskPolicy
@@ -233,18 +233,10 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
         return math.ceil(passes * n / self.ctx.batch_size)
 
     def _target(self, task: Task) -> float:
-        o = self.opt
-        if isinstance(o.target, float):
-            return o.target
-        if isinstance(o.target, list):
-            return o.target[task.index]
-        if len(self.targets) <= task.index:  # cached in the method state (survives --resume)
-            train, val = self.held_out(task)
-            acc = scratch_accuracy(self.template, train, val, task.classes, self.ctx.augment, epochs=self.ctx.epochs,
-                                   lr=o.lr, batch_size=self.ctx.batch_size, generator=self.scratch_generator,
-                                   count_samples=self.ctx.count_samples)
-            self.targets.append(acc)
-        return self.targets[task.index]
+        train, val = self.held_out(task)
+        return task_target(self.opt.target, self.targets, task, train, val, self.template, self.ctx.augment,
+                           epochs=self.ctx.epochs, lr=self.opt.lr, batch_size=self.ctx.batch_size,
+                           generator=self.scratch_generator, count_samples=self.ctx.count_samples)
 
     @torch.no_grad()
     def _configure_kernels(self, t: int, scale: float) -> None:

@@ -71,6 +71,23 @@ def scratch_accuracy(template: nn.Module, train: Split, evaluate: Split, classes
     return task_il_accuracy(model, evaluate, classes_t, augment)
 
 
+def task_target(target: str | float | list[float], cache: list[float], task: Task, train: Split, val: Split,
+                template: nn.Module, augment: DeviceAugment, *, epochs: int, lr: float, batch_size: int,
+                generator: torch.Generator, count_samples: Callable[[int, int], None] | None = None) -> float:
+    """The target accuracy of ``task`` (CL-LSG's and CPG's growth criterion): a fixed number, one
+    per task from a list, or (``'scratch'``) :func:`scratch_accuracy` of ``template`` trained on
+    ``train`` and scored on ``val``, computed once per task and appended to ``cache`` (which the
+    caller keeps in its checkpointed state)."""
+    if isinstance(target, float):
+        return target
+    if isinstance(target, list):
+        return target[task.index]
+    if len(cache) <= task.index:
+        cache.append(scratch_accuracy(template, train, val, task.classes, augment, epochs=epochs, lr=lr,
+                                      batch_size=batch_size, generator=generator, count_samples=count_samples))
+    return cache[task.index]
+
+
 @dataclass
 class ScratchOptions(MethodOptions):
     val_fraction: float = 0.2  # of each task's training data held out (CL-LSG's decision split)
