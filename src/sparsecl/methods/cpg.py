@@ -110,12 +110,13 @@ class CPGOptions(PackNetOptions):
 
 
 @register_method
-class CPG(TaskValidation, PackNet):
+class CPG(TaskValidation, PackNet, sparse_kernels=False):
     """Compacting, picking and growing (Task-IL only)."""
 
     name = "cpg"
     description = "CPG: gradual pruning, learned picking mask over frozen old weights, growth to a target (Task-IL)"
     options_cls = CPGOptions
+    # sparse_kernels=False: its forward substitutes picked weights (functional_call), untested on the kernels
     settings = frozenset({TASK_IL})
 
     def __init__(self, model, options, ctx) -> None:

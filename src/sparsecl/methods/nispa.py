@@ -119,15 +119,15 @@ def top_share(act: torch.Tensor, perc: float) -> torch.Tensor:
 
 
 @register_method
-class NISPA(TaskValidation, MaskedTraining, ContinualMethod):
+class NISPA(TaskValidation, MaskedTraining, ContinualMethod, sparse_kernels=False):
     """Sparse network with stable/plastic units, connection rewiring and frozen stable paths."""
 
     name = "nispa"
     description = "NISPA: fixed-budget sparse MLP, stable/plastic units, plastic->stable connections rewired"
     options_cls = NISPAOptions
     settings = frozenset({TASK_IL, CLASS_IL})
-    # Its masks change between phases inside end_task, outside the steps the kernels were tested on.
-    supports_sparse_kernels = False
+    # sparse_kernels=False: its masks change between phases inside end_task, outside the steps the
+    # kernels were tested on.
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
