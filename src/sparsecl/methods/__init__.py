@@ -12,5 +12,6 @@ from sparsecl.methods import sparcl  # noqa: F401
 from sparsecl.methods import esacl  # noqa: F401
 from sparsecl.methods import scratch, cl_lsg, grow  # noqa: F401  (CL-LSG and its baselines)
 from sparsecl.methods import continual_dst  # noqa: F401
+from sparsecl.methods import fdr, finetune, lps, pnn  # noqa: F401  (issue 23 baselines)
 
 __all__ = ["METHODS", "Batch", "ContinualMethod", "MethodContext", "MethodOptions", "register_method"]
