@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from sparsecl import SparseCLError
 from sparsecl.data.stream import Task
-from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions, register_method
+from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, register_method
+from sparsecl.methods.er import ReplayOptions
 
 
 def function_distance(probs: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
@@ -91,18 +92,14 @@ class TaskMemory:
 
 
 @dataclass
-class FDROptions(MethodOptions):
+class FDROptions(ReplayOptions):
+    """``buffer_size``: the memory over all tasks; ``minibatch_size``: memory examples per distance step."""
+
     lr: float = 0.03
-    buffer_size: int = 500
-    minibatch_size: int | None = None  # memory examples per distance step; None = the batch size
     alpha: float = 1.0  # weight of the function-distance step (Mammoth's FDR: effectively 1)
 
     def validate(self) -> None:
         super().validate()
-        if self.buffer_size < 0:
-            raise SparseCLError(f"buffer size must be >= 0, got {self.buffer_size}")
-        if self.minibatch_size is not None and self.minibatch_size <= 0:
-            raise SparseCLError(f"minibatch_size must be > 0, got {self.minibatch_size}")
         if self.alpha < 0:
             raise SparseCLError(f"alpha must be >= 0, got {self.alpha}")
 
