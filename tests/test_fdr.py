@@ -69,3 +69,18 @@ def test_task_il_distance_compares_each_example_within_its_own_task(tmp_path):
     probs = m.probabilities(logits, torch.tensor([0, 1, 2, 3]))
     for i in range(4):  # probability mass only on the row's task's two classes
         assert probs[i, 2 * i:2 * i + 2].sum() == pytest.approx(1.0)
+
+
+def test_presets_load_and_validate():
+    from preset_check import check_presets
+    check_presets([f"{b}-fdr-{n}" for b in ("seq-mnist", "seq-cifar10") for n in (200, 500)])
+
+
+def test_resume_gives_the_same_result(tmp_path):
+    from interrupt import run_interrupted
+    from sparsecl.engine.trainer import resume, run
+
+    full, _ = run(cfg(), tmp_path / "full")
+    run_interrupted(cfg(), tmp_path / "cut", at_task=2)
+    resumed, _ = resume(tmp_path / "cut")
+    assert resumed["accuracy"] == full["accuracy"]

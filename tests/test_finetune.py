@@ -45,3 +45,8 @@ def test_class_il_is_refused_in_one_line(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "task-il" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_presets_load_and_validate():
+    from preset_check import check_presets
+    check_presets(["seq-mnist-finetune-per-task", "seq-cifar10-jpeg-finetune-per-task"])

@@ -90,3 +90,18 @@ def test_admm_pulls_the_free_weights_towards_the_kept_ones(tmp_path):
     trainer.run()
     kept, pruned = observed[0]
     assert pruned < 0.5 * kept  # the weights the projection drops are driven towards 0
+
+
+def test_presets_load_and_validate():
+    from preset_check import check_presets
+    check_presets(["seq-mnist-lps", "seq-cifar10-lps", "seq-cifar10-jpeg-lps"])
+
+
+def test_resume_gives_the_same_result(tmp_path):
+    from interrupt import run_interrupted
+    from sparsecl.engine.trainer import resume, run
+
+    full, _ = run(cfg(rho_num=1), tmp_path / "full")
+    run_interrupted(cfg(rho_num=1), tmp_path / "cut", at_task=2)
+    resumed, _ = resume(tmp_path / "cut")
+    assert resumed["accuracy"] == full["accuracy"] and resumed["method"] == full["method"]

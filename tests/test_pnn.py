@@ -90,3 +90,18 @@ def test_residual_backbone_is_refused_in_one_line(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "sequential backbone" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_presets_load_and_validate():
+    from preset_check import check_presets
+    check_presets(["seq-mnist-pnn", "seq-cifar10-jpeg-pnn"])
+
+
+def test_resume_gives_the_same_result(tmp_path):
+    from interrupt import run_interrupted
+    from sparsecl.engine.trainer import resume, run
+
+    full, _ = run(cfg(), tmp_path / "full")
+    run_interrupted(cfg(), tmp_path / "cut", at_task=2)
+    resumed, _ = resume(tmp_path / "cut")
+    assert resumed["accuracy"] == full["accuracy"] and resumed["method"] == full["method"]

@@ -177,7 +177,9 @@ class LPS(PackNet):
         shared = [None] + [sum(int(s[n].sum()) for n in s) / max(sum(int(self.ownership.owned(n, upto=j - 1).sum())
                                                                     for n in s), 1)
                            for j, s in enumerate(self.selections) if j > 0]
-        return {"size_task": [round(v, 6) for v in size], "size_total": [round(self._used(j), 6) for j in range(len(size))],
+        total_used = [round(self._used(j), 6) for j in range(len(size))]
+        return {"size_task": [round(v, 6) for v in size], "size_total": total_used,
+                "model_size": total_used[-1] if total_used else 0.0,
                 "shared_fraction": [None if v is None else round(v, 6) for v in shared],
                 "size_unit": "isolated conv/linear weights of the backbone"}
 
