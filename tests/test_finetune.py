@@ -35,6 +35,8 @@ def test_each_task_is_evaluated_with_its_own_model_started_from_the_previous(tmp
     rep = result["method"]
     assert rep["size_task"] == [1.0] * 5 and rep["size_total"] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert rep["model_size"] == 5.0
+    from export_check import exported_task_il  # the export carries each task's own model
+    assert exported_task_il(tmp_path / "run", tmp_path / "m.pt") == R[-1]
 
 
 def test_class_il_is_refused_in_one_line(tmp_path):

@@ -105,3 +105,9 @@ def test_resume_gives_the_same_result(tmp_path):
     run_interrupted(cfg(rho_num=1), tmp_path / "cut", at_task=2)
     resumed, _ = resume(tmp_path / "cut")
     assert resumed["accuracy"] == full["accuracy"] and resumed["method"] == full["method"]
+
+
+def test_export_reproduces_every_tasks_accuracy(trained, tmp_path):
+    from export_check import exported_task_il
+    trainer, result, _ = trained
+    assert exported_task_il(trainer.run_dir, tmp_path / "m.pt") == result["accuracy"]["task_il"]["matrix"][-1]

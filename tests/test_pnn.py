@@ -105,3 +105,10 @@ def test_resume_gives_the_same_result(tmp_path):
     run_interrupted(cfg(), tmp_path / "cut", at_task=2)
     resumed, _ = resume(tmp_path / "cut")
     assert resumed["accuracy"] == full["accuracy"] and resumed["method"] == full["method"]
+
+
+def test_export_is_refused_in_one_line(trained):
+    trainer = trained[0]
+    p = subprocess.run([sys.executable, "-m", "sparsecl", "export", str(trainer.run_dir)], capture_output=True, text=True)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "cannot be exported" in p.stderr and len(p.stderr.strip().splitlines()) == 1

@@ -24,8 +24,8 @@ they are cut.
 Backbones: sequential ones whose weight layers run in the order they are registered (mlp, lenet,
 vgg16bn, vgg-like); residual networks are refused in one line. Column 1 is the model's own
 backbone (so ``model.pt`` holds task 1's column), later columns and the laterals live in the method
-and its checkpoints. ``sparsecl export`` writes the model, i.e. column 1 only: the export's
-per-task views are whole-backbone state dicts and cannot hold a column with its laterals.
+and its checkpoints. ``sparsecl export`` refuses a pnn run in one line: the export's per-task views
+are whole-backbone state dicts and cannot hold a column with its laterals.
 
 Model size (``result.json`` -> ``method``, in units of one backbone's conv/linear weights, heads
 excluded as in CL-LSG's tables): ``size_total[t]`` = all columns and laterals after task ``t``,
@@ -250,7 +250,9 @@ class PNN(ContinualMethod):
         return {"size_task": [round(u, 6) for u in used], "size_total": [round(u, 6) for u in used],
                 "model_size": round(used[-1], 6) if used else 0.0,
                 "size_unit": "one backbone's conv/linear weights (laterals included, heads excluded)",
-                "lateral_train_flops": float(self.lateral_flops)}
+                "lateral_train_flops": float(self.lateral_flops),
+                "export_unsupported": "pnn's task j runs columns <= j and their laterals, more than the "
+                                      "export's one backbone holds"}
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
