@@ -87,6 +87,7 @@ class LPS(PackNet):
         super().__init__(model, options, ctx)
         self.selections: list[dict[str, torch.Tensor]] = []  # per task: earlier weights it shares
         self._gate: dict[str, torch.Tensor] | None = None  # selection in force (scores or 0/1)
+        self._old: dict[str, torch.Tensor] = {}  # while it is: the earlier tasks' (frozen) weights
         self._penalty = None  # ADMM terms of the current stage (a closure) or None
 
     # ------------------------------------------------------------------ training
@@ -94,8 +95,7 @@ class LPS(PackNet):
         if self._gate is None:
             return self.net(x)
         params = dict(self.model.named_parameters())
-        old = {n: self.ownership.owned(n) for n in self._gate}  # earlier tasks' weights (frozen)
-        eff = {n: params[n] * torch.where(old[n], g, torch.ones_like(g)) for n, g in self._gate.items()}
+        eff = {n: params[n] * torch.where(self._old[n], g, torch.ones_like(g)) for n, g in self._gate.items()}
         return functional_call(self.model, eff, (x,))
 
     def observe(self, batch: Batch) -> torch.Tensor:
@@ -111,7 +111,7 @@ class LPS(PackNet):
 
     def end_task(self, task: Task) -> None:
         t, counts = task.index, self._counts(task)
-        old = {n: self.ownership.owned(n) for n in self.ownership.names}
+        old = self._old = {n: self.ownership.owned(n) for n in self.ownership.names}
         scores = {n: nn.Parameter(torch.ones_like(old[n], dtype=torch.float32)) for n in old} if t > 0 else {}
         self._gate = scores or None
         for stage in range(self.opt.rho_num):

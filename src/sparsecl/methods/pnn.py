@@ -179,10 +179,15 @@ class PNN(ContinualMethod):
             per_out = m.in_features if isinstance(m, nn.Linear) else m.in_channels * math.prod(m.kernel_size)
             macs[0] += out[0].numel() * per_out
         handles = [m.register_forward_hook(hook) for m in self.laterals[k].modules() if isinstance(m, _WEIGHTED)]
-        with torch.no_grad():
-            self.column_logits(torch.zeros(1, *self.input_shape, device=self.device), k)
-        for h in handles:
-            h.remove()
+        was = self.model.training
+        self.model.eval()  # no BatchNorm statistics from the dummy input
+        try:
+            with torch.no_grad():
+                self.column_logits(torch.zeros(1, *self.input_shape, device=self.device), k)
+        finally:
+            for h in handles:
+                h.remove()
+            self.model.train(was)
         return macs[0]
 
     def column_logits(self, x: torch.Tensor, k: int, head: int | None = None) -> torch.Tensor:
