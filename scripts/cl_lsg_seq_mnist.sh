@@ -4,9 +4,8 @@
 # Usage: scripts/cl_lsg_seq_mnist.sh DATA_DIR OUT_ROOT SEED...   (docs/results/cl-lsg.md)
 set -euo pipefail
 data=$1 out=$2; shift 2
-run() { local name=$1 seed=$2; shift 2
-  [ -f "$out/$name-s$seed/result.json" ] && grep -q '"complete": true' "$out/$name-s$seed/result.json" && return
-  OMP_NUM_THREADS=1 sparsecl run --data-dir "$data" --device cpu --seed "$seed" --out "$out/$name-s$seed" --quiet "$@"; }
+. "$(dirname "$0")/run_once.sh"
+run() { local name=$1 seed=$2; shift 2; run_once "$out/$name-s$seed" --data-dir "$data" --device cpu --seed "$seed" "$@"; }
 for s in "$@"; do
   run scratch "$s" --preset seq-mnist-scratch
   run grow "$s" --preset seq-mnist-grow

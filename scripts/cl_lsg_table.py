@@ -14,7 +14,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-ROWS = [("scratch", "Scratch"), ("grow", "Grow"), ("den", "DEN (ours impl.)"), ("cpg", "CPG (ours impl.)"),
+ROWS = [("scratch", "Scratch"), ("finetune-per-task", "Fine-tune"), ("pnn", "PNN"), ("lps", "LPS"), ("grow", "Grow"),
+        ("den", "DEN (ours impl.)"), ("cpg", "CPG (ours impl.)"),
         ("cl-lsg", "CL-LSG (ours impl.)")]
 STATS = [("growth_stage", "growth stage ran"), ("grew", "grew (a channel kept)"),
          ("grown_kept", "grown channels kept / growable"), ("selected", "old frozen kernels selected"),

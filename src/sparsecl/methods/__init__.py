@@ -13,5 +13,6 @@ from sparsecl.methods import esacl  # noqa: F401
 from sparsecl.methods import scratch, cl_lsg, grow  # noqa: F401  (CL-LSG and its baselines)
 from sparsecl.methods import continual_dst  # noqa: F401
 from sparsecl.methods import nispa, cpg, den  # noqa: F401  (issue 23: NISPA, CPG, DEN)
+from sparsecl.methods import fdr, finetune, lps, pnn  # noqa: F401  (issue 23: FDR, Fine-tune, LPS, PNN)
 
 __all__ = ["METHODS", "Batch", "ContinualMethod", "MethodContext", "MethodOptions", "register_method"]

@@ -80,8 +80,12 @@ class PackNet(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
         self._guard.hook_optimizer(self.optimizer)
 
     def end_task(self, task: Task) -> None:
-        t = task.index
-        tasks_left = self.ctx.stream.n_tasks - t
+        self._pack(task, self._keep(task))
+
+    def _keep(self, task: Task) -> dict[str, torch.Tensor]:
+        """Per isolated layer, the free weights task ``task`` keeps: the largest by magnitude, a
+        share ``keep_fraction`` (default ``1 / tasks left``) of the free ones."""
+        tasks_left = self.ctx.stream.n_tasks - task.index
         share = self.opt.keep_fraction if self.opt.keep_fraction is not None else 1.0 / tasks_left
         params = dict(self.model.named_parameters())
         keep: dict[str, torch.Tensor] = {}
@@ -89,6 +93,12 @@ class PackNet(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
             free = self.ownership.free(n)
             k = math.ceil(share * int(free.sum()))
             keep[n] = topk_mask(params[n].detach().abs().masked_fill(~free, -1.0), k)
+        return keep
+
+    def _pack(self, task: Task, keep: dict[str, torch.Tensor]) -> None:
+        """Prune the free weights outside ``keep`` (retraining the kept ones), give the kept ones
+        to the task, freeze them and snapshot the task's shared tensors."""
+        params = dict(self.model.named_parameters())
         pruned_any = any(bool((self.ownership.free(n) & ~keep[n]).any()) for n in keep)
         if pruned_any and self.opt.retrain_epochs > 0:
             self._retrain(task, keep)
@@ -97,15 +107,19 @@ class PackNet(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
                 for n in keep:
                     params[n].mul_(~(self.ownership.free(n) & ~keep[n]))
         self._guard.unhook()
-        self.ownership.assign_all_(keep, t)
+        self.ownership.assign_all_(keep, task.index)
         self.snapshots.append({n: v.detach().clone() for n, v in self._shared_state().items()})
+
+    def _fresh_optimizer(self, task: Task, params=None) -> None:
+        """A new optimiser (over ``params``, default the model's) guarded like the task's first."""
+        self._guard.unhook()
+        self.optimizer = self.make_optimizer(params)
+        self._guard = FrozenGuard(self.model, self._frozen(task.index))
+        self._guard.hook_optimizer(self.optimizer)
 
     def _retrain(self, task: Task, keep: dict[str, torch.Tensor]) -> None:
         """Fine-tune the kept weights with the pruned ones held at zero (own short loop)."""
-        self._guard.unhook()
-        self.optimizer = self.make_optimizer()
-        self._guard = FrozenGuard(self.model, self._frozen(task.index))
-        self._guard.hook_optimizer(self.optimizer)
+        self._fresh_optimizer(task)
         allowed = {n: ~(self.ownership.free(n) & ~keep[n]) for n in keep}
         masks = MaskSet(self.model, allowed, mask_grads=True)
         for n in keep:  # only the kept free weights train (the guard zeroes the frozen ones' gradients)
@@ -113,13 +127,8 @@ class PackNet(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
         masks.apply_()
         masks.hook_optimizer(self.optimizer)
         self._retrain_masks = masks
-        split, bs, aug = task.train, self.ctx.batch_size, self.ctx.augment
         for _ in range(self.opt.retrain_epochs):
-            perm = torch.randperm(len(split), device=self.device)
-            for start in range(0, len(split), bs):
-                idx = perm[start : start + bs]
-                x_raw, y = split.x[idx], split.y[idx]
-                self.observe(Batch(aug.train(x_raw), y, x_raw, idx, task.index))
+            self._train_epoch(task)
         masks.unhook()
         self._retrain_masks = None
 
@@ -127,6 +136,16 @@ class PackNet(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
     def execution_masks(self) -> MaskSet | None:
         """The retraining masks while the pruned network retrains; else dense training and the views."""
         return self._retrain_masks if self._retrain_masks is not None else super().execution_masks
+
+    def _train_epoch(self, task: Task) -> None:
+        """One epoch of :meth:`observe` over the task's training data (a stage of its own after
+        the engine's epochs; its passes are counted like the engine's)."""
+        split, bs, aug = task.train, self.ctx.batch_size, self.ctx.augment
+        perm = torch.randperm(len(split), device=self.device)
+        for start in range(0, len(split), bs):
+            idx = perm[start : start + bs]
+            x_raw, y = split.x[idx], split.y[idx]
+            self.observe(Batch(aug.train(x_raw), y, x_raw, idx, task.index))
 
     # ---------------------------------------------------------------- evaluation
     def _view_tensors(self) -> dict[str, torch.Tensor]:
@@ -142,11 +161,15 @@ class PackNet(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
         state = self._model_tensors()
         done = j < len(self.snapshots)
         for n in self.isolated:
-            state[n].copy_(self._saved[n] * self.ownership.owned(n, upto=j) if done else self._saved[n])
+            state[n].copy_(self._saved[n] * self._view_mask(n, j) if done else self._saved[n])
         shared = self.snapshots[j] if done else self._saved
         for n in self.shared_names:
             state[n].copy_(shared[n])
         self._view = j
+
+    def _view_mask(self, name: str, j: int) -> torch.Tensor:
+        """The weights of ``name`` finished task ``j`` runs with: those of tasks ``<= j``."""
+        return self.ownership.owned(name, upto=j)
 
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:

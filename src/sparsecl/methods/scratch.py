@@ -136,8 +136,12 @@ class Scratch(TaskValidation, TaskSubnetworks, ContinualMethod):
         self._view: int | None = None
 
     def begin_task(self, task: Task) -> None:
-        self.task = task.index
         self.model.backbone.load_state_dict(self.init_state)  # a fresh model for every task
+        self.train_backbone(task)
+
+    def train_backbone(self, task: Task) -> None:
+        """Start ``task`` on the live backbone: an optimiser over it and the task's own head."""
+        self.task = task.index
         params = list(self.model.backbone.parameters()) + list(self.model.head.heads[task.index].parameters())
         self.optimizer = self.make_optimizer(params)
 

@@ -307,6 +307,10 @@ def build_export(run_dir: str | Path, fmt: str = "pt") -> tuple[dict[str, Any], 
         raise SparseCLError(f"unknown export format {fmt!r} (known: {', '.join(ENCODINGS)})")
     run_dir = Path(run_dir)
     result, state, masks = _load_run(run_dir)
+    # A method whose tasks need more than the one backbone (PNN's columns) says so in its report.
+    reason = (result.get("method") or {}).get("export_unsupported")
+    if reason:
+        raise SparseCLError(f"{run_dir} cannot be exported: {reason}")
     spec = _model_spec(result)
     from_masks = bool(masks)
     if not masks:  # dense run: encode conv/linear weights by their nonzero pattern
