@@ -329,6 +329,14 @@ class ContinualMethod:
 METHODS: Registry[type[ContinualMethod]] = Registry("method")
 
 
+def task_heads(model: nn.Module, method: str) -> nn.ModuleList:
+    """The per-task heads of ``model`` (a MultiHead's); one clear error for a shared head (Class-IL)."""
+    heads = getattr(model.head, "heads", None)
+    if heads is None:
+        raise SparseCLError(f"{method} needs per-task heads (run it with --setting task-il)")
+    return heads
+
+
 class TaskSubnetworks:
     """Mixin for methods that evaluate task j through its own subnetwork (PackNet, continual DST,
     CL-LSG, scratch). :meth:`evaluation` saves the live tensors that views overwrite
@@ -346,9 +354,7 @@ class TaskSubnetworks:
     def split_task_heads(self, model: nn.Module, isolated: Iterable[str] = ()) -> None:
         """Set :attr:`head_params` and :attr:`shared_names` (every parameter neither ``isolated`` nor
         a head's, and every buffer); one clear error without per-task heads (Class-IL)."""
-        heads = getattr(model.head, "heads", None)  # MultiHead's; a shared head has none
-        if heads is None:
-            raise SparseCLError(f"{self.name} needs per-task heads (run it with --setting task-il)")
+        heads = task_heads(model, self.name)
         self.head_params = {t: [f"head.heads.{t}.{n}" for n, _ in h.named_parameters()] for t, h in enumerate(heads)}
         apart = set(isolated) | {n for names in self.head_params.values() for n in names}
         self.shared_names = [n for n, _ in model.named_parameters() if n not in apart]

@@ -57,7 +57,8 @@ import torch
 
 from sparsecl import SparseCLError
 from sparsecl.data.stream import Task
-from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions, TaskSubnetworks, register_method
+from sparsecl.methods.base import (TASK_IL, Batch, ContinualMethod, MethodOptions, TaskSubnetworks, register_method,
+                                   task_heads)
 from sparsecl.methods.phases import run_epochs
 from sparsecl.sparse.masks import MaskSet
 from sparsecl.sparse.units import UnitChain
@@ -96,8 +97,7 @@ class DEN(TaskSubnetworks, ContinualMethod):
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
-        if getattr(model.head, "heads", None) is None:
-            raise SparseCLError("den needs per-task heads (run it with --setting task-il)")
+        task_heads(model, self.name)
         self.chain = UnitChain(model, options.base_units, who="den")
         self.base = options.base_units or self.chain.width[0]
         self.params = dict(model.named_parameters())

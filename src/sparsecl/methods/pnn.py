@@ -40,14 +40,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from sparsecl import SparseCLError
 from sparsecl.data.stream import Task
-from sparsecl.methods.base import TASK_IL, ContinualMethod, MethodOptions, register_method
+from sparsecl.methods.base import TASK_IL, ContinualMethod, MethodOptions, register_method, task_heads
 
 _WEIGHTED = (nn.Linear, nn.Conv2d)
 
@@ -145,8 +144,7 @@ class PNN(ContinualMethod):
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
-        if getattr(model.head, "heads", None) is None:
-            raise SparseCLError("pnn needs per-task heads (run it with --setting task-il)")
+        task_heads(model, self.name)
         self.input_shape = tuple(ctx.stream.input_shape)
         column_blocks(model.backbone, self.input_shape)  # refuse unsupported backbones up front
         self.template = copy.deepcopy(model.backbone)  # new columns: this structure, fresh weights
