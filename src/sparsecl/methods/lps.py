@@ -50,6 +50,7 @@ from sparsecl import SparseCLError
 from sparsecl.data.stream import Task
 from sparsecl.methods.base import Batch, register_method
 from sparsecl.methods.packnet import PackNet, PackNetOptions
+from sparsecl.methods.phases import run_epochs
 from sparsecl.sparse.masks import topk_mask
 
 
@@ -163,7 +164,7 @@ class LPS(PackNet, sparse_kernels=False):
         self._penalty = penalty
         for epoch in range(self.opt.admm_epochs):
             update(first=epoch == 0)
-            self._train_epoch(task)
+            run_epochs(self, task.train, task.index, 1)
 
     # ---------------------------------------------------------------- evaluation
     def _view_mask(self, name: str, j: int) -> torch.Tensor:

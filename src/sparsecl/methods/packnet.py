@@ -26,7 +26,8 @@ import torch
 
 from sparsecl import SparseCLError
 from sparsecl.data.stream import Task
-from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions, TaskSubnetworks, register_method
+from sparsecl.methods.base import TASK_IL, ContinualMethod, MethodOptions, TaskSubnetworks, register_method
+from sparsecl.methods.phases import run_epochs
 from sparsecl.sparse.masks import MaskSet, topk_mask
 from sparsecl.sparse.ownership import FrozenGuard, TaskOwnership
 from sparsecl.sparse.policy import MaskPolicy
@@ -127,8 +128,7 @@ class PackNet(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
         masks.apply_()
         masks.hook_optimizer(self.optimizer)
         self._retrain_masks = masks
-        for _ in range(self.opt.retrain_epochs):
-            self._train_epoch(task)
+        run_epochs(self, task.train, task.index, self.opt.retrain_epochs)
         masks.unhook()
         self._retrain_masks = None
 
@@ -136,16 +136,6 @@ class PackNet(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
     def execution_masks(self) -> MaskSet | None:
         """The retraining masks while the pruned network retrains; else dense training and the views."""
         return self._retrain_masks if self._retrain_masks is not None else super().execution_masks
-
-    def _train_epoch(self, task: Task) -> None:
-        """One epoch of :meth:`observe` over the task's training data (a stage of its own after
-        the engine's epochs; its passes are counted like the engine's)."""
-        split, bs, aug = task.train, self.ctx.batch_size, self.ctx.augment
-        perm = torch.randperm(len(split), device=self.device)
-        for start in range(0, len(split), bs):
-            idx = perm[start : start + bs]
-            x_raw, y = split.x[idx], split.y[idx]
-            self.observe(Batch(aug.train(x_raw), y, x_raw, idx, task.index))
 
     # ---------------------------------------------------------------- evaluation
     def _view_tensors(self) -> dict[str, torch.Tensor]:
