@@ -149,8 +149,13 @@ class SparseExecution:
         self.backbone = model.backbone
         self._masks = masks
         self._layers: dict[int, KernelLayer] = {}  # by id of the module
-        self.batch_last = batch_last_runner(self.backbone) is not None
+        self._runner = batch_last_runner(self.backbone)
+        self.batch_last = self._runner is not None
         self.choices = choices
+        # auto: per (unit, input shape, autograd, mode) the mask versions last seen and the choice then,
+        # so a forward only rebuilds the situation's key when a mask changed
+        self._chosen: dict[tuple, tuple[tuple[int, ...], bool]] = {}
+        self._units: dict[int, tuple[list[nn.Module], list[str]]] = {}
         self._saved: list[nn.Module] = []
 
     @property
@@ -193,7 +198,7 @@ class SparseExecution:
     # ------------------------------------------------------------------ forwards
     def _batch_last_forward(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
         masks = self._masks()
-        run = batch_last_runner(backbone)
+        run = self._runner
         if masks is None or not self._pays(backbone, x, masks, lambda s: run(self, backbone, s, masks)):
             return type(backbone).forward(backbone, x)
         return run(self, backbone, x, masks)
@@ -210,14 +215,27 @@ class SparseExecution:
         """Whether ``unit`` (the batch-last backbone, or one layer) runs on the kernels here."""
         if self.choices is None:
             return True
-        layers = [m for m in unit.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        key = situation(unit, layers, x, masks, [self.layer(m).name for m in layers])
+        layers, names = self._unit_layers(unit)
+        where = (id(unit), tuple(x.shape), torch.is_grad_enabled(), unit.training)
+        versions = tuple(masks.version(n) if n in masks.masks else 0 for n in names)
+        last = self._chosen.get(where)
+        if last is not None and last[0] == versions:
+            return last[1]
 
         def measure() -> tuple[float, float]:
             return time_paths(lambda s: type(unit).forward(unit, s), sparse, x, list(unit.parameters()),
                               list(unit.buffers()), input_grad=unit is not self.backbone)
 
-        return self.choices.choose(key, measure)
+        chosen = self.choices.choose(situation(unit, layers, x, masks, names), measure)
+        self._chosen[where] = (versions, chosen)
+        return chosen
+
+    def _unit_layers(self, unit: nn.Module) -> tuple[list[nn.Module], list[str]]:
+        """The conv/linear modules of ``unit`` and their weights' names (found once per unit)."""
+        if id(unit) not in self._units:
+            layers = [m for m in unit.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+            self._units[id(unit)] = (layers, [self.layer(m).name for m in layers])
+        return self._units[id(unit)]
 
     def _on_kernels(self, module: nn.Module, layer: KernelLayer, x: torch.Tensor, masks: MaskSet) -> torch.Tensor:
         """One layer on the kernels, converting its input to the kernels' layout and its output back."""
