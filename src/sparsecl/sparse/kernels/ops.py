@@ -157,6 +157,15 @@ def _check(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex, dims: 
         raise SparseCLError(f"sparse kernels: input has {x.shape[0]} channels, the weight expects {channels}")
 
 
+def _row_inference(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex, bias: torch.Tensor | None) -> bool:
+    """Check a conv call's arguments; True for an untracked batch below the vector width (the row kernels)."""
+    if index.linear:
+        raise SparseCLError("sparse kernels: this index was built for a linear weight; use sparse_linear")
+    _check(x, weight, index, 4, index.C)
+    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    return x.shape[3] < LANES and not tracked
+
+
 def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse 2-d convolution of a batch-last input.
@@ -173,11 +182,7 @@ def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex,
         and ``bias``. Without autograd (inference) a batch below 16 is vectorised along the output
         row instead of being padded to 16.
     """
-    if index.linear:
-        raise SparseCLError("sparse kernels: this index was built for a linear weight; use sparse_linear")
-    _check(x, weight, index, 4, index.C)
-    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if x.shape[3] < LANES and not tracked:
+    if _row_inference(x, weight, index, bias):
         return _row_forward(x, weight, index, bias)
     return _SparseConv.apply(x, weight, bias, index)
 
@@ -188,11 +193,7 @@ def relu_sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, index: SparseConvI
     writes the convolution's zero-padded input directly (``relu(x)`` is returned as a view of it, for
     a shortcut), so the activation is neither copied nor kept twice. Same arguments and gradients
     as :func:`sparse_conv2d` after :func:`torch.relu`."""
-    if index.linear:
-        raise SparseCLError("sparse kernels: this index was built for a linear weight; use sparse_linear")
-    _check(x, weight, index, 4, index.C)
-    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if x.shape[3] < LANES and not tracked:
+    if _row_inference(x, weight, index, bias):
         a = torch.relu(x)
         return _row_forward(a, weight, index, bias), a
     return _ReluSparseConv.apply(x, weight, bias, index)
