@@ -6,6 +6,7 @@ import glob
 import pytest
 import torch
 
+from conftest import extra
 from sparsecl.cli import main
 from sparsecl.config import merge_config
 from sparsecl.data.augment import DeviceAugment
@@ -134,8 +135,9 @@ def test_event_file_corruption_is_detected(tmp_path):
         read_events(writer.path)
 
 
+@pytest.mark.extras
 def test_tensorboard_itself_reads_our_event_files(tmp_path):
-    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    accumulator = extra("tensorboard.backend.event_processing.event_accumulator")
     writer = EventWriter(tmp_path)
     for step in range(1, 4):
         writer.scalars(step, {"train/loss": 1.0 / step, "accuracy/class_il": 10.0 * step})
