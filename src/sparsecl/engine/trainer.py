@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from sparsecl.engine.io import RunDirLock, atomic_torch_save, atomic_write_json,
 from sparsecl.engine.launch import launched_world_size
 from sparsecl.engine.progress import RunProgress
 from sparsecl.engine.seeding import rng_state, seed_everything, set_rng_state
-from sparsecl.engine.tensorboard import EventWriter, log_epoch, log_task
+from sparsecl.engine.loggers import RunObserver, loggers_for
 from sparsecl.methods import METHODS, Batch, ContinualMethod, MethodContext
 from sparsecl.metrics.accuracy import summarize
 from sparsecl.metrics.efficiency import memory_footprint, peak_memory_bytes, reset_peak_memory
@@ -45,7 +45,6 @@ CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_KEYS = ("task", "model", "method", "flops", "counter", "state", "rng")
 RESULT = "result.json"
 CONFIG = "config.yaml"
-TENSORBOARD_DIR = "tensorboard"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -291,9 +290,10 @@ class Trainer:
     """Runs (or resumes) one configuration end to end. See :func:`run` for the simple entry point."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, *, progress: bool = False, resume: bool = False,
-                 dist: Distributed | None = None) -> None:
+                 dist: Distributed | None = None, observers: Sequence[RunObserver] = ()) -> None:
         """``dist``: this rank's process group under torchrun (see :func:`distributed_session`);
-        every rank then builds the same seeded run, and only rank 0 writes files."""
+        every rank then builds the same seeded run, and only rank 0 writes files. ``observers``:
+        told of every epoch and task on rank 0 (beside the loggers ``cfg`` asks for)."""
         cfg.validate()
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -358,7 +358,8 @@ class Trainer:
             "train_seconds": [], "eval_seconds": [], "samples": [], "flops": [], "dense_flops": [],
             "epoch_loss": [], "peak_memory": [], "footprint": None, "max_step_samples": 0,
         }
-        self.tb: EventWriter | None = None  # TensorBoard events (rank 0, --tensorboard), open during run()
+        self.extra_observers = tuple(observers)
+        self.observers: list[RunObserver] = []  # rank 0, during run(): loggers, then the caller's
         if resume:
             self._load_checkpoint()
         if self.execution is not None and self.execution.choices is not None:  # checkpointed with the state
@@ -459,8 +460,9 @@ class Trainer:
                     f"(method {cfg.method}, lr {method.opt.lr}): lower the learning rate"
                 )
             losses.append(mean_loss)
-            if self.tb is not None and mean_loss is not None:
-                log_epoch(self.tb, task_index * cfg.epochs + epoch + 1, task_index, mean_loss)
+            if mean_loss is not None:
+                for observer in self.observers:
+                    observer.epoch(task_index * cfg.epochs + epoch + 1, task_index, mean_loss)
             method.end_epoch(task, epoch)
             bar.epoch_done(mean_loss, self.counter.train_samples)
         del graph  # frees the graph's memory pool before the next task captures its own
@@ -476,14 +478,14 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / CONFIG)
-        if cfg.tensorboard and self.is_main:
-            self.tb = EventWriter(self.run_dir / TENSORBOARD_DIR)
+        if self.is_main:
+            self.observers = [*loggers_for(cfg, self.run_dir), *self.extra_observers]
         try:
             return self._run()
         finally:
-            if self.tb is not None:
-                self.tb.close()
-                self.tb = None
+            for observer in self.observers:
+                observer.close()
+            self.observers = []
 
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -527,8 +529,8 @@ class Trainer:
                     self._save_checkpoint(t)
                     result = self.result(complete=False)
                     atomic_write_json(self.run_dir / RESULT, result)
-                    if self.tb is not None:
-                        log_task(self.tb, result, t)
+                    for observer in self.observers:
+                        observer.task(result, t)
                 bar.task_done()
         if self.is_main:
             atomic_torch_save(self.run_dir / "model.pt", self.model.state_dict())
@@ -671,8 +673,10 @@ class Trainer:
         }
 
 
-def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = False) -> tuple[dict[str, Any], Path]:
-    """Train and evaluate ``cfg``; returns (result dict, run directory).
+def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = False,
+        observers: Sequence[RunObserver] = ()) -> tuple[dict[str, Any], Path]:
+    """Train and evaluate ``cfg``; returns (result dict, run directory). ``observers`` are told of
+    every epoch and completed task (:class:`~sparsecl.engine.loggers.RunObserver`).
 
     Under ``torchrun`` (WORLD_SIZE > 1) every rank calls this; they train together with
     DistributedDataParallel and only rank 0 writes the run directory (docs/distributed.md).
@@ -687,7 +691,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = False
             return str(locks[0].run_dir)
 
         run_dir = Path(claim() if dist is None else dist.on_main(claim))
-        return _train(lambda: Trainer(cfg, run_dir, progress=progress, dist=dist), run_dir, locks)
+        return _train(lambda: Trainer(cfg, run_dir, progress=progress, dist=dist, observers=observers), run_dir, locks)
 
 
 def _train(make: Any, run_dir: Path, locks: list[RunDirLock]) -> tuple[dict[str, Any], Path]:
@@ -705,7 +709,7 @@ def _train(make: Any, run_dir: Path, locks: list[RunDirLock]) -> tuple[dict[str,
 
 
 def resume(run_dir: str | Path, *, device: str | None = None, data_dir: str | None = None,
-           progress: bool = False) -> tuple[dict[str, Any], Path]:
+           progress: bool = False, observers: Sequence[RunObserver] = ()) -> tuple[dict[str, Any], Path]:
     """Continue the run in ``run_dir`` after its last completed task (under ``torchrun`` too:
     rank 0 reads the configuration and checkpoint and sends them to the other ranks). ``device``
     and ``data_dir`` may differ from the run's own (they do not change its results)."""
@@ -734,4 +738,5 @@ def resume(run_dir: str | Path, *, device: str | None = None, data_dir: str | No
             cfg.device = device
         if data_dir is not None:
             cfg.data_dir = data_dir
-        return _train(lambda: Trainer(cfg, run_dir, progress=progress, resume=True, dist=dist), run_dir, locks)
+        return _train(lambda: Trainer(cfg, run_dir, progress=progress, resume=True, dist=dist, observers=observers),
+                      run_dir, locks)
