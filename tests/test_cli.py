@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -301,6 +302,20 @@ def test_matching_preset_is_used_and_said_unless_no_preset(capsys):
     assert lr.method_options["lr"] == 0.1 and lr.method_options["alpha"] == 1.0
     build_config(make_parser().parse_args(["run", "--method", "sparcl-der++", "--benchmark", "seq-mnist", "--buffer", "500"]))
     assert "tuned presets for this: seq-mnist-sparcl-der++-500-sp75, seq-mnist-sparcl-der++-500-sp90" in capsys.readouterr().err
+
+
+def test_a_preset_file_is_a_preset(tmp_path, capsys):
+    """A preset of one's own (e.g. `sparsecl tune`'s best): its description and source set nothing,
+    its options are a preset layer under the flags; with --preset it is one error line."""
+    from sparsecl.cli import build_config, make_parser
+    from sparsecl.config import load_preset, merge_config
+
+    own = tmp_path / "mine.yaml"
+    own.write_text((Path(__file__).parents[1] / "src/sparsecl/presets/seq-mnist-der++-500.yaml").read_text())
+    cfg = build_config(make_parser().parse_args(["run", "--preset-file", str(own), "--epochs", "2"]))
+    assert cfg == merge_config(load_preset("seq-mnist-der++-500"), {"epochs": 2})
+    assert main(["run", "--preset", "default", "--preset-file", str(own)]) == 2
+    assert capsys.readouterr().err.strip() == "sparsecl: error: give --preset or --preset-file, not both"
 
 
 def test_resume_says_which_flags_it_ignores(tmp_path, capsys):

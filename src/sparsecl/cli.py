@@ -1,4 +1,4 @@
-"""Command-line interface: ``sparsecl run | flops | list | report | export | sweep``."""
+"""Command-line interface: ``sparsecl run | flops | tune | list | report | export | sweep``."""
 from __future__ import annotations
 
 import argparse
@@ -44,12 +44,32 @@ def _flops_parser(sub) -> None:
                    help="spec (default) or sparcl-paper (SparCL Table 1's count)")
 
 
+def _tune_parser(sub) -> None:
+    p = sub.add_parser("tune", help="hyper-parameter search with Optuna on a validation split (see sparsecl.tune)")
+    _run_options(p)
+    p.add_argument("--param", action="append", default=[], metavar="NAME=SPEC",
+                   help="a searched value: lr=log:1e-3:1e-1, alpha=0.1:1.0, minibatch_size=int:8:64, policy=choice:a,b")
+    p.add_argument("--space", metavar="FILE", help="YAML file of NAME: SPEC (the --param flags win)")
+    p.add_argument("--trials", type=int, default=20, help="finished trials the study needs, over all workers and restarts")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the study here (the CPU threads are split)")
+    p.add_argument("--study", help="study name (default BENCHMARK-METHOD)")
+    p.add_argument("--storage", help="SQLAlchemy URL of the study database (default: sqlite in --out)")
+    p.add_argument("--objective", choices=["class-il", "task-il"], help="whose ACC is maximised (default: the setting's)")
+    p.add_argument("--flops-penalty", type=float, default=0.0, metavar="POINTS",
+                   help="subtract POINTS of ACC per 100 %% of dense training FLOPs")
+    p.add_argument("--pareto", action="store_true", help="two objectives, ACC and the FLOPs ratio: a Pareto front")
+    p.add_argument("--pruner", help="median (default), none, or below:ACC (stop trials under ACC after any task)")
+    p.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler (default: the run seed)")
+    p.add_argument("--best-preset", metavar="FILE", help="where the best trial's preset goes (default OUT/best-preset.yaml)")
+
+
 def _run_options(p) -> None:
     """The options that define a run (shared by `run` and `flops`)."""
     p.add_argument("--method", help="method name (see `sparsecl list`)")
     p.add_argument("--benchmark", help="benchmark name (see `sparsecl list`)")
     p.add_argument("--preset", help="named preset of best-known hyper-parameters (default: the preset of the "
                    "named method, benchmark and buffer, if there is one)")
+    p.add_argument("--preset-file", metavar="FILE", help="a preset file of your own, e.g. the best preset of `sparsecl tune`")
     p.add_argument("--no-preset", action="store_true", help="the bare defaults, even where a matching preset exists")
     p.add_argument("--config", help="YAML file with run options (CLI flags override it)")
     p.add_argument("--setting", choices=["class-il", "task-il"])
@@ -94,12 +114,16 @@ RESUME_FLAGS = {"resume", "device", "data_dir", "quiet"}
 
 
 def build_config(args: argparse.Namespace):
-    from sparsecl.config import RunConfig, load_preset, load_yaml, merge_config
+    from sparsecl.config import RunConfig, load_preset, load_preset_file, load_yaml, merge_config
 
+    if args.preset and args.preset_file:
+        raise SparseCLError("give --preset or --preset-file, not both")
     layers: list[dict[str, Any]] = []
-    if not any([args.method, args.benchmark, args.preset, args.config]):
+    if not any([args.method, args.benchmark, args.preset, args.preset_file, args.config]):
         layers.append(load_preset(DEFAULT_PRESET))
-    preset = args.preset or (None if args.config or args.no_preset else matching_preset(args))
+    if args.preset_file:
+        layers.append(load_preset_file(args.preset_file))
+    preset = args.preset or (None if args.config or args.no_preset or args.preset_file else matching_preset(args))
     if preset:
         layers.append(load_preset(preset))
     if args.config:
@@ -176,6 +200,48 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     if is_main_process():  # under torchrun only rank 0 reports
         print_result(result, run_dir, console)
     return 0
+
+
+def cmd_tune(args: argparse.Namespace, console: Console) -> int:
+    from sparsecl.tune import DEFAULT_VALIDATION, TuneSettings, parse_params, tune
+
+    base = build_config(args)
+    params = parse_params(args.param, args.space)
+    if base.validation is None:
+        base.validation = DEFAULT_VALIDATION
+        _note(f"trials are evaluated on a {DEFAULT_VALIDATION:g} validation split of the training data (--validation)")
+    study = args.study or f"{base.benchmark}-{base.method}"
+    out, base.out = Path(args.out or f"runs/tune-{study}"), None
+    settings = TuneSettings(
+        study=study, out=out, storage=args.storage or "", trials=args.trials, workers=args.workers,
+        objective=args.objective or base.setting, flops_penalty=args.flops_penalty, pareto=args.pareto,
+        pruner=args.pruner or ("none" if args.pareto else "median"),
+        sampler_seed=base.seed if args.sampler_seed is None else args.sampler_seed,
+        best_preset=Path(args.best_preset) if args.best_preset else None)
+    summary = tune(settings, base, params)
+    print_tune(summary, settings, console)
+    return 0
+
+
+def print_tune(summary: dict[str, Any], settings, console: Console) -> None:
+    done = [t for t in summary["trials"] if t["state"] in ("complete", "pruned")]
+    table = Table(title=f"study {summary['study']}: {len(done)} finished trials, best first")
+    for col in ("trial", "state", "value", "FLOPs ratio", "parameters"):
+        table.add_column(col, justify="left" if col == "parameters" else "right")
+    ranked = sorted(done, key=lambda t: (t["state"] != "complete", -(t["values"] or [float("-inf")])[0]))
+    for t in ranked[:10]:
+        value = _fmt(t["values"][0]) if t["values"] else "-"
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
+        table.add_row(str(t["number"]), t["state"], value, _fmt(t.get("flops_ratio"), 3), params)
+    console.print(table)
+    if summary["best"] is None:
+        console.print("no trial completed: no best preset written", markup=False)
+        return
+    from sparsecl.tune import BEST_PRESET, SUMMARY
+
+    preset = settings.best_preset or settings.out / BEST_PRESET
+    console.print(f"best: trial {summary['best']}; preset {preset} (sparsecl run --preset-file {preset}); "
+                  f"all trials: {settings.out / SUMMARY}", markup=False, highlight=False)
 
 
 def cmd_flops(args: argparse.Namespace, console: Console) -> int:
@@ -357,6 +423,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     _run_parser(sub)
     _flops_parser(sub)
+    _tune_parser(sub)
     sub.add_parser("list", help="methods, benchmarks, backbones and presets, one line each")
     rp = sub.add_parser("report", help="one table of final metrics over run directories")
     rp.add_argument("runs", nargs="+", help="run directories (or folders containing them)")
@@ -396,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Piped or redirected: no wrapping at 80 columns (tables and lines stay one per row).
     console = Console() if sys.stdout.isatty() else Console(width=1000, soft_wrap=True)
     handlers = {"run": cmd_run, "flops": cmd_flops, "list": cmd_list, "report": cmd_report, "export": cmd_export,
-                "sweep": cmd_sweep}
+                "sweep": cmd_sweep, "tune": cmd_tune}
     try:
         return handlers[args.command](args, console)
     except SparseCLError as e:
@@ -414,6 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _interrupted(e: KeyboardInterrupt, command: str) -> str:
     """Where an interrupted run or sweep stands and how to continue it."""
     run_dir, done = getattr(e, "run_dir", None), getattr(e, "completed", 0)
+    if command == "tune":
+        return "interrupted; its trials were stopped (run the same command again: interrupted trials resume)"
     if command == "sweep":
         return "interrupted; its runs were stopped, completed tasks are checkpointed (rerun the sweep to continue)"
     if run_dir is None:

@@ -173,6 +173,12 @@ def load_preset(name: str) -> dict[str, Any]:
     path = preset_dir() / f"{name}.yaml"
     if not path.exists():
         raise SparseCLError(f"unknown preset {name!r} (see `sparsecl list`)")
+    return load_preset_file(path)
+
+
+def load_preset_file(path: str | Path) -> dict[str, Any]:
+    """A preset's run options (a shipped one, or a file such as `sparsecl tune`'s best preset):
+    its ``description`` and ``source`` say where the values come from, they set nothing."""
     data = load_yaml(path)
     data.pop("description", None)
     data.pop("source", None)

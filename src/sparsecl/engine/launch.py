@@ -32,11 +32,11 @@ def is_main_process() -> bool:
     return process_rank() == 0
 
 
-def die_with_parent() -> None:
-    """In a run started by ``sparsecl sweep`` (:data:`PARENT_ENV` set): ask Linux for SIGTERM
-    when the sweep dies, however it dies (SIGKILL included), and exit at once if it is already
-    gone (it died before the request took effect)."""
-    parent = os.environ.pop(PARENT_ENV, None)
+def die_with_parent(parent: int | None = None) -> None:
+    """In a process started by ``sparsecl sweep`` or ``tune`` (:data:`PARENT_ENV` set, or the
+    parent's pid given): ask Linux for SIGTERM when the parent dies, however it dies (SIGKILL
+    included), and exit at once if it is already gone (it died before the request took effect)."""
+    parent = os.environ.pop(PARENT_ENV, None) if parent is None else parent
     if parent is None:
         return
     if sys.platform.startswith("linux"):
