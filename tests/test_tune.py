@@ -179,3 +179,23 @@ def test_a_study_is_one_search(tmp_path, capsys):
     assert main(["tune", *TINY, *SPACE, "--trials", "1", "--out", str(out), "--best-preset", str(foreign)]) == 2
     assert "is not this study's best preset" in capsys.readouterr().err
     assert foreign.read_text() == "description: my own\nmethod: er\n"
+
+
+@pytest.mark.extras
+def test_an_unusable_study_database_is_one_line(tmp_path, capsys):
+    extra("optuna")
+    sqlalchemy_exc = extra("sqlalchemy.exc")
+    assert main(["tune", *TINY, *SPACE, "--storage", "bogus://x", "--out", str(tmp_path / "t")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "sparsecl: error: cannot open study 'digits-er' in bogus://x:")
+    from sparsecl.tune import TuneSettings, _storage_error
+
+    try:  # how Optuna surfaces a database failure inside a trial: chained under its own error
+        try:
+            raise sqlalchemy_exc.OperationalError("UPDATE trials", {}, Exception("attempt to write a readonly database"))
+        except Exception:
+            raise AssertionError("Should not reach.")
+    except AssertionError as e:
+        err = _storage_error(e, TuneSettings(study="s", out=tmp_path))
+    assert str(err) == f"the study database sqlite:///{tmp_path / 'study.db'} failed: attempt to write a readonly database"
+    assert _storage_error(ValueError("mine"), TuneSettings(study="s", out=tmp_path)) is None

@@ -34,6 +34,7 @@ from __future__ import annotations
 import datetime
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -405,9 +406,24 @@ class _Worker:
             active = sum(t.state in (state.COMPLETE, state.PRUNED, state.RUNNING) for t in trials)
             if not waiting and active >= self.settings.trials:
                 return
-            study.optimize(self.objective, n_trials=1, catch=(SparseCLError, _Surplus))
+            try:
+                study.optimize(self.objective, n_trials=1, catch=(SparseCLError, _Surplus))
+            except Exception as e:
+                raise _storage_error(e, self.settings) or e
         message = max(self.failures, key=self.failures.get)
         raise SparseCLError(f"stopping: {SAME_FAILURES} trials failed with: {message}")
+
+
+def _storage_error(e: BaseException, settings: TuneSettings) -> SparseCLError | None:
+    """One line for a failure of the study's database (anywhere in the exception's chain)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    while e is not None and not isinstance(e, SQLAlchemyError):
+        e = e.__cause__ or e.__context__
+    if e is None:
+        return None
+    reason = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
+    return SparseCLError(f"the study database {settings.shown_storage} failed: {reason}")
 
 
 def _read_result(run_dir: Path) -> dict[str, Any] | None:
@@ -456,9 +472,14 @@ def _run_workers(settings: TuneSettings, base: RunConfig, params: list[Param], t
     try:
         for p in procs:
             p.start()
-        for p in procs:
-            p.join()
-    except KeyboardInterrupt:
+        pending = {p.sentinel: i for i, p in enumerate(procs)}
+        while pending:
+            for sentinel in multiprocessing.connection.wait(list(pending)):
+                i = pending.pop(sentinel)
+                if procs[i].exitcode:  # its error line is above; the others stop too, resumable
+                    raise SparseCLError(f"worker {i} stopped (exit code {procs[i].exitcode}); the other workers "
+                                        "were stopped too: run the same command again to continue")
+    except BaseException:  # Ctrl-C, SIGTERM or a failed worker: no worker outlives the tune
         for p in procs:
             if p.is_alive():
                 p.terminate()  # SIGTERM: each marks its trial interrupted
@@ -467,9 +488,6 @@ def _run_workers(settings: TuneSettings, base: RunConfig, params: list[Param], t
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    failed = [i for i, p in enumerate(procs) if p.exitcode]
-    if failed:
-        raise SparseCLError(f"worker {failed[0]} stopped with exit code {procs[failed[0]].exitcode} (see its lines above)")
 
 
 def tune(settings: TuneSettings, base: RunConfig, params: list[Param],
