@@ -32,6 +32,7 @@ study's provenance, and every trial is listed in ``OUT/tune.json``.
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -39,6 +40,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field, fields
@@ -51,7 +53,7 @@ from sparsecl import SparseCLError, __version__
 from sparsecl.config import LOCATION_KEYS, RunConfig, build_options, first_difference, load_yaml, merge_config
 from sparsecl.engine.io import atomic_write_json, atomic_write_text
 from sparsecl.engine.launch import die_with_parent
-from sparsecl.engine.trainer import resume, run
+from sparsecl.engine.trainer import CHECKPOINT, RESULT, resume, run
 from sparsecl.methods import METHODS
 from sparsecl.sweep import SAME_FAILURES
 
@@ -347,7 +349,10 @@ class _Worker:
         if resume_of is None and self._surplus(trial):
             trial.set_user_attr("surplus", True)
             raise _Surplus
-        run_dir = Path(trial.user_attrs.get("run_dir") or self.settings.out / f"trial-{trial.number:04d}")
+        # An interrupted trial resumes its run where that run's checkpoint is (here, or on a shared disk).
+        old = trial.user_attrs.get("run_dir")
+        resumable = old is not None and (Path(old) / CHECKPOINT).exists()
+        run_dir = Path(old) if resumable else self.settings.out / f"trial-{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
         key = OBJECTIVES[self.settings.objective]
         observers = [] if self.settings.pareto else [_Pruning(trial, key, self.settings.flops_penalty)]
@@ -374,8 +379,8 @@ class _Worker:
         return (value, result["flops"]["ratio"] or 0.0) if self.settings.pareto else value
 
     def _run(self, trial: Any, run_dir: Path, values: dict[str, Any], observers: list) -> dict[str, Any]:
-        if (run_dir / "checkpoint.pt").exists():  # an interrupted trial: report its completed tasks again
-            done = _read_result(run_dir)
+        if (run_dir / CHECKPOINT).exists():  # an interrupted trial: report its completed tasks again
+            done = _read_json(run_dir / RESULT)
             for t in range(done["tasks_completed"] if done else 0):
                 for observer in observers:
                     observer.task(done, t)
@@ -426,13 +431,12 @@ def _storage_error(e: BaseException, settings: TuneSettings) -> SparseCLError | 
     return SparseCLError(f"the study database {settings.shown_storage} failed: {reason}")
 
 
-def _read_result(run_dir: Path) -> dict[str, Any] | None:
-    import json
-
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((run_dir / "result.json").read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _shown(values: dict[str, Any]) -> str:
@@ -503,19 +507,35 @@ def tune(settings: TuneSettings, base: RunConfig, params: list[Param],
 
         raise os_error("create", settings.out, e) from None
     threads = settings.threads or base.threads or max(1, (os.cpu_count() or 1) // settings.workers)
+    _check_out(settings)
     study = open_study(settings, base, params)
     recover(study, log)
+    atomic_write_json(settings.out / SUMMARY, summarize(study, settings))  # claims OUT for this study
     log(f"tune: study {settings.study!r} in {settings.shown_storage}: {_finished(study)} of {settings.trials} "
         f"trials finished, {settings.workers} worker(s) of {threads} thread(s)")
-    if settings.workers == 1:
-        _Worker(settings, base, params, log, threads).work(study)
-    else:
+    if settings.workers > 1:
         _run_workers(settings, base, params, threads)
+    else:  # SIGTERM, like Ctrl-C, records the trial as interrupted
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
+        try:
+            _Worker(settings, base, params, log, threads).work(study)
+        finally:
+            if on_main:
+                signal.signal(signal.SIGTERM, previous)
     summary = summarize(study, settings)
     atomic_write_json(settings.out / SUMMARY, summary)
     if summary["best"] is not None:
         write_best_preset(study, settings, base, params, summary)
     return summary
+
+
+def _check_out(settings: TuneSettings) -> None:
+    """One output folder holds one study's trials (their run directories are named by number)."""
+    old = _read_json(settings.out / SUMMARY)
+    if old is not None and (old.get("study"), old.get("storage")) != (settings.study, settings.shown_storage):
+        raise SparseCLError(f"{settings.out} holds the trials of study {old.get('study')!r} in {old.get('storage')}: "
+                            "give another --out")
 
 
 def _finished(study) -> int:
@@ -530,7 +550,7 @@ def summarize(study, settings: TuneSettings) -> dict[str, Any]:
     trials = [{"number": t.number, "state": t.state.name.lower(), "values": t.values, "params": t.params,
                **t.user_attrs}
               for t in study.get_trials(deepcopy=False) if t.state != state.WAITING]
-    complete = [t for t in study.get_trials(deepcopy=False, states=(state.COMPLETE,))]
+    complete = study.get_trials(deepcopy=False, states=(state.COMPLETE,))
     front = [t.number for t in study.best_trials] if complete else []
     best = _best(study, settings) if complete else None
     return {"study": settings.study, "storage": settings.shown_storage, "objective": settings.objective,
