@@ -341,19 +341,13 @@ class _Worker:
     failures: dict[str, int] = field(default_factory=dict)
 
     def objective(self, trial: Any) -> float | tuple[float, float]:
-        trial.set_user_attr("host", HOST)
-        trial.set_user_attr("pid", os.getpid())
-        trial.set_user_attr("threads", self.threads)
+        for name, value in (("host", HOST), ("pid", os.getpid()), ("threads", self.threads)):
+            trial.set_user_attr(name, value)
         values = {p.name: p.suggest(trial) for p in self.params}
-        resume_of = trial.user_attrs.get("resume_of")
-        if resume_of is None and self._surplus(trial):
+        if trial.user_attrs.get("resume_of") is None and self._surplus(trial):
             trial.set_user_attr("surplus", True)
             raise _Surplus
-        # An interrupted trial resumes its run where that run's checkpoint is (here, or on a shared disk).
-        old = trial.user_attrs.get("run_dir")
-        resumable = old is not None and (Path(old) / CHECKPOINT).exists()
-        run_dir = Path(old) if resumable else self.settings.out / f"trial-{trial.number:04d}"
-        trial.set_user_attr("run_dir", str(run_dir))
+        run_dir = self._run_dir(trial)
         key = OBJECTIVES[self.settings.objective]
         observers = [] if self.settings.pareto else [_Pruning(trial, key, self.settings.flops_penalty)]
         t0 = time.perf_counter()
@@ -369,14 +363,20 @@ class _Worker:
         except _optuna().TrialPruned as e:
             self.log(f"tune: trial {trial.number} {e} ({_shown(values)})")
             raise
-        for name in OBJECTIVES.values():
-            if name in result["accuracy"]:
-                trial.set_user_attr(f"{name}_acc", result["accuracy"][name]["acc"])
-        trial.set_user_attr("flops_ratio", result["flops"]["ratio"])
         value = _value(result, key, self.settings.flops_penalty)
+        _record(trial, result)
         self.log(f"tune: trial {trial.number} {self.settings.objective} {value:.2f} in "
                  f"{time.perf_counter() - t0:.0f} s ({_shown(values)})")
         return (value, result["flops"]["ratio"] or 0.0) if self.settings.pareto else value
+
+    def _run_dir(self, trial: Any) -> Path:
+        """A new trial's run directory; an interrupted one's where its checkpoint is (here, or on a
+        shared disk); one that never checkpointed a task starts again in a new directory."""
+        old = trial.user_attrs.get("run_dir")
+        resumable = old is not None and (Path(old) / CHECKPOINT).exists()
+        run_dir = Path(old) if resumable else self.settings.out / f"trial-{trial.number:04d}"
+        trial.set_user_attr("run_dir", str(run_dir))
+        return run_dir
 
     def _run(self, trial: Any, run_dir: Path, values: dict[str, Any], observers: list) -> dict[str, Any]:
         if (run_dir / CHECKPOINT).exists():  # an interrupted trial: report its completed tasks again
@@ -417,6 +417,14 @@ class _Worker:
                 raise _storage_error(e, self.settings) or e
         message = max(self.failures, key=self.failures.get)
         raise SparseCLError(f"stopping: {SAME_FAILURES} trials failed with: {message}")
+
+
+def _record(trial: Any, result: dict[str, Any]) -> None:
+    """The finished run's accuracies and FLOPs ratio, beside the trial's values in the study."""
+    for name in OBJECTIVES.values():
+        if name in result["accuracy"]:
+            trial.set_user_attr(f"{name}_acc", result["accuracy"][name]["acc"])
+    trial.set_user_attr("flops_ratio", result["flops"]["ratio"])
 
 
 def _storage_error(e: BaseException, settings: TuneSettings) -> SparseCLError | None:
