@@ -203,3 +203,23 @@ def test_an_unusable_study_database_is_one_line(tmp_path, capsys):
         err = _storage_error(e, TuneSettings(study="s", out=tmp_path))
     assert str(err) == f"the study database sqlite:///{tmp_path / 'study.db'} failed: attempt to write a readonly database"
     assert _storage_error(ValueError("mine"), TuneSettings(study="s", out=tmp_path)) is None
+
+
+@pytest.mark.extras
+def test_the_median_pruner_waits_for_the_second_task():
+    """After one task every trial is near-perfect (nothing forgotten yet): pruning there would drop
+    trials by noise. From the second task on, one below the median of the others stops."""
+    optuna = extra("optuna")
+    from sparsecl.tune import _pruner
+
+    study = optuna.create_study(direction="maximize", pruner=_pruner(optuna, "median"))
+    for _ in range(4):
+        trial = study.ask()
+        trial.report(99.8, 0)
+        trial.report(95.0, 1)
+        study.tell(trial, 90.0)
+    late = study.ask()
+    late.report(99.5, 0)
+    assert not late.should_prune()
+    late.report(80.0, 1)
+    assert late.should_prune()
