@@ -46,10 +46,16 @@ def test_search_space_file_and_flags(tmp_path):
 @pytest.mark.parametrize("spec, message", [
     ("lr=0.3:0.1", "LOW < HIGH"), ("lr=log:0:1", "positive for log"), ("n=int:1.5:3", "integers"),
     ("lr=fast", "expected"), ("policy=choice:all", "at least two"), ("lr", "NAME=SPEC"),
+    ("seed=int:0:9", "seed is set by the tune"),
 ])
 def test_bad_search_space_is_one_clear_error(spec, message):
     with pytest.raises(SparseCLError, match=message):
         parse_params([spec])
+
+
+def test_an_option_the_method_lacks_is_refused_before_any_trial(capsys):
+    assert main(["tune", *TINY, "--param", "alpah=0.1:1.0", "--out", "t"]) == 2
+    assert "method 'er' has no option alpah to search" in capsys.readouterr().err
 
 
 def test_missing_optuna_names_the_extra(monkeypatch, capsys):

@@ -116,6 +116,8 @@ def parse_spec(name: str, spec: str) -> Param:
     """``[log:]LO:HI`` (float), ``int:[log:]LO:HI`` or ``choice:A,B,...`` for ``name``."""
     name = name.strip().replace("-", "_")
     text = f"{name}={spec}"
+    if name in NOT_TUNABLE:
+        raise SparseCLError(f"search space {text!r}: {name} is set by the tune or changes no result, it is not searched")
     head, _, rest = str(spec).strip().partition(":")
     if head == "choice":
         choices = tuple(yaml.safe_load(v) for v in rest.split(",") if v.strip())
@@ -203,6 +205,16 @@ class TuneSettings:
             return make_url(self.storage_url).render_as_string(hide_password=True)
         except Exception:  # not a URL SQLAlchemy parses: opening it will say so
             return self.storage_url
+
+
+def check_space(base: RunConfig, params: list[Param]) -> None:
+    """Every searched method option is one of the method's (before any trial runs)."""
+    known = {f.name for f in fields(METHODS.get(base.method).options_cls)}
+    unknown = sorted(p.name for p in params if not p.name.startswith("backbone.") and p.name not in RUN_FIELDS
+                     and p.name not in known)
+    if unknown:
+        raise SparseCLError(f"method {base.method!r} has no option {', '.join(unknown)} to search "
+                            f"(its options: {', '.join(sorted(known))})")
 
 
 def _identity(settings: TuneSettings, base: RunConfig, params: list[Param]) -> dict[str, Any]:
@@ -529,6 +541,7 @@ def tune(settings: TuneSettings, base: RunConfig, params: list[Param],
     Returns the summary written to ``tune.json``."""
     log = log or _stderr_log()
     settings.validate(base)
+    check_space(base, params)
     try:
         settings.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
