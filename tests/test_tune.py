@@ -79,7 +79,7 @@ def _wait_for_two_running_trials(optuna, out: Path, proc: subprocess.Popen) -> l
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         running = _trials(optuna, out, "RUNNING")
-        if len(running) == 2 and any((Path(t.user_attrs.get("run_dir", "-")) / "checkpoint.pt").exists()
+        if len(running) == 2 and any((Path(t.user_attrs.get("run_dir", "-")) / "seed-0" / "checkpoint.pt").exists()
                                      for t in running):
             return running
         time.sleep(0.05)
@@ -155,7 +155,7 @@ def test_pruned_trials_stop_after_a_task_and_keep_their_checkpoint(tmp_path, cap
     assert main(["tune", *TINY, *SPACE, "--trials", "2", "--pruner", "below:101", "--out", str(out)]) == 0
     summary = _summary(out)
     assert [t["state"] for t in summary["trials"]] == ["pruned", "pruned"] and summary["best"] is None
-    run = json.loads((Path(summary["trials"][0]["run_dir"]) / "result.json").read_text())
+    run = json.loads((Path(summary["trials"][0]["run_dir"]) / "seed-0" / "result.json").read_text())
     assert run["tasks_completed"] == 1 and not run["complete"]
     assert not (out / "best-preset.yaml").exists()
     assert "no trial completed" in capsys.readouterr().out
@@ -229,3 +229,31 @@ def test_the_median_pruner_waits_for_the_second_task():
     assert not late.should_prune()
     late.report(80.0, 1)
     assert late.should_prune()
+
+
+@pytest.mark.extras
+def test_a_trial_over_several_seeds_is_their_mean_and_resumes_seed_by_seed(tmp_path, monkeypatch):
+    extra("optuna")
+    args = ["tune", *TINY, *SPACE, "--seeds", "0,1", "--trials", "1", "--pruner", "none"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    (trial,) = _summary(tmp_path / "plain")["trials"]
+    runs = [json.loads((Path(trial["run_dir"]) / f"seed-{s}" / "result.json").read_text()) for s in (0, 1)]
+    assert [r["seed"] for r in runs] == [0, 1]
+    accs = [r["accuracy"]["class_il"]["acc"] for r in runs]
+    assert trial["class_il_acc_per_seed"] == accs and trial["values"] == [pytest.approx(sum(accs) / 2)]
+    original, calls = trainer_mod.Trainer._train_task, []
+
+    def crash_once(self, t, bar):
+        calls.append(t)
+        if len(calls) == 8:  # task 3 of seed 1 (5 tasks per run)
+            raise KeyboardInterrupt
+        return original(self, t, bar)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_train_task", crash_once)
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    calls.clear()
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 0
+    assert calls == [2, 3, 4]  # seed 0 is not trained again; seed 1 resumes after its task 2
+    done = [t for t in _summary(tmp_path / "cut")["trials"] if t["state"] == "complete"]
+    assert [t["values"] for t in done] == [trial["values"]]
+    assert main(["tune", *TINY, *SPACE, "--seed", "1", "--seeds", "0,1", "--out", str(tmp_path / "x")]) == 2

@@ -59,6 +59,8 @@ def _tune_parser(sub) -> None:
                    help="subtract POINTS of ACC per 100 %% of dense training FLOPs")
     p.add_argument("--pareto", action="store_true", help="two objectives, ACC and the FLOPs ratio: a Pareto front")
     p.add_argument("--pruner", help="median (default), none, or below:ACC (stop trials under ACC after any task)")
+    p.add_argument("--seeds", metavar="S,S,...", help="a trial's value is the mean over runs with these seeds "
+                   "(default: the one --seed); pruning watches the first")
     p.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler (default: the run seed)")
     p.add_argument("--best-preset", metavar="FILE", help="where the best trial's preset goes (default OUT/best-preset.yaml)")
 
@@ -216,11 +218,22 @@ def cmd_tune(args: argparse.Namespace, console: Console) -> int:
         study=study, out=out, storage=args.storage or "", trials=args.trials, workers=args.workers,
         objective=args.objective or base.setting, flops_penalty=args.flops_penalty, pareto=args.pareto,
         pruner=args.pruner or ("none" if args.pareto else "median"),
-        sampler_seed=base.seed if args.sampler_seed is None else args.sampler_seed,
+        sampler_seed=base.seed if args.sampler_seed is None else args.sampler_seed, seeds=_seed_list(args),
         best_preset=Path(args.best_preset) if args.best_preset else None)
     summary = tune(settings, base, params)
     print_tune(summary, settings, console)
     return 0
+
+
+def _seed_list(args: argparse.Namespace) -> tuple[int, ...]:
+    if not args.seeds:
+        return ()
+    if args.seed is not None:
+        raise SparseCLError("give --seed or --seeds, not both")
+    try:
+        return tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        raise SparseCLError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
 
 
 def print_tune(summary: dict[str, Any], settings, console: Console) -> None:

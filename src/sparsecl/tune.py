@@ -13,7 +13,8 @@ from ``--param NAME=SPEC`` flags or a YAML file mapping names to specs::
 A name is a method option (``lr``, ``alpha``), a run option (``epochs``, ``batch_size``) or a
 backbone option (``backbone.nf``).
 
-Objective: the final Class-IL or Task-IL ACC (``--objective``), optionally minus
+Objective: the final Class-IL or Task-IL ACC (``--objective``), of one seed's run or the mean over
+``--seeds`` (one run directory per seed under the trial's folder), optionally minus
 ``--flops-penalty`` points per 100 % of dense training FLOPs, or with ``--pareto`` the pair
 (ACC, FLOPs ratio) searched for its Pareto front. After each task a trial reports its average
 accuracy over the tasks seen so far, so a pruner (median by default) stops trials that fall behind
@@ -175,6 +176,7 @@ class TuneSettings:
     sampler_seed: int = 0
     best_preset: Path | None = None
     threads: int = field(default=0)  # per trial; 0 = the CPUs split between the workers
+    seeds: tuple[int, ...] = ()  # a trial's value is the mean over these seeds' runs; () = the base seed
 
     def validate(self, base: RunConfig) -> None:
         if self.trials < 1 or self.workers < 1:
@@ -191,6 +193,11 @@ class TuneSettings:
             raise SparseCLError("Optuna cannot prune multi-objective trials: use --pruner none with --pareto")
         if base.validation is None:
             raise SparseCLError("a tune evaluates on a validation split: set validation")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise SparseCLError(f"--seeds repeats a seed: {', '.join(map(str, self.seeds))}")
+
+    def run_seeds(self, base: RunConfig) -> tuple[int, ...]:
+        return self.seeds or (base.seed,)
 
     @property
     def storage_url(self) -> str:
@@ -222,7 +229,7 @@ def _identity(settings: TuneSettings, base: RunConfig, params: list[Param]) -> d
     trials of two searches."""
     cfg = {k: v for k, v in base.to_dict().items() if k not in ("out", "device", "threads", *LOCATION_KEYS)}
     return {"space": [p.text for p in params], "objective": settings.objective, "pareto": settings.pareto,
-            "flops_penalty": settings.flops_penalty, "base": cfg}
+            "flops_penalty": settings.flops_penalty, "seeds": list(settings.run_seeds(base)), "base": cfg}
 
 
 def open_study(settings: TuneSettings, base: RunConfig, params: list[Param], worker: int = 0):
@@ -385,7 +392,8 @@ class _Worker:
         observers = [] if self.settings.pareto else [_Pruning(trial, key, self.settings.flops_penalty)]
         t0 = time.perf_counter()
         try:
-            result = self._run(trial, run_dir, values, observers)
+            results = [self._run_seed(run_dir / f"seed-{seed}", seed, values, observers if i == 0 else [])
+                       for i, seed in enumerate(self.settings.run_seeds(self.base))]
         except SparseCLError as e:
             trial.set_user_attr("error", str(e))
             self._failed(trial, str(e))
@@ -396,32 +404,36 @@ class _Worker:
         except _optuna().TrialPruned as e:
             self.log(f"tune: trial {trial.number} {e} ({_shown(values)})")
             raise
-        value = _value(result, key, self.settings.flops_penalty)
-        _record(trial, result)
+        value = statistics.fmean(_value(r, key, self.settings.flops_penalty) for r in results)
+        ratio = _record(trial, results)
         self.log(f"tune: trial {trial.number} {self.settings.objective} {value:.2f} in "
                  f"{time.perf_counter() - t0:.0f} s ({_shown(values)})")
-        return (value, result["flops"]["ratio"] or 0.0) if self.settings.pareto else value
+        return (value, ratio) if self.settings.pareto else value
 
     def _run_dir(self, trial: Any) -> Path:
-        """A new trial's run directory; an interrupted one's where its checkpoint is (here, or on a
-        shared disk); one that never checkpointed a task starts again in a new directory."""
+        """A new trial's folder (a run directory per seed in it); an interrupted one's where its runs
+        are (here, or on a shared disk); one that never checkpointed a task starts again in a new one."""
         old = trial.user_attrs.get("run_dir")
-        resumable = old is not None and (Path(old) / CHECKPOINT).exists()
+        resumable = old is not None and any(Path(old).glob(f"seed-*/{CHECKPOINT}"))
         run_dir = Path(old) if resumable else self.settings.out / f"trial-{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
         return run_dir
 
-    def _run(self, trial: Any, run_dir: Path, values: dict[str, Any], observers: list) -> dict[str, Any]:
-        if (run_dir / CHECKPOINT).exists():  # an interrupted trial: report its completed tasks again
-            done = _read_json(run_dir / RESULT)
-            for t in range(done["tasks_completed"] if done else 0):
+    def _run_seed(self, run_dir: Path, seed: int, values: dict[str, Any], observers: list) -> dict[str, Any]:
+        """One seed's run of the trial: done already, resumed from its checkpoint (an interrupted
+        trial; its completed tasks are reported again) or new."""
+        done = _read_json(run_dir / RESULT)
+        if done is not None and (done.get("complete") or (run_dir / CHECKPOINT).exists()):
+            for t in range(done["tasks_completed"]):
                 for observer in observers:
                     observer.task(done, t)
+            if done["complete"]:
+                return done
             return resume(run_dir, device=self.base.device, observers=observers)[0]
         layer = self.base.to_dict()
         for p in self.params:
             p.apply(layer, values[p.name])
-        layer.update(out=str(run_dir), threads=self.threads)
+        layer.update(out=str(run_dir), threads=self.threads, seed=seed)
         cfg = merge_config(layer)
         build_options(METHODS.get(cfg.method).options_cls, dict(cfg.method_options), f"method {cfg.method!r}")
         return run(cfg, observers=observers)[0]
@@ -452,12 +464,17 @@ class _Worker:
         raise SparseCLError(f"stopping: {SAME_FAILURES} trials failed with: {message}")
 
 
-def _record(trial: Any, result: dict[str, Any]) -> None:
-    """The finished run's accuracies and FLOPs ratio, beside the trial's values in the study."""
+def _record(trial: Any, results: list[dict[str, Any]]) -> float:
+    """The finished runs' accuracies (mean and per seed) and mean FLOPs ratio, beside the trial's
+    values in the study; returns that ratio."""
     for name in OBJECTIVES.values():
-        if name in result["accuracy"]:
-            trial.set_user_attr(f"{name}_acc", result["accuracy"][name]["acc"])
-    trial.set_user_attr("flops_ratio", result["flops"]["ratio"])
+        if name in results[0]["accuracy"]:
+            accs = [r["accuracy"][name]["acc"] for r in results]
+            trial.set_user_attr(f"{name}_acc", statistics.fmean(accs))
+            trial.set_user_attr(f"{name}_acc_per_seed", accs)
+    ratio = statistics.fmean(r["flops"]["ratio"] or 0.0 for r in results)
+    trial.set_user_attr("flops_ratio", ratio)
+    return ratio
 
 
 def _storage_error(e: BaseException, settings: TuneSettings) -> SparseCLError | None:
@@ -621,16 +638,18 @@ def best_preset(study, settings: TuneSettings, base: RunConfig, params: list[Par
             if k not in NOT_IN_PRESET and (k in ("method", "benchmark") or v != default[k])}
     counts = summary["counts"]
     acc = best.values[0]
+    seeds = ", ".join(map(str, settings.run_seeds(base)))
     what = f"{settings.objective} ACC" + (f" - {settings.flops_penalty:g} x FLOPs %" if settings.flops_penalty else "")
-    description = (f"{cfg['method']} on {cfg['benchmark']} tuned by sparsecl tune: {what} {acc:.2f} on a "
+    over = f" (mean of seeds {seeds})" if len(settings.run_seeds(base)) > 1 else ""
+    description = (f"{cfg['method']} on {cfg['benchmark']} tuned by sparsecl tune: {what} {acc:.2f}{over} on a "
                    f"{base.validation:g} validation split (trial {best.number})")
     source = (f"{PROVENANCE} {settings.study!r} ({settings.shown_storage}): trial {best.number} of "
               f"{counts['complete'] + counts['pruned']} finished ({counts['complete']} complete, {counts['pruned']} "
               f"pruned), objective {what}{' (Pareto front with FLOPs ratio; most accurate)' if settings.pareto else ''}, "
-              f"validation {base.validation:g}, seed {base.seed}, {best.user_attrs.get('threads')} thread(s), "
+              f"validation {base.validation:g}, seed(s) {seeds}, {best.user_attrs.get('threads')} thread(s), "
               f"space {'; '.join(p.text for p in params)}; sparsecl {__version__}, "
               f"{datetime.date.today().isoformat()}. Reproduce: sparsecl run --preset-file FILE --validation "
-              f"{base.validation:g} --seed {base.seed} --threads {best.user_attrs.get('threads')}")
+              f"{base.validation:g} --seed S --threads {best.user_attrs.get('threads')} (S in {seeds}; the mean)")
     return {"description": description, "source": source, **body}
 
 
