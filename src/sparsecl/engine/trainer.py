@@ -29,7 +29,7 @@ from sparsecl.engine.io import RunDirLock, atomic_torch_save, atomic_write_json,
 from sparsecl.engine.launch import launched_world_size
 from sparsecl.engine.progress import RunProgress
 from sparsecl.engine.seeding import rng_state, seed_everything, set_rng_state
-from sparsecl.engine.loggers import RunObserver, loggers_for
+from sparsecl.engine.loggers import RunObserver, check_loggers, loggers_for
 from sparsecl.methods import METHODS, Batch, ContinualMethod, MethodContext
 from sparsecl.metrics.accuracy import summarize
 from sparsecl.metrics.efficiency import memory_footprint, peak_memory_bytes, reset_peak_memory
@@ -300,6 +300,8 @@ class Trainer:
         self.dist = dist
         self.is_main = dist is None or dist.is_main
         self.progress = progress and self.is_main
+        if self.is_main:
+            check_loggers(cfg)  # a missing library fails here, before any data is loaded
         if dist is None:
             self.device = resolve_device(cfg.device)
         else:  # checked before any data is loaded
@@ -479,7 +481,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / CONFIG)
         if self.is_main:
-            self.observers = [*loggers_for(cfg, self.run_dir), *self.extra_observers]
+            self.observers = [*loggers_for(cfg, self.run_dir, self.state["completed"]), *self.extra_observers]
         try:
             return self._run()
         finally:
