@@ -171,8 +171,13 @@ def check_loggers(cfg: RunConfig) -> None:
 def loggers_for(cfg: RunConfig, run_dir: Path, first_task: int = 0) -> list[RunObserver]:
     """The loggers ``cfg`` asks for, for a run (re)starting at task index ``first_task``."""
     loggers: list[RunObserver] = []
-    if cfg.tensorboard:
-        loggers.append(TensorBoardLogger(cfg, run_dir, first_task))
-    if cfg.wandb:
-        loggers.append(WandbLogger(cfg, run_dir))
+    try:
+        if cfg.tensorboard:
+            loggers.append(TensorBoardLogger(cfg, run_dir, first_task))
+        if cfg.wandb:
+            loggers.append(WandbLogger(cfg, run_dir))
+    except BaseException:  # e.g. W&B refused the login: close the writers already open
+        for logger in loggers:
+            logger.close()
+        raise
     return loggers
