@@ -205,3 +205,17 @@ def test_loggers_do_not_make_another_configuration():
     plain = merge_config({"method": "er"}).to_dict()
     logged = merge_config({"method": "er", "tensorboard": True, "wandb": "proj"}).to_dict()
     assert config_key(plain) == config_key(logged)
+
+
+@pytest.mark.extras
+def test_a_refused_wandb_login_is_one_error_line(monkeypatch, capsys, tmp_path):
+    wandb = extra("wandb")
+
+    def refuse(**kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.\nSee the docs.")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    assert main(["run", "--wandb", "proj", "--benchmark", "digits", "--method", "sgd", "--epochs", "1",
+                 "--device", "cpu", "--quiet", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sparsecl: error: --wandb proj: No API key configured. Use `wandb login` to log in."], err

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from sparsecl import SparseCLError, import_extra
+from sparsecl import SparseCLError, first_line, import_extra
 from sparsecl.config import RunConfig
 from sparsecl.engine.io import atomic_write_text
 
@@ -72,7 +72,8 @@ def task_figures(result: dict[str, Any], task: int) -> dict[str, Any]:
     (tag -> figure)."""
     from sparsecl.engine.figures import accuracy_matrix_figure  # matplotlib: only for runs that log
 
-    return {f"accuracy_matrix/{key}": accuracy_matrix_figure(acc["matrix"], f"{key.replace('_', '-')}, after task {task + 1}")
+    return {f"accuracy_matrix/{key}":
+            accuracy_matrix_figure(acc["matrix"], f"{key.replace('_', '-')} after task {task + 1}")
             for key, acc in result["accuracy"].items()}
 
 
@@ -114,8 +115,8 @@ class WandbLogger:
 
     W&B cannot take back a logged row, so a task's epoch losses are sent when the task is complete
     (checkpointed): a resumed run then never logs an epoch twice. Rows carry their own axes,
-    ``epoch`` for the losses and ``task`` for the per-task values (``define_metric``), so W&B's
-    internal step only ever grows.
+    ``epoch`` for the losses and ``task`` for the per-task values (``define_metric``): charts do
+    not depend on W&B's internal step, which counts logged rows and only ever grows.
     """
 
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
@@ -126,8 +127,7 @@ class WandbLogger:
             self.run = self.wandb.init(project=cfg.wandb, dir=str(run_dir), id=run_id, resume="allow",
                                        name=run_dir.name, config=cfg.to_dict())
         except self.wandb.errors.Error as e:  # not logged in, no such entity, server unreachable
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SparseCLError(f"--wandb {cfg.wandb}: {first}") from None
+            raise SparseCLError(f"--wandb {cfg.wandb}: {first_line(e)}") from None
         if run_id is None:
             atomic_write_text(id_file, self.run.id)
         self.run.define_metric("epoch")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import sparsecl
-from sparsecl import SparseCLError
+from sparsecl import SparseCLError, first_line
 from sparsecl.config import RunConfig, build_options, config_from_text, first_difference, run_identity, save_config
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.benchmarks import load_benchmark
@@ -618,8 +618,8 @@ class Trainer:
                 raise ValueError(f"{len(ckpt['state']['class_il'])} tasks, not {self.stream.n_tasks}")
             set_rng_state(ckpt["rng"], self.device)
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SparseCLError(f"cannot resume: {path} does not fit the run in {self.run_dir} ({first[:160]})") from None
+            raise SparseCLError(f"cannot resume: {path} does not fit the run in {self.run_dir} "
+                                f"({first_line(e)[:160]})") from None
         self.state = ckpt["state"]
 
     # -------------------------------------------------------------- result
