@@ -70,7 +70,6 @@ def tensorboard_scalars(run_dir):
 def wandb_records(wandb_file):
     """The records of an offline run's .wandb file, read with wandb's own reader of that file
     (``wandb leet inspect --json``: one JSON record per line)."""
-    extra("wandb")
     out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(wandb_file)],
                          capture_output=True, text=True, check=True, timeout=120).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -95,6 +94,7 @@ def check_against(expected, observed, rel=1e-6):
 
 @pytest.mark.extras
 def test_tensorboard_event_files_match_result_json(tmp_path):
+    extra("tensorboard")
     result, run_dir = run(merge_config({**SPARSE, "tensorboard": True}), tmp_path / "run")
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
     acc, scalars = tensorboard_scalars(run_dir)
@@ -113,6 +113,7 @@ def test_tensorboard_event_files_match_result_json(tmp_path):
 
 @pytest.mark.extras
 def test_wandb_offline_run_files_hold_the_same_scalars(tmp_path, offline_wandb):
+    extra("wandb")
     result, run_dir = run(merge_config({**SPARSE, "wandb": "sparsecl-test"}), tmp_path / "run")
     (wandb_file,) = wandb_files(run_dir)
     records = wandb_records(wandb_file)
@@ -158,6 +159,8 @@ def test_a_resumed_run_logs_every_step_once(tmp_path, offline_wandb):
     """Stopped in the first epoch of task 2, after the loggers saw it, then resumed from the task 1
     checkpoint: TensorBoard (purge_step) and W&B (losses sent per completed task) show every epoch
     and task once, with the values of the finished run, in one W&B run."""
+    extra("tensorboard")
+    extra("wandb")
     cfg = merge_config({**SPARSE, "tensorboard": True, "wandb": "sparsecl-test"})
     with pytest.raises(RunInterrupted):
         run(cfg, tmp_path / "run", observers=[StopAt(EPOCHS + 1)])
