@@ -1,17 +1,14 @@
 """Speed options that also run on CPU (fused optimizers, torch.compile) give the plain loop's
-result, and --tensorboard writes event files that TensorBoard can read."""
+result."""
 import copy
-import glob
 
 import pytest
 import torch
 
-from conftest import extra
 from sparsecl.cli import main
 from sparsecl.config import merge_config
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.benchmarks import load_benchmark
-from sparsecl.engine.tensorboard import EventWriter, crc32c, read_events
 from sparsecl.engine.trainer import build_method, run
 from sparsecl.methods import Batch
 from sparsecl.report import collect_results
@@ -96,57 +93,6 @@ def test_bad_compile_requests_are_one_error_line(argv, expected, capsys, tmp_pat
     assert main(["run", *argv, "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
-
-
-def test_crc32c_matches_the_standard_check_value():
-    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C catalogue's check value
-
-
-def test_tensorboard_run_logs_losses_accuracies_and_flops(tmp_path):
-    result, run_dir = run(merge_config({**DIGITS, "method": "er", "epochs": 2, "tensorboard": True,
-                                        "method_options": {"buffer_size": 50}}), tmp_path / "run")
-    files = glob.glob(str(run_dir / "tensorboard" / "events.out.tfevents.*"))
-    assert len(files) == 1
-    events = read_events(files[0])
-    assert events[0]["file_version"] == "brain.Event:2"
-    scalars = [e for e in events if "scalars" in e]
-    losses = {e["step"]: e["scalars"]["train/loss"] for e in scalars if "train/loss" in e["scalars"]}
-    assert sorted(losses) == list(range(1, 5 * 2 + 1))  # 5 tasks x 2 epochs
-    flat = [x for per_task in result["loss_per_epoch"] for x in per_task]
-    assert [losses[s] for s in sorted(losses)] == pytest.approx(flat, rel=1e-6)
-    last = [e["scalars"] for e in scalars if e["step"] == 5 and "accuracy/class_il" in e["scalars"]]
-    assert len(last) == 1
-    assert last[0]["accuracy/class_il"] == pytest.approx(result["accuracy"]["class_il"]["acc"], rel=1e-5)
-    assert last[0]["flops/train_cumulative"] == pytest.approx(result["flops"]["train"], rel=1e-6)
-    assert last[0]["accuracy_per_task/task_il/task_3"] == pytest.approx(
-        result["accuracy"]["task_il"]["matrix"][4][2], rel=1e-5)
-
-
-def test_event_file_corruption_is_detected(tmp_path):
-    writer = EventWriter(tmp_path)
-    writer.scalars(3, {"a": 1.5, "skipped": None})
-    writer.close()
-    events = read_events(writer.path)
-    assert events[1] == {"step": 3, "wall_time": events[1]["wall_time"], "scalars": {"a": 1.5}}
-    data = bytearray(writer.path.read_bytes())
-    data[-6] ^= 0xFF  # inside the last record's payload
-    writer.path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="bad or truncated record"):
-        read_events(writer.path)
-
-
-@pytest.mark.extras
-def test_tensorboard_itself_reads_our_event_files(tmp_path):
-    accumulator = extra("tensorboard.backend.event_processing.event_accumulator")
-    writer = EventWriter(tmp_path)
-    for step in range(1, 4):
-        writer.scalars(step, {"train/loss": 1.0 / step, "accuracy/class_il": 10.0 * step})
-    writer.close()
-    acc = accumulator.EventAccumulator(str(tmp_path))
-    acc.Reload()
-    assert sorted(acc.Tags()["scalars"]) == ["accuracy/class_il", "train/loss"]
-    assert [(e.step, e.value) for e in acc.Scalars("accuracy/class_il")] == [(1, 10.0), (2, 20.0), (3, 30.0)]
-    assert acc.Scalars("train/loss")[2].value == pytest.approx(1 / 3)
 
 
 def _speed_table_module():

@@ -105,6 +105,8 @@ def _run_options(p) -> None:
                    help="torch.compile the training forward/backward (default: inductor; e.g. inductor:reduce-overhead)")
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="write TensorBoard event files to RUN_DIR/tensorboard")
+    p.add_argument("--wandb", metavar="PROJECT", help="log to this Weights & Biases project (files in RUN_DIR/wandb; "
+                   "WANDB_MODE=offline: no upload)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; recorded in config.yaml)")
     p.add_argument("--sparse-kernels", nargs="?", const="on", metavar="on|off|auto",
                    help="run masked layers on real sparse CPU kernels (compiled once with g++ and ninja); "

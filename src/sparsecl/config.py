@@ -56,6 +56,7 @@ class RunConfig:
     fused_optimizer: bool = False  # torch's fused SGD/Adam/AdamW step (one kernel for all parameters)
     compile: str | None = None  # torch.compile backend for the training forward/backward, e.g. inductor
     tensorboard: bool = False  # write TensorBoard event files under RUN_DIR/tensorboard
+    wandb: str | None = None  # log to this Weights & Biases project (mode, entity, login: wandb's env)
     threads: int | None = None  # torch CPU threads; None = torch's default (OMP_NUM_THREADS), recorded at start
     flop_convention: str = "spec"  # spec | sparcl-paper: which count result.json's flops.train is
     # on: masked layers run on real sparse CPU kernels (sparsecl.sparse.execution); off: masks multiply dense
@@ -84,6 +85,8 @@ class RunConfig:
             raise SparseCLError(f"unknown sparse_kernels {self.sparse_kernels!r} (known: {', '.join(SPARSE_KERNEL_MODES)})")
         if self.n_tasks is not None and self.n_tasks < 1:
             raise SparseCLError(f"n_tasks must be >= 1, got {self.n_tasks}")
+        if self.wandb is not None and not self.wandb.strip():
+            raise SparseCLError("wandb needs a project name")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

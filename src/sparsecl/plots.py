@@ -14,6 +14,8 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sparsecl.engine.figures import draw_accuracy_matrix  # noqa: E402
+
 
 def _label(cfg: dict[str, Any]) -> str:
     mo = cfg.get("method_options", {})
@@ -90,18 +92,8 @@ def write_plots(results: list[dict[str, Any]], out_dir: str | Path) -> list[Path
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows), squeeze=False, constrained_layout=True)
     for ax, g in zip(axes.flat, groups):
-        im = ax.imshow(g["matrix"], vmin=0, vmax=100, cmap="viridis")
-        T = g["matrix"].shape[0]
-        for i in range(T):
-            for j in range(T):
-                ax.text(j, i, f"{g['matrix'][i, j]:.0f}", ha="center", va="center", fontsize=7,
-                        color="white" if g["matrix"][i, j] < 60 else "black")
         title = textwrap.fill(g["label"], 38)  # long labels wrapped: no title runs into its neighbour's
-        ax.set_title(f"{title}\n{g['setting'].replace('_', '-')}, {g['n']} seed(s)", fontsize=8)
-        ax.set_xlabel("evaluated task")
-        ax.set_ylabel("after training task")
-        ax.set_xticks(range(T), [str(t + 1) for t in range(T)])
-        ax.set_yticks(range(T), [str(t + 1) for t in range(T)])
+        im = draw_accuracy_matrix(ax, g["matrix"], f"{title}\n{g['setting'].replace('_', '-')}, {g['n']} seed(s)")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.colorbar(im, ax=axes, shrink=0.6, label="accuracy (%)")

@@ -76,9 +76,9 @@ def collect_results(paths: Sequence[str | Path], warn: Callable[[str], None] | N
 def config_key(cfg: dict[str, Any]) -> str:
     """A run's configuration without seed, output folder and device: runs with equal keys are
     seeds of one configuration (aggregated in tables and plots)."""
-    # threads (float rounding only) and flop_convention (both counts are recorded) do not make
-    # another configuration
-    ignored = ("seed", "out", "device", "threads", "flop_convention")
+    # threads (float rounding only), flop_convention (both counts are recorded) and the loggers
+    # do not make another configuration
+    ignored = ("seed", "out", "device", "threads", "flop_convention", "tensorboard", "wandb")
     return json.dumps({k: v for k, v in cfg.items() if k not in ignored}, sort_keys=True)
 
 
@@ -119,7 +119,7 @@ def row_of(r: dict[str, Any], convention: str = "spec") -> dict[str, Any]:
 
 # Never shown in the options column: they have their own column or do not change the result.
 _NOT_OPTIONS = {"method", "benchmark", "seed", "out", "device", "data_dir", "data_root", "download",
-                "keep_checkpoints", "tensorboard", "method_options.buffer_size"}
+                "keep_checkpoints", "tensorboard", "wandb", "method_options.buffer_size"}
 
 
 def _flat_config(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import sparsecl
-from sparsecl import SparseCLError
+from sparsecl import SparseCLError, first_line
 from sparsecl.config import RunConfig, build_options, config_from_text, first_difference, run_identity, save_config
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.benchmarks import load_benchmark
@@ -29,7 +29,7 @@ from sparsecl.engine.io import RunDirLock, atomic_torch_save, atomic_write_json,
 from sparsecl.engine.launch import launched_world_size
 from sparsecl.engine.progress import RunProgress
 from sparsecl.engine.seeding import rng_state, seed_everything, set_rng_state
-from sparsecl.engine.loggers import RunObserver, loggers_for
+from sparsecl.engine.loggers import RunObserver, check_loggers, loggers_for
 from sparsecl.methods import METHODS, Batch, ContinualMethod, MethodContext
 from sparsecl.metrics.accuracy import summarize
 from sparsecl.metrics.efficiency import memory_footprint, peak_memory_bytes, reset_peak_memory
@@ -300,6 +300,8 @@ class Trainer:
         self.dist = dist
         self.is_main = dist is None or dist.is_main
         self.progress = progress and self.is_main
+        if self.is_main:
+            check_loggers(cfg)  # a missing library fails here, before any data is loaded
         if dist is None:
             self.device = resolve_device(cfg.device)
         else:  # checked before any data is loaded
@@ -479,7 +481,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / CONFIG)
         if self.is_main:
-            self.observers = [*loggers_for(cfg, self.run_dir), *self.extra_observers]
+            self.observers = [*loggers_for(cfg, self.run_dir, self.state["completed"]), *self.extra_observers]
         try:
             return self._run()
         finally:
@@ -616,8 +618,8 @@ class Trainer:
                 raise ValueError(f"{len(ckpt['state']['class_il'])} tasks, not {self.stream.n_tasks}")
             set_rng_state(ckpt["rng"], self.device)
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SparseCLError(f"cannot resume: {path} does not fit the run in {self.run_dir} ({first[:160]})") from None
+            raise SparseCLError(f"cannot resume: {path} does not fit the run in {self.run_dir} "
+                                f"({first_line(e)[:160]})") from None
         self.state = ckpt["state"]
 
     # -------------------------------------------------------------- result
