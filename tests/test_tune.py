@@ -62,11 +62,13 @@ def test_missing_optuna_names_the_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "optuna", None)
     assert main(["tune", *TINY, *SPACE, "--trials", "1", "--out", "t"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "sparsecl: error: sparsecl tune needs Optuna: pip install 'sparsecl[tune]'"
+    assert err[-1] == "sparsecl: error: sparsecl tune needs the optional 'tune' extra: pip install 'sparsecl[tune]'"
 
 
 
 def _trials(optuna, out: Path, state: str) -> list:
+    if not (out / "tune.json").exists():  # written once the tune created the study's tables
+        return []
     try:
         study = optuna.load_study(study_name="digits-er", storage=f"sqlite:///{out / 'study.db'}")
     except Exception:  # not created yet
@@ -78,7 +80,7 @@ def _wait_for_two_running_trials(optuna, out: Path, proc: subprocess.Popen) -> l
     """Both workers in a trial, one of them past its first task."""
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
-        running = _trials(optuna, out, "RUNNING")
+        running = [t for t in _trials(optuna, out, "RUNNING") if "pid" in t.user_attrs]
         if len(running) == 2 and any((Path(t.user_attrs.get("run_dir", "-")) / "seed-0" / "checkpoint.pt").exists()
                                      for t in running):
             return running

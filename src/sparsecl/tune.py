@@ -51,7 +51,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from sparsecl import SparseCLError, __version__
+from sparsecl import SparseCLError, __version__, first_line, import_extra
 from sparsecl.config import LOCATION_KEYS, RunConfig, build_options, first_difference, load_yaml, merge_config
 from sparsecl.engine.io import atomic_write_json, atomic_write_text
 from sparsecl.engine.launch import die_with_parent
@@ -63,7 +63,7 @@ OBJECTIVES = {"class-il": "class_il", "task-il": "task_il"}
 DEFAULT_VALIDATION = 0.1
 # Run options a trial sets itself or that do not change its result: never searched, never in a preset.
 NOT_TUNABLE = {"method", "benchmark", "seed", "out", "device", "validation", "threads", "method_options",
-               "backbone_options", "keep_checkpoints", "tensorboard", *LOCATION_KEYS}
+               "backbone_options", "keep_checkpoints", "tensorboard", "wandb", *LOCATION_KEYS}
 NOT_IN_PRESET = NOT_TUNABLE - {"method", "benchmark", "method_options", "backbone_options"} | {"download"}
 HOST = socket.gethostname()
 SUMMARY = "tune.json"
@@ -72,10 +72,7 @@ PROVENANCE = "sparsecl tune study"  # how a best preset's source begins (and how
 
 
 def _optuna():
-    try:
-        import optuna
-    except ImportError:
-        raise SparseCLError("sparsecl tune needs Optuna: pip install 'sparsecl[tune]'") from None
+    optuna = import_extra("optuna", "tune", "sparsecl tune")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is our one line, not a traceback
     return optuna
 
@@ -237,23 +234,18 @@ def open_study(settings: TuneSettings, base: RunConfig, params: list[Param], wor
     own seed, moved on by the trials already in the study, so that neither two workers nor a restart
     propose the first values again."""
     optuna = _optuna()
-    url = settings.storage_url
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        with warnings.catch_warnings():  # Optuna calls its heartbeat experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            # A trial whose process stops beating (a lost machine) fails after 2 minutes and is queued again.
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120,
-                                                 heartbeat_stale_trial_callback=_retry)
-        study = optuna.create_study(
-            storage=storage, study_name=settings.study, load_if_exists=True,
-            directions=["maximize", "minimize"] if settings.pareto else ["maximize"],
-            pruner=_pruner(optuna, settings.pruner))
-    except SparseCLError:
-        raise
-    except Exception as e:  # a bad URL, a missing database driver, an unreachable server, directions
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SparseCLError(f"cannot open study {settings.study!r} in {settings.shown_storage}: {reason}") from None
+    for attempt in range(3):
+        try:
+            study = _create_study(optuna, settings)
+            break
+        except SparseCLError:
+            raise
+        except Exception as e:  # a bad URL, a missing database driver, an unreachable server, directions
+            if attempt < 2 and "already exists" in str(e):  # another process created the tables just now
+                time.sleep(1.0)
+                continue
+            raise SparseCLError(f"cannot open study {settings.study!r} in {settings.shown_storage}: "
+                                f"{first_line(e)}") from None
     study.sampler = optuna.samplers.TPESampler(
         seed=settings.sampler_seed + 1000 * worker + len(study.get_trials(deepcopy=False)))
     want = _identity(settings, base, params)
@@ -265,6 +257,20 @@ def open_study(settings: TuneSettings, base: RunConfig, params: list[Param], wor
         raise SparseCLError(f"study {settings.study!r} in {settings.shown_storage} is another search ({diff}); "
                             "give another --study")
     return study
+
+
+def _create_study(optuna, settings: TuneSettings):
+    url = settings.storage_url
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    with warnings.catch_warnings():  # Optuna calls its heartbeat experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # A trial whose process stops beating (a lost machine) fails after 2 minutes and is queued again.
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120,
+                                             heartbeat_stale_trial_callback=_retry)
+    return optuna.create_study(
+        storage=storage, study_name=settings.study, load_if_exists=True,
+        directions=["maximize", "minimize"] if settings.pareto else ["maximize"],
+        pruner=_pruner(optuna, settings.pruner))
 
 
 def _pruner(optuna, spec: str):
@@ -485,8 +491,7 @@ def _storage_error(e: BaseException, settings: TuneSettings) -> SparseCLError | 
         e = e.__cause__ or e.__context__
     if e is None:
         return None
-    reason = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
-    return SparseCLError(f"the study database {settings.shown_storage} failed: {reason}")
+    return SparseCLError(f"the study database {settings.shown_storage} failed: {first_line(getattr(e, 'orig', None) or e)}")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
