@@ -45,7 +45,6 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from sparsecl import SparseCLError
-from sparsecl.config import LOCATION_KEYS, build_options, first_difference, load_preset, load_yaml, merge_config
 from sparsecl.engine.launch import PARENT_ENV
 
 NESTED = ("method_options", "backbone_options")
@@ -103,7 +102,10 @@ def _seeds(value: Any, path: str | Path) -> list[int]:
 
 def load_grid(path: str | Path) -> tuple[list[SweepJob], Path]:
     """Expand a grid file into jobs (validated now, so a typo fails before anything runs)."""
-    from sparsecl.methods import METHODS  # here: a cluster job (sparsecl.cluster) needs no method
+    # imported here: a cluster job (sparsecl.cluster) imports this module for what runs a job, which
+    # needs neither torch nor the methods (each of its imports is paid once per job)
+    from sparsecl.config import build_options, load_preset, load_yaml, merge_config
+    from sparsecl.methods import METHODS
 
     grid = load_yaml(path)
     unknown = set(grid) - {"out", "seeds", "base", "runs"}
@@ -163,6 +165,8 @@ def job_state(run_dir: Path) -> str:
 def check_unchanged(run_dir: Path, job: SweepJob) -> None:
     """A run directory kept from an earlier sweep must hold the job's configuration: after a preset
     or grid edit, skipping or resuming it would silently report the old settings."""
+    from sparsecl.config import first_difference  # see load_grid
+
     saved = run_dir / "sweep-config.yaml"
     if not saved.exists():
         return
@@ -179,6 +183,8 @@ def check_unchanged(run_dir: Path, job: SweepJob) -> None:
 
 def _without_location(cfg: dict[str, Any]) -> dict[str, Any]:
     """The configuration without where its data is (that does not change a run)."""
+    from sparsecl.config import LOCATION_KEYS  # see load_grid
+
     return {k: v for k, v in cfg.items() if k not in LOCATION_KEYS}
 
 
