@@ -7,6 +7,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 import sparsecl
 from conftest import extra
-from interrupt import run_interrupted
+from interrupt import alive, run_interrupted
 from sparsecl.cli import main
 from sparsecl.config import merge_config
 from sparsecl.sweep import ClusterOptions, load_grid
@@ -152,14 +153,6 @@ def test_time_limits_in_slurm_formats():
     assert [ClusterOptions(time=t).minutes() for t in ("45", "1:30:00", "2-00:00:00", "0:00:30")] == [45, 90, 2880, 1]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
 def _run_pids(out: Path, names: list[str], sweep: subprocess.Popen) -> list[int]:
     """The pids of the runs once each holds its directory's lock."""
     locks = [out / name / ".lock" for name in names]
@@ -184,7 +177,7 @@ def test_sigterm_of_the_sweep_cancels_its_jobs(tmp_path):
     sweep.send_signal(signal.SIGTERM)
     assert sweep.wait(timeout=60) == 130 and "interrupted; its runs were stopped" in sweep.stderr.read()
     deadline = time.monotonic() + 60
-    while any(_alive(pid) for pid in runs):
+    while any(alive(pid) for pid in runs):
         assert time.monotonic() < deadline, f"runs {runs} outlived the sweep"
         time.sleep(0.05)
 
@@ -215,3 +208,30 @@ def test_a_preempted_job_is_requeued_and_resumes_its_run(tmp_path, capsys):
     assert "this job is preempted" in log and "Requeued job" in log
     assert f"sweep job: {run_dir.name}: new" in log and f"sweep job: {run_dir.name}: resume" in log
     assert json.loads((run_dir / "result.json").read_text())["complete"]
+
+
+@pytest.mark.extras
+def test_a_run_stopped_by_the_cluster_is_reported_by_its_job_state(tmp_path, monkeypatch, capsys):
+    """A run ended by SIGTERM (scancel, a preemption) leaves its job without a result, so that a
+    requeued job would be waited for; an ended one is a failure naming the job's state, with
+    RUN_DIR/sweep.log pointing at the job's logs."""
+    submitit = extra("submitit")
+    monkeypatch.setattr(submitit.core.core.Job, "_results_timeout_s", 1)  # how long a result is awaited
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"out: {tmp_path / 'runs'}\nseeds: [0]\nbase: {{epochs: 400, device: cpu}}\n"
+                    "runs: [{method: sgd, benchmark: digits}]\n")
+    lock = tmp_path / "runs" / "sgd-digits-s0" / ".lock"
+
+    def stop_the_run() -> None:
+        deadline = time.monotonic() + 120
+        while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(int(lock.read_text()), signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop_the_run)
+    stopper.start()
+    assert main(["sweep", str(grid), "--executor", "submitit-local", "--time", "30"]) == 1
+    stopper.join()
+    assert "sgd-digits-s0 failed (job ended without a result, state FINISHED)" in capsys.readouterr().out
+    log = (tmp_path / "runs" / "sgd-digits-s0" / "sweep.log").read_text()
+    assert log.startswith("job ") and f"its logs: {tmp_path / 'runs' / 'submitit'}" in log

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import time
 from contextlib import redirect_stderr
 from pathlib import Path
@@ -30,6 +31,7 @@ from sparsecl import SparseCLError
 from sparsecl.sweep import ClusterOptions, Outcomes, SweepJob, _Children, execute, job_state, sigterm_as_interrupt
 
 LOGS = "submitit"  # under the sweep's out: one folder per job
+STOPPED = (-signal.SIGTERM, -signal.SIGKILL)  # how a run ends when the cluster stops its job
 POLL_S = {"slurm": 10.0, "submitit-local": 1.0}  # a cluster's jobs start in minutes; a shared file system is polled
 
 
@@ -54,8 +56,13 @@ class SweepRun(submitit.helpers.Checkpointable):
         print(f"sweep job: {self.job.name}: {state} ({run_dir})", flush=True)
         if state == "done":  # finished by this job's previous attempt, just before a requeue
             return "skipped", 0.0
-        return execute(self.job, run_dir, state, data_dir=self.data_dir, device=None,
-                       threads=self.threads or job_cpus(), children=_Children())
+        result, seconds, code = execute(self.job, run_dir, state, data_dir=self.data_dir, device=None,
+                                        threads=self.threads or job_cpus(), children=_Children())
+        if code in STOPPED:
+            # SLURM ends the job (scancel, preemption, its OOM killer): no result, so that a requeued
+            # job is waited for (it resumes the run) and an ended one is reported by its state
+            raise SystemExit(128 - code)
+        return result, seconds
 
 
 def make_executor(kind: str, out: Path, options: ClusterOptions) -> submitit.AutoExecutor:

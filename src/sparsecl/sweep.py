@@ -1,4 +1,4 @@
-"""Grids of runs: ``sparsecl sweep GRID.yaml --jobs N``.
+"""Grids of runs: ``sparsecl sweep GRID.yaml --jobs N`` (or ``--executor slurm``).
 
 A grid file::
 
@@ -24,6 +24,10 @@ therefore loses at most the task each job was in. Its runs die with it (SIGTERM,
 SIGKILL of the sweep), and each holds its run directory's lock, so a restart never trains a
 directory twice at once. After :data:`SAME_FAILURES` runs fail with the same last line (a missing
 data set, a bad option), no further run is started.
+
+That is the local executor (``--executor local``, the default). ``--executor slurm`` submits each
+run as a SLURM job through submitit, and ``submitit-local`` the same jobs on this machine, with the
+same restart semantics (:mod:`sparsecl.cluster`; options: :class:`ClusterOptions`).
 """
 from __future__ import annotations
 
@@ -267,17 +271,18 @@ def run_command(job: SweepJob, run_dir: Path, state: str, data_dir: str | None, 
 
 
 def execute(job: SweepJob, run_dir: Path, state: str, *, data_dir: str | None, device: str | None, threads: int,
-            children: _Children) -> tuple[str, float]:
+            children: _Children) -> tuple[str, float, int]:
     """Run one job (new or resumed) on ``threads`` CPU threads, its output to RUN_DIR/sweep.log.
-    Returns 'done' or 'failed (LAST ERROR LINE)', and the seconds it took."""
+    Returns 'done' or 'failed (LAST ERROR LINE)', the seconds it took and the run's exit status."""
     cmd = run_command(job, run_dir, state, data_dir, device)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     proc = children.run(cmd, env)
     (run_dir / "sweep.log").write_text(proc.stdout + proc.stderr)
+    seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        return f"failed ({(proc.stderr.strip().splitlines() or ['no output'])[-1]})", time.perf_counter() - t0
-    return "done", time.perf_counter() - t0
+        return f"failed ({(proc.stderr.strip().splitlines() or ['no output'])[-1]})", seconds, proc.returncode
+    return "done", seconds, 0
 
 
 class Outcomes:
@@ -442,8 +447,8 @@ def _run_local(todo: list[tuple[int, SweepJob, str]], out: Path, n_jobs: int, de
         if outcomes.stop or children.stopping:
             return job.name, "not run"
         device = devices[i % len(devices)] if devices else None
-        result, seconds = execute(job, out / job.name, state, data_dir=data_dir, device=device, threads=threads,
-                                  children=children)
+        result, seconds, _ = execute(job, out / job.name, state, data_dir=data_dir, device=device, threads=threads,
+                                     children=children)
         outcomes.record(job.name, result, seconds)
         return job.name, result
 
