@@ -28,11 +28,12 @@ from submitit.core.core import Job
 from submitit.core.utils import FailedJobError, FailedSubmissionError, UncompletedJobError
 
 from sparsecl import SparseCLError
-from sparsecl.sweep import ClusterOptions, Outcomes, SweepJob, _Children, execute, job_state, sigterm_as_interrupt
+from sparsecl.sweep import ClusterOptions, Outcomes, SweepJob, Children, execute, job_state, sigterm_as_interrupt
 
 LOGS = "submitit"  # under the sweep's out: one folder per job
 STOPPED = (-signal.SIGTERM, -signal.SIGKILL)  # how a run ends when the cluster stops its job
-POLL_S = {"slurm": 10.0, "submitit-local": 1.0}  # a cluster's jobs start in minutes; a shared file system is polled
+# seconds between looks at the jobs: a cluster's take minutes, and each look reads a shared file system
+POLL_S = {"slurm": 10.0, "submitit-local": 1.0}
 
 
 def job_cpus() -> int:
@@ -57,7 +58,7 @@ class SweepRun(submitit.helpers.Checkpointable):
         if state == "done":  # finished by this job's previous attempt, just before a requeue
             return "skipped", 0.0
         result, seconds, code = execute(self.job, run_dir, state, data_dir=self.data_dir, device=None,
-                                        threads=self.threads or job_cpus(), children=_Children())
+                                        threads=self.threads or job_cpus(), children=Children())
         if code in STOPPED:
             # SLURM ends the job (scancel, preemption, its OOM killer): no result, so that a requeued
             # job is waited for (it resumes the run) and an ended one is reported by its state
@@ -95,9 +96,11 @@ def submit(executor: submitit.AutoExecutor, runs: list[SweepRun], array: bool) -
                 for run in runs:
                     executor.update_parameters(name=run.job.name)
                     jobs.append(executor.submit(run))
-    except (FailedJobError, FailedSubmissionError, OSError) as e:  # sbatch's refusal (a partition, account, option)
+    except BaseException as e:  # sbatch's refusal (a partition, an account, an option), or Ctrl-C
         for job in jobs:
             job.cancel(check=False)
+        if not isinstance(e, (FailedJobError, FailedSubmissionError, OSError)):
+            raise
         lines = [line for line in str(e).splitlines() if line.strip()]
         raise SparseCLError(f"the jobs were not submitted: {lines[-1] if lines else type(e).__name__}") from None
     return jobs
@@ -108,13 +111,14 @@ def run_jobs(kind: str, todo: list[tuple[int, SweepJob, str]], out: Path, data_d
     """Submit the runs, wait for them and report each; returns run name -> status."""
     out = out.resolve()  # the jobs may start elsewhere (a shared file system, another working directory)
     executor = make_executor(kind, out, options)
-    # submitit-local starts every job at once: the machine's threads are split between them
-    threads = options.cpus_per_task or (max(1, (os.cpu_count() or 1) // len(todo)) if kind != "slurm" else None)
+    threads = options.cpus_per_task  # None: each job finds its own (job_cpus)
+    if threads is None and kind == "submitit-local":  # every job starts at once: the CPUs are split
+        threads = max(1, (os.cpu_count() or 1) // len(todo))
     runs = [SweepRun(job, out, data_dir, threads) for _, job, _ in todo]
-    jobs = submit(executor, runs, options.array)
-    outcomes.log(f"sweep: submitted {len(jobs)} jobs" + (" as one array" if options.array else "")
-                 + f" (job logs in {out / LOGS})")
     with sigterm_as_interrupt():
+        jobs = submit(executor, runs, options.array)
+        outcomes.log(f"sweep: submitted {len(jobs)} jobs" + (" as one array" if options.array else "")
+                     + f" (job logs in {out / LOGS})")
         pending = {run.job.name: (job, out / run.job.name) for run, job in zip(runs, jobs)}
         try:
             return _wait(pending, outcomes, POLL_S[kind])

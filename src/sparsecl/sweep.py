@@ -192,7 +192,7 @@ def _without_location(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in LOCATION_KEYS}
 
 
-class _Children:
+class Children:
     """The live run processes of a sweep (or of one cluster job), ended with it: by
     :meth:`terminate` when the sweep is stopped, or when the waiting thread is interrupted (a
     signal in a cluster job: its run stops and releases its directory before a requeue)."""
@@ -271,7 +271,7 @@ def run_command(job: SweepJob, run_dir: Path, state: str, data_dir: str | None, 
 
 
 def execute(job: SweepJob, run_dir: Path, state: str, *, data_dir: str | None, device: str | None, threads: int,
-            children: _Children) -> tuple[str, float, int]:
+            children: Children) -> tuple[str, float, int]:
     """Run one job (new or resumed) on ``threads`` CPU threads, its output to RUN_DIR/sweep.log.
     Returns 'done' or 'failed (LAST ERROR LINE)', the seconds it took and the run's exit status."""
     cmd = run_command(job, run_dir, state, data_dir, device)
@@ -440,7 +440,7 @@ def _run_local(todo: list[tuple[int, SweepJob, str]], out: Path, n_jobs: int, de
                data_dir: str | None, outcomes: Outcomes) -> dict[str, str]:
     """``n_jobs`` runs at a time in child processes, the CPU threads split between them."""
     threads = max(1, (os.cpu_count() or 1) // n_jobs)
-    children = _Children()
+    children = Children()
 
     def one(item: tuple[int, SweepJob, str]) -> tuple[str, str]:
         i, job, state = item
