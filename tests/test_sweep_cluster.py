@@ -51,7 +51,10 @@ def test_submitit_local_runs_a_grid_skips_finished_and_resumes_checkpointed(tmp_
     log = capsys.readouterr().out
     assert "4 to run" in log and "submitted 4 jobs" in log and "4 of 4 runs complete" in log
     for job in jobs:
-        assert json.loads((out / job.name / "result.json").read_text())["complete"]
+        result = json.loads((out / job.name / "result.json").read_text())
+        assert result["complete"]
+        if job != killed:  # (the killed run was started in this process)
+            assert result["threads"] == max(1, os.cpu_count() // 4)  # the CPUs split between the 4 jobs
     decisions = sorted(line.split(": ")[-1].split(" ")[0] for text in _job_logs(out).values()
                        for line in text.splitlines() if line.startswith("sweep job:"))
     assert decisions == ["new", "new", "new", "resume"]  # each job decided from its run directory
