@@ -28,7 +28,7 @@ from submitit.core.core import Job
 from submitit.core.utils import FailedJobError, FailedSubmissionError, UncompletedJobError
 
 from sparsecl import SparseCLError
-from sparsecl.sweep import ClusterOptions, Outcomes, SweepJob, Children, execute, job_state, sigterm_as_interrupt
+from sparsecl.sweep import Children, ClusterOptions, Outcomes, SweepJob, execute, job_state, sigterm_as_interrupt
 
 LOGS = "submitit"  # under the sweep's out: one folder per job
 STOPPED = (-signal.SIGTERM, -signal.SIGKILL)  # how a run ends when the cluster stops its job

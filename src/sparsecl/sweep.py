@@ -341,7 +341,8 @@ class ClusterOptions:
 
     def given(self) -> list[str]:
         """The flags set, as the user wrote them."""
-        return [f"--{f.name.replace('_', '-')}" for f in fields(self) if getattr(self, f.name) not in (None, False, [], {})]
+        unset = (None, False, [], {})
+        return [f"--{f.name.replace('_', '-')}" for f in fields(self) if getattr(self, f.name) not in unset]
 
     def minutes(self) -> int:
         """The time limit in whole minutes (rounded up)."""
@@ -397,8 +398,8 @@ def _plan(job_list: list[SweepJob], out: Path) -> tuple[dict[str, str], list[tup
     return status, todo
 
 
-def run_sweep(path: str | Path, jobs: int | None = None, devices: list[str] | None = None, data_dir: str | None = None,
-              log: Callable[[str], None] = print, executor: str = "local",
+def run_sweep(path: str | Path, jobs: int | None = None, devices: list[str] | None = None,
+              data_dir: str | None = None, log: Callable[[str], None] = print, executor: str = "local",
               cluster: ClusterOptions | None = None) -> dict[str, str]:
     """Run every job of the grid; returns run name -> 'done' | 'skipped' | 'failed (...)' | 'not run'.
 
@@ -417,10 +418,11 @@ def run_sweep(path: str | Path, jobs: int | None = None, devices: list[str] | No
         log(f"sweep: {len(job_list)} runs, {len(status)} already complete, {len(todo)} to run, {n_jobs} at a time")
         status.update(_run_local(todo, out, n_jobs, devices, data, outcomes))
     else:
+        submitter = _submitit_module()
         log(f"sweep: {len(job_list)} runs, {len(status)} already complete, {len(todo)} to run, "
             f"as {executor} jobs")
         if todo:
-            status.update(_submitit_module().run_jobs(executor, todo, out, data, cluster, outcomes))
+            status.update(submitter.run_jobs(executor, todo, out, data, cluster, outcomes))
     outcomes.summary(status)
     return status
 
@@ -432,7 +434,8 @@ def _submitit_module():
     except ModuleNotFoundError as e:
         if e.name != "submitit":
             raise
-        raise SparseCLError("--executor slurm and submitit-local need submitit: pip install 'sparsecl[slurm]'") from None
+        raise SparseCLError("--executor slurm and submitit-local need submitit: "
+                            "pip install 'sparsecl[slurm]'") from None
     return cluster
 
 
