@@ -1,4 +1,5 @@
-"""Shared test helper: a run killed at the start of a task, as a user's Ctrl-C or a lost machine."""
+"""Shared test helpers: a run killed at the start of a task (as a user's Ctrl-C or a lost machine),
+and whether a process still runs."""
 from pathlib import Path
 
 import pytest
@@ -22,3 +23,12 @@ def run_interrupted(config: RunConfig, run_dir: Path, at_task: int = 2) -> None:
             trainer_mod.run(config, run_dir)
     finally:
         trainer_mod.Trainer._train_task = original
+
+
+def alive(pid: int) -> bool:
+    """A process that still runs (a zombie waiting for its reaper is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False

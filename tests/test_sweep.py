@@ -13,7 +13,7 @@ from sparsecl.cli import main
 from sparsecl.config import merge_config
 from sparsecl.sweep import load_grid
 
-from interrupt import run_interrupted
+from interrupt import alive, run_interrupted
 
 GRID = """
 out: {out}
@@ -102,15 +102,6 @@ def test_an_entry_can_run_its_own_seeds(tmp_path):
         load_grid(grid)
 
 
-def _alive(pid: int) -> bool:
-    """A process that still runs (a zombie waiting for its reaper is dead)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["TERM", "INT", "KILL"])
 def test_no_run_outlives_a_killed_sweep(sig, tmp_path):
@@ -126,11 +117,11 @@ def test_no_run_outlives_a_killed_sweep(sig, tmp_path):
         assert sweep.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     children = [int(lock.read_text()) for lock in locks]
-    assert all(_alive(pid) for pid in children)
+    assert all(alive(pid) for pid in children)
     sweep.send_signal(sig)
     sweep.wait(timeout=60)
     deadline = time.monotonic() + 60
-    while any(_alive(pid) for pid in children):
+    while any(alive(pid) for pid in children):
         assert time.monotonic() < deadline, f"runs {children} outlived the sweep"
         time.sleep(0.05)
 

@@ -384,11 +384,14 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
-    from sparsecl.sweep import run_sweep
+    from sparsecl.sweep import ClusterOptions, run_sweep
 
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
+    cluster = ClusterOptions(**{f.name: getattr(args, f.name) for f in fields(ClusterOptions)})
+    cluster.slurm_opt = _key_values(args.slurm_opt, "--slurm-opt")
     status = run_sweep(args.grid, jobs=args.jobs, devices=devices, data_dir=args.data_dir,
-                       log=lambda m: console.print(m, highlight=False, markup=False))
+                       log=lambda m: console.print(m, highlight=False, markup=False),
+                       executor=args.executor, cluster=cluster)
     failed = sum(s.startswith("failed") for s in status.values())
     not_run = sum(s == "not run" for s in status.values())
     console.print(f"sweep: {len(status) - failed - not_run} of {len(status)} runs complete"
@@ -454,9 +457,26 @@ def make_parser() -> argparse.ArgumentParser:
     rp.add_argument("--plots", metavar="DIR", help="also write PNG figures (accuracy matrices, accuracy vs FLOPs, per-task curves)")
     sw = sub.add_parser("sweep", help="run a grid of configurations x seeds (restartable: finished runs are skipped)")
     sw.add_argument("grid", help="grid YAML file (see sparsecl.sweep)")
-    sw.add_argument("--jobs", type=int, default=1, help="runs at a time (CPU threads are split between them)")
-    sw.add_argument("--devices", help="comma-separated devices handed out round-robin, e.g. cuda:0,cuda:1")
+    sw.add_argument("--jobs", type=int, help="local executor: runs at a time (CPU threads are split between them; default 1)")
+    sw.add_argument("--devices", help="local executor: comma-separated devices handed out round-robin, e.g. cuda:0,cuda:1")
     sw.add_argument("--data-dir", help="where datasets live, for every run (default: $SPARSECL_DATA or ./data)")
+    sw.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default="local",
+                    help="local: child processes here (default); slurm: one SLURM job per run through submitit; "
+                         "submitit-local: the same jobs on this machine (see docs/distributed.md)")
+    cl = sw.add_argument_group("cluster jobs (--executor slurm or submitit-local)")
+    cl.add_argument("--time", help="each job's time limit: MINUTES, H:MM:SS or D-HH:MM:SS (required)")
+    cl.add_argument("--partition")
+    cl.add_argument("--gpus-per-node", type=int, help="0 or 1 (a run trains on one device)")
+    cl.add_argument("--cpus-per-task", type=int, help="the run's OMP/MKL threads (default: what SLURM gives)")
+    cl.add_argument("--mem-gb", type=float)
+    cl.add_argument("--account")
+    cl.add_argument("--qos")
+    cl.add_argument("--constraint")
+    cl.add_argument("--slurm-opt", action="append", metavar="KEY=VALUE", help="any other sbatch option (repeatable)")
+    cl.add_argument("--setup", action="append", default=[], metavar="LINE",
+                    help="shell line each job runs first, e.g. 'module load cuda' (repeatable)")
+    cl.add_argument("--array", action="store_true", help="one job array instead of one job per run")
+    cl.add_argument("--array-parallelism", type=int, metavar="N", help="with --array: at most N of its jobs at once")
     ep = sub.add_parser("export", help="write a run's final sparse model with its masks; print dense/CSR/bitmask sizes")
     ep.add_argument("run_dir", help="run directory")
     ep.add_argument("--format", choices=["pt", "csr"], default="pt",

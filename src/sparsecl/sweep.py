@@ -1,4 +1,4 @@
-"""Grids of runs: ``sparsecl sweep GRID.yaml --jobs N``.
+"""Grids of runs: ``sparsecl sweep GRID.yaml --jobs N`` (or ``--executor slurm``).
 
 A grid file::
 
@@ -24,6 +24,10 @@ therefore loses at most the task each job was in. Its runs die with it (SIGTERM,
 SIGKILL of the sweep), and each holds its run directory's lock, so a restart never trains a
 directory twice at once. After :data:`SAME_FAILURES` runs fail with the same last line (a missing
 data set, a bad option), no further run is started.
+
+That is the local executor (``--executor local``, the default). ``--executor slurm`` submits each
+run as a SLURM job through submitit, and ``submitit-local`` the same jobs on this machine, with the
+same restart semantics (:mod:`sparsecl.cluster`; options: :class:`ClusterOptions`).
 """
 from __future__ import annotations
 
@@ -37,16 +41,15 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
 from sparsecl import SparseCLError
-from sparsecl.config import LOCATION_KEYS, build_options, first_difference, load_preset, load_yaml, merge_config
 from sparsecl.engine.launch import PARENT_ENV
-from sparsecl.methods import METHODS
 
 NESTED = ("method_options", "backbone_options")
 SPEED_KEYS = ("amp", "channels_last", "cuda_graph", "fused_optimizer", "compile")
@@ -103,6 +106,11 @@ def _seeds(value: Any, path: str | Path) -> list[int]:
 
 def load_grid(path: str | Path) -> tuple[list[SweepJob], Path]:
     """Expand a grid file into jobs (validated now, so a typo fails before anything runs)."""
+    # imported here: a cluster job (sparsecl.cluster) imports this module for what runs a job, which
+    # needs neither torch nor the methods (each of its imports is paid once per job)
+    from sparsecl.config import build_options, load_preset, load_yaml, merge_config
+    from sparsecl.methods import METHODS
+
     grid = load_yaml(path)
     unknown = set(grid) - {"out", "seeds", "base", "runs"}
     if unknown:
@@ -161,6 +169,8 @@ def job_state(run_dir: Path) -> str:
 def check_unchanged(run_dir: Path, job: SweepJob) -> None:
     """A run directory kept from an earlier sweep must hold the job's configuration: after a preset
     or grid edit, skipping or resuming it would silently report the old settings."""
+    from sparsecl.config import first_difference  # see load_grid
+
     saved = run_dir / "sweep-config.yaml"
     if not saved.exists():
         return
@@ -177,11 +187,15 @@ def check_unchanged(run_dir: Path, job: SweepJob) -> None:
 
 def _without_location(cfg: dict[str, Any]) -> dict[str, Any]:
     """The configuration without where its data is (that does not change a run)."""
+    from sparsecl.config import LOCATION_KEYS  # see load_grid
+
     return {k: v for k, v in cfg.items() if k not in LOCATION_KEYS}
 
 
-class _Children:
-    """The sweep's live run processes, terminated when the sweep is stopped (SIGTERM, SIGINT)."""
+class Children:
+    """The live run processes of a sweep (or of one cluster job), ended with it: by
+    :meth:`terminate` when the sweep is stopped, or when the waiting thread is interrupted (a
+    signal in a cluster job: its run stops and releases its directory before a requeue)."""
 
     def __init__(self) -> None:
         self._procs: set[subprocess.Popen] = set()
@@ -197,6 +211,9 @@ class _Children:
             self._procs.add(proc)
         try:
             out, err = proc.communicate()
+        except BaseException:
+            _end([proc])
+            raise
         finally:
             with self._lock:
                 self._procs.discard(proc)
@@ -206,28 +223,168 @@ class _Children:
         with self._lock:
             self.stopping = True
             procs = list(self._procs)
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _end(procs)
+
+
+def _end(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM (a run stops at once; completed tasks stay checkpointed), SIGKILL after 30 s."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def run_sweep(path: str | Path, jobs: int = 1, devices: list[str] | None = None, data_dir: str | None = None,
-              log: Callable[[str], None] = print) -> dict[str, str]:
-    """Run every job of the grid; returns run name -> 'done' | 'skipped' | 'failed (...)' | 'not run'.
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the sweep as Ctrl-C does (on the main thread; elsewhere signals are not ours)."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) if on_main_thread else None
+    try:
+        yield
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
-    ``data_dir``: where every run finds its data (default: the runs' own ``data_dir`` or
-    ``$SPARSECL_DATA``)."""
-    job_list, out = load_grid(path)
-    n_jobs = max(1, int(jobs))
-    threads = max(1, (os.cpu_count() or 1) // n_jobs)
+
+def run_command(job: SweepJob, run_dir: Path, state: str, data_dir: str | None, device: str | None) -> list[str]:
+    """The ``sparsecl run`` command of a job in state 'new' (its configuration is written to
+    RUN_DIR/sweep-config.yaml) or 'resume'."""
+    if state == "resume":
+        cmd = [sys.executable, "-m", "sparsecl", "run", "--resume", str(run_dir), "--quiet"]
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg_file = run_dir / "sweep-config.yaml"
+        cfg_file.write_text(yaml.safe_dump(dict(job.config), sort_keys=False))
+        cmd = [sys.executable, "-m", "sparsecl", "run", "--config", str(cfg_file), "--out", str(run_dir), "--quiet"]
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    if device:
+        cmd += ["--device", device]
+    return cmd
+
+
+def execute(job: SweepJob, run_dir: Path, state: str, *, data_dir: str | None, device: str | None, threads: int,
+            children: Children) -> tuple[str, float, int]:
+    """Run one job (new or resumed) on ``threads`` CPU threads, its output to RUN_DIR/sweep.log.
+    Returns 'done' or 'failed (LAST ERROR LINE)', the seconds it took and the run's exit status."""
+    cmd = run_command(job, run_dir, state, data_dir, device)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    proc = children.run(cmd, env)
+    (run_dir / "sweep.log").write_text(proc.stdout + proc.stderr)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return f"failed ({(proc.stderr.strip().splitlines() or ['no output'])[-1]})", seconds, proc.returncode
+    return "done", seconds, 0
+
+
+class Outcomes:
+    """Logs finished runs and finds the stop: :data:`SAME_FAILURES` runs failed with one message."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+        self.stop: str | None = None  # the error line that stopped the sweep
+        self._failures: dict[str, int] = {}  # last error line -> how many runs ended with it
+        self._lock = threading.Lock()  # the local executor's threads report here
+
+    def record(self, name: str, result: str, seconds: float) -> bool:
+        """Note a finished run; True when its failure is the one that stops the sweep."""
+        if result == "done":
+            self.log(f"sweep: {name} done in {seconds:.0f} s")
+        if not result.startswith("failed ("):
+            return False
+        last = result[len("failed ("):-1]
+        with self._lock:
+            self._failures[last] = self._failures.get(last, 0) + 1
+            if self._failures[last] < SAME_FAILURES or self.stop is not None:
+                return False
+            self.stop = last
+        self.log(f"sweep: stopping: {SAME_FAILURES} runs failed with: {last}")
+        return True
+
+    def summary(self, status: dict[str, str]) -> None:
+        """One line per failed run (unless the stop line already said why)."""
+        if self.stop is None:
+            for name, result in status.items():
+                if result.startswith("failed"):
+                    self.log(f"sweep: {name} {result}")
+
+
+EXECUTORS = ("local", "slurm", "submitit-local")
+TIME_FORMAT = "MINUTES, H:MM:SS or D-HH:MM:SS"
+
+
+@dataclass
+class ClusterOptions:
+    """What ``--executor slurm`` (or ``submitit-local``, the same path on this machine) asks for
+    each job; None: not set (the cluster's default)."""
+
+    time: str | None = None  # the job's time limit, TIME_FORMAT
+    partition: str | None = None
+    gpus_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    slurm_opt: dict[str, str] = field(default_factory=dict)  # any other sbatch option, KEY -> VALUE
+    setup: list[str] = field(default_factory=list)  # shell lines each job runs first
+    array: bool = False  # one job array instead of one job per run
+    array_parallelism: int | None = None  # at most this many of the array's jobs at once
+
+    def given(self) -> list[str]:
+        """The flags set, as the user wrote them."""
+        unset = (None, False, [], {})
+        return [f"--{f.name.replace('_', '-')}" for f in fields(self) if getattr(self, f.name) not in unset]
+
+    def minutes(self) -> int:
+        """The time limit in whole minutes (rounded up)."""
+        match = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d\d):(\d\d)|(\d+)", (self.time or "").strip())
+        if not match:
+            raise SparseCLError(f"--time {self.time!r}: expected {TIME_FORMAT}")
+        days, hours, mins, secs, plain = (int(g) if g else 0 for g in match.groups())
+        total = plain * 60 + ((days * 24 + hours) * 60 + mins) * 60 + secs
+        if total <= 0:
+            raise SparseCLError(f"--time {self.time!r}: the time limit must be positive")
+        return -(-total // 60)
+
+    def check(self, executor: str, jobs: int | None, devices: list[str] | None) -> None:
+        """One clear error for options that do not fit the executor (before anything is submitted)."""
+        if executor not in EXECUTORS:
+            raise SparseCLError(f"unknown executor {executor!r} (known: {', '.join(EXECUTORS)})")
+        if executor == "local":
+            if self.given():
+                raise SparseCLError(f"{', '.join(self.given())}: only with --executor slurm or submitit-local "
+                                    "(the local executor runs --jobs N at a time on this machine)")
+            return
+        if jobs is not None or devices:
+            raise SparseCLError(f"{'--jobs' if jobs is not None else '--devices'} is for --executor local: a cluster "
+                                "starts the jobs as it schedules them, each on the devices it is given "
+                                "(limit an --array with --array-parallelism N; GPUs with --gpus-per-node)")
+        if self.time is None:
+            raise SparseCLError(f"--executor {executor} needs --time, each job's time limit ({TIME_FORMAT}); "
+                                "a job that reaches it is requeued and resumes its run")
+        self.minutes()
+        if self.array_parallelism is not None and not self.array:
+            raise SparseCLError("--array-parallelism needs --array")
+        if self.gpus_per_node is not None and self.gpus_per_node not in (0, 1):
+            raise SparseCLError("--gpus-per-node: a sweep's run trains on one device (0 or 1); one run on several "
+                                "GPUs is a torchrun launch (docs/distributed.md)")
+        for flag, value in (("--cpus-per-task", self.cpus_per_task), ("--mem-gb", self.mem_gb),
+                            ("--array-parallelism", self.array_parallelism)):
+            if value is not None and value <= 0:
+                raise SparseCLError(f"{flag} must be positive, got {value}")
+
+
+def _plan(job_list: list[SweepJob], out: Path) -> tuple[dict[str, str], list[tuple[int, SweepJob, str]]]:
+    """Finished runs ('skipped') and the rest with their state; a kept directory must hold its job."""
     status: dict[str, str] = {}
     todo = []
     for i, job in enumerate(job_list):
@@ -238,59 +395,73 @@ def run_sweep(path: str | Path, jobs: int = 1, devices: list[str] | None = None,
             status[job.name] = "skipped"
         else:
             todo.append((i, job, state))
-    log(f"sweep: {len(job_list)} runs, {len(status)} already complete, {len(todo)} to run, {n_jobs} at a time")
-    data_flag = ["--data-dir", str(Path(data_dir).resolve())] if data_dir else []
-    children = _Children()
-    failures: dict[str, int] = {}  # last error line -> how many runs ended with it
-    stop: list[str] = []  # the error that stopped the sweep
+    return status, todo
+
+
+def run_sweep(path: str | Path, jobs: int | None = None, devices: list[str] | None = None,
+              data_dir: str | None = None, log: Callable[[str], None] = print, executor: str = "local",
+              cluster: ClusterOptions | None = None) -> dict[str, str]:
+    """Run every job of the grid; returns run name -> 'done' | 'skipped' | 'failed (...)' | 'not run'.
+
+    ``data_dir``: where every run finds its data (default: the runs' own ``data_dir`` or
+    ``$SPARSECL_DATA``). ``executor``: 'local' (``jobs`` runs at a time, on ``devices``
+    round-robin), 'slurm' or 'submitit-local' (see :mod:`sparsecl.cluster`), with ``cluster``'s
+    options."""
+    cluster = cluster or ClusterOptions()
+    cluster.check(executor, jobs, devices)
+    job_list, out = load_grid(path)
+    status, todo = _plan(job_list, out)
+    data = str(Path(data_dir).resolve()) if data_dir else None
+    outcomes = Outcomes(log)
+    if executor == "local":
+        n_jobs = max(1, jobs or 1)
+        log(f"sweep: {len(job_list)} runs, {len(status)} already complete, {len(todo)} to run, {n_jobs} at a time")
+        status.update(_run_local(todo, out, n_jobs, devices, data, outcomes))
+    else:
+        submitter = _submitit_module()
+        log(f"sweep: {len(job_list)} runs, {len(status)} already complete, {len(todo)} to run, "
+            f"as {executor} jobs")
+        if todo:
+            status.update(submitter.run_jobs(executor, todo, out, data, cluster, outcomes))
+    outcomes.summary(status)
+    return status
+
+
+def _submitit_module():
+    """:mod:`sparsecl.cluster`, which needs the optional extra ``sparsecl[slurm]``."""
+    try:
+        from sparsecl import cluster
+    except ModuleNotFoundError as e:
+        if e.name != "submitit":
+            raise
+        raise SparseCLError("--executor slurm and submitit-local need submitit: "
+                            "pip install 'sparsecl[slurm]'") from None
+    return cluster
+
+
+def _run_local(todo: list[tuple[int, SweepJob, str]], out: Path, n_jobs: int, devices: list[str] | None,
+               data_dir: str | None, outcomes: Outcomes) -> dict[str, str]:
+    """``n_jobs`` runs at a time in child processes, the CPU threads split between them."""
+    threads = max(1, (os.cpu_count() or 1) // n_jobs)
+    children = Children()
 
     def one(item: tuple[int, SweepJob, str]) -> tuple[str, str]:
         i, job, state = item
-        if stop or children.stopping:
+        if outcomes.stop or children.stopping:
             return job.name, "not run"
-        run_dir = out / job.name
         device = devices[i % len(devices)] if devices else None
-        if state == "resume":
-            cmd = [sys.executable, "-m", "sparsecl", "run", "--resume", str(run_dir), "--quiet"]
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cfg = dict(job.config)
-            cfg_file = run_dir / "sweep-config.yaml"
-            cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
-            cmd = [sys.executable, "-m", "sparsecl", "run", "--config", str(cfg_file), "--out", str(run_dir), "--quiet"]
-        cmd += data_flag
-        if device:
-            cmd += ["--device", device]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        t0 = time.perf_counter()
-        proc = children.run(cmd, env)
-        (run_dir / "sweep.log").write_text(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            failures[last] = failures.get(last, 0) + 1
-            if failures[last] >= SAME_FAILURES and not stop:
-                stop.append(last)
-                log(f"sweep: stopping: {failures[last]} runs failed with: {last}")
-            return job.name, f"failed ({last})"
-        log(f"sweep: {job.name} done in {time.perf_counter() - t0:.0f} s")
-        return job.name, "done"
+        result, seconds, _ = execute(job, out / job.name, state, data_dir=data_dir, device=device, threads=threads,
+                                     children=children)
+        outcomes.record(job.name, result, seconds)
+        return job.name, result
 
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) if on_main_thread else None
-    try:
-        with ThreadPoolExecutor(max_workers=n_jobs) as pool:
-            try:
-                for name, result in pool.map(one, todo):
-                    status[name] = result
-            except BaseException:  # Ctrl-C or SIGTERM: no run outlives the sweep
-                children.terminate()
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-    finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-    failed = [n for n, s in status.items() if s.startswith("failed")]
-    if not stop:
-        for n in failed:
-            log(f"sweep: {n} {status[n]}")
+    status: dict[str, str] = {}
+    with sigterm_as_interrupt(), ThreadPoolExecutor(max_workers=n_jobs) as pool:
+        try:
+            for name, result in pool.map(one, todo):
+                status[name] = result
+        except BaseException:  # Ctrl-C or SIGTERM: no run outlives the sweep
+            children.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return status
