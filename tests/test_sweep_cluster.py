@@ -148,8 +148,8 @@ def test_cluster_executors_without_submitit_name_the_install(tmp_path, monkeypat
     monkeypatch.delitem(sys.modules, "sparsecl.cluster", raising=False)
     monkeypatch.delattr(sparsecl, "cluster", raising=False)
     assert main(["sweep", str(_grid(tmp_path)), "--executor", "submitit-local", "--time", "10"]) == 2
-    assert capsys.readouterr().err == ("sparsecl: error: --executor slurm and submitit-local need submitit: "
-                                       "pip install 'sparsecl[slurm]'\n")
+    assert capsys.readouterr().err == ("sparsecl: error: --executor slurm|submitit-local needs the optional "
+                                       "'slurm' extra: pip install 'sparsecl[slurm]'\n")
 
 
 def test_time_limits_in_slurm_formats():

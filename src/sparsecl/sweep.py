@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from sparsecl import SparseCLError
+from sparsecl import SparseCLError, import_extra
 from sparsecl.engine.launch import PARENT_ENV
 
 NESTED = ("method_options", "backbone_options")
@@ -429,13 +429,9 @@ def run_sweep(path: str | Path, jobs: int | None = None, devices: list[str] | No
 
 def _submitit_module():
     """:mod:`sparsecl.cluster`, which needs the optional extra ``sparsecl[slurm]``."""
-    try:
-        from sparsecl import cluster
-    except ModuleNotFoundError as e:
-        if e.name != "submitit":
-            raise
-        raise SparseCLError("--executor slurm and submitit-local need submitit: "
-                            "pip install 'sparsecl[slurm]'") from None
+    import_extra("submitit", "slurm", "--executor slurm|submitit-local")
+    from sparsecl import cluster
+
     return cluster
 
 
