@@ -45,3 +45,21 @@ def test_single_task_transfer_metrics_are_undefined():
 def test_non_square_matrix_is_rejected():
     with pytest.raises(ValueError):
         average_accuracy([[1.0, 2.0], [3.0]])
+
+
+def test_correct_predictions_counts_each_class_set_over_batches():
+    """The one counting loop of evaluation: argmax with the classes outside each set at -inf,
+    over batches that do not divide the split, the inputs transformed first."""
+    import torch
+
+    from sparsecl.metrics.predictions import correct_predictions, percent
+
+    logits = torch.tensor([[5.0, 1.0, 2.0, 0.0], [0.0, 3.0, 4.0, 1.0], [1.0, 0.0, 0.0, 9.0],
+                           [2.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.0]])
+    x, y = torch.arange(5.0), torch.tensor([0, 1, 3, 1, 2])
+    seen = []
+    correct = correct_predictions(lambda i: logits[i.long()], x, y, [torch.arange(4), torch.tensor([0, 1])],
+                                  batch_size=2, transform=lambda b: seen.append(len(b)) or b)
+    # all classes: argmax 0, 2, 3, 0, 3 -> right on examples 0 and 2; classes {0, 1}: 0, 1, 0, 0, 0 -> 0, 1
+    assert correct.tolist() == [2, 2] and seen == [2, 2, 1]
+    assert percent(correct, 5) == [40.0, 40.0]

@@ -7,6 +7,7 @@ import torch
 
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.stream import TaskStream
+from sparsecl.metrics.predictions import correct_predictions
 
 if TYPE_CHECKING:
     from sparsecl.engine.distributed import Distributed
@@ -48,21 +49,13 @@ def _correct_counts(method, task, augment: DeviceAugment, class_task: torch.Tens
                     batch_size: int, dist: Distributed | None) -> torch.Tensor:
     """int64 ``[2]``: Class-IL and Task-IL correct predictions on one task's test split (this
     rank's shard of it under ``dist``)."""
-    device = class_task.device
     j = task.index
-    visible = class_task <= max(after_task, j)
-    own = class_task == j
-    correct_c = torch.zeros((), dtype=torch.long, device=device)
-    correct_t = torch.zeros((), dtype=torch.long, device=device)
+    visible = torch.nonzero(class_task <= max(after_task, j)).flatten()
+    own = torch.nonzero(class_task == j).flatten()
     x_all, y_all = task.test.x, task.test.y
     if dist is not None:
         n = len(task.test)
         lo, hi = n * dist.rank // dist.world_size, n * (dist.rank + 1) // dist.world_size
         x_all, y_all = x_all[lo:hi], y_all[lo:hi]
-    for start in range(0, int(y_all.shape[0]), batch_size):
-        x = augment.eval(x_all[start : start + batch_size])
-        y = y_all[start : start + batch_size]
-        logits = method.eval_logits(x, j).float()
-        correct_c += (logits.masked_fill(~visible, float("-inf")).argmax(1) == y).sum()
-        correct_t += (logits.masked_fill(~own, float("-inf")).argmax(1) == y).sum()
-    return torch.stack([correct_c, correct_t])
+    return correct_predictions(lambda x: method.eval_logits(x, j), x_all, y_all, [visible, own], batch_size,
+                               augment.eval)

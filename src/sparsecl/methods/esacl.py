@@ -62,6 +62,7 @@ from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions
 from sparsecl.methods.derpp import DERpp, DERppOptions
 from sparsecl.methods.er import ER, ReplayOptions
 from sparsecl.methods.ewc import EWCOptions, OnlineEWC
+from sparsecl.metrics.predictions import correct_predictions, percent
 from sparsecl.models.batchnorm import frozen_bn_stats, reestimate_bn_stats
 from sparsecl.optim.frank_wolfe import RESCALES, StochasticFrankWolfe, ksparse_radius
 from sparsecl.optim.sam import SAM
@@ -368,21 +369,15 @@ class EsaCLMixin:
         """
         was_training = self.model.training
         self.model.eval()
-        visible = self.class_task <= task.index
-        own = self.class_task == task.index
-        correct_c = torch.zeros((), dtype=torch.long, device=self.device)
-        correct_t = torch.zeros((), dtype=torch.long, device=self.device)
+        class_sets = [torch.nonzero(self.class_task <= task.index).flatten(),
+                      torch.nonzero(self.class_task == task.index).flatten()]
         try:
-            for start in range(0, len(task.test), batch_size):
-                x = self.ctx.augment.eval(task.test.x[start : start + batch_size])
-                y = task.test.y[start : start + batch_size]
-                logits = self.model.forward(x).float()
-                correct_c += (logits.masked_fill(~visible, float("-inf")).argmax(1) == y).sum()
-                correct_t += (logits.masked_fill(~own, float("-inf")).argmax(1) == y).sum()
+            correct = correct_predictions(self.model.forward, task.test.x, task.test.y, class_sets, batch_size,
+                                          self.ctx.augment.eval)
         finally:
             self.model.train(was_training)
-        n = max(len(task.test), 1)
-        return {"class_il": 100.0 * correct_c.item() / n, "task_il": 100.0 * correct_t.item() / n}
+        class_il, task_il = percent(correct, len(task.test))
+        return {"class_il": class_il, "task_il": task_il}
 
     def end_task(self, task: Task) -> None:
         before = self.current_task_accuracy(task)

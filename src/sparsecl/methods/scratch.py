@@ -29,18 +29,15 @@ from sparsecl import SparseCLError
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.stream import Split, Task, task_validation
 from sparsecl.methods.base import TASK_IL, ContinualMethod, MethodOptions, TaskSubnetworks, register_method
+from sparsecl.metrics.predictions import correct_predictions, percent
 
 
 @torch.no_grad()
 def task_il_accuracy(model_fn: Callable[[torch.Tensor], torch.Tensor], split: Split, classes: torch.Tensor,
                      augment: DeviceAugment, batch_size: int = 256) -> float:
     """Task-IL accuracy (percent) of ``model_fn`` on ``split``: argmax over the task's ``classes`` only."""
-    correct = torch.zeros((), dtype=torch.long, device=split.y.device)
-    for start in range(0, len(split), batch_size):
-        logits = model_fn(augment.eval(split.x[start:start + batch_size])).float()
-        pred = classes[logits[:, classes].argmax(1)]
-        correct += (pred == split.y[start:start + batch_size]).sum()
-    return 100.0 * correct.item() / max(len(split), 1)
+    return percent(correct_predictions(model_fn, split.x, split.y, [classes], batch_size, augment.eval),
+                   len(split))[0]
 
 
 def scratch_accuracy(template: nn.Module, train: Split, evaluate: Split, classes: list[int],
