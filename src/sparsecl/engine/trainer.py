@@ -490,64 +490,74 @@ class Trainer:
             self.observers = []
 
     def _run(self) -> dict[str, Any]:
-        cfg = self.cfg
         if self.state["random_init"] is None:
             # The model before any training is the random-init reference b_j of forward transfer.
-            cil, til = evaluate_all(self.method, self.stream, self.augment, 0, cfg.eval_batch_size, self.dist)
+            cil, til = evaluate_all(self.method, self.stream, self.augment, 0, self.cfg.eval_batch_size, self.dist)
             self.state["random_init"] = {"class_il": cil, "task_il": til}
         with RunProgress(self.stream.n_tasks, self.progress) as bar:
             for t in range(self.state["completed"], self.stream.n_tasks):
-                reset_peak_memory(self.device)
-                flops0, dense0, samples0 = self.flops.total, self.flops.dense_total, self.counter.train_samples
-                t0 = time.perf_counter()
-                self._train_task(t, bar)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                t1 = time.perf_counter()
-                cil, til = evaluate_all(self.method, self.stream, self.augment, t, cfg.eval_batch_size, self.dist)
-                t2 = time.perf_counter()
-                s = self.state
-                s["class_il"][t], s["task_il"][t] = cil, til
-                s["train_seconds"].append(t1 - t0)
-                s["eval_seconds"].append(t2 - t1)
-                s["samples"].append(self.counter.train_samples - samples0)
-                s["flops"].append(self.flops.total - flops0)
-                s["dense_flops"].append(self.flops.dense_total - dense0)
-                s["peak_memory"].append(peak_memory_bytes(self.device))
-                masks, ownership = self.method.masks, self.method.ownership
-                s["sparsity"] = sparsity_report(self.model, self.layers, masks, ownership,
-                                                policy=self.method.mask_policy)
-                s["capacity"] = capacity_report(s["sparsity"], masks, ownership, stored=self.method.stored_masks())
-                wd, gd = self.method.training_densities()  # EsaCL: dense while training, pruned after
-                s["footprint"] = memory_footprint(
-                    self.layers, self.model, max(s["max_step_samples"], 1),
-                    weight_density=wd, grad_density=gd,
-                    mask_bytes=s["sparsity"]["mask_bytes"] + s["sparsity"]["task_mask_bytes"],
-                    buffer_bytes=self.method.memory_bytes(),
-                )
-                s["method"] = self.method.report()
-                s["completed"] = t + 1
-                if self.is_main:
-                    self._save_checkpoint(t)
-                    result = self.result(complete=False)
-                    atomic_write_json(self.run_dir / RESULT, result)
-                    for observer in self.observers:
-                        observer.task(result, t)
+                self._task(t, bar)
                 bar.task_done()
         if self.is_main:
-            atomic_torch_save(self.run_dir / "model.pt", self.model.state_dict())
-            # Per-task subnetworks (isolation methods) for `sparsecl export`: small masks and snapshots.
-            views = method_task_views(self.method, self.stream.n_tasks)
-            if views is not None:
-                atomic_torch_save(self.run_dir / TASK_VIEWS, compact_task_views(self.model.state_dict(), views))
-            head = self.method.inference_head()
-            if head is not None:  # e.g. iCaRL's class means: the export classifies as the run evaluated
-                atomic_torch_save(self.run_dir / INFERENCE_HEAD, head)
-        # Written last: `complete: true` means every final file above is in place.
+            self._write_final_files()
+        # Written last: `complete: true` means every final file is in place.
         result = self.result(complete=True)
         if self.is_main:
             atomic_write_json(self.run_dir / RESULT, result)
         return result
+
+    def _task(self, t: int, bar: RunProgress) -> None:
+        """Train task ``t``, evaluate every task, record it all, checkpoint, tell the observers."""
+        reset_peak_memory(self.device)
+        flops0, dense0, samples0 = self.flops.total, self.flops.dense_total, self.counter.train_samples
+        t0 = time.perf_counter()
+        self._train_task(t, bar)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t1 = time.perf_counter()
+        cil, til = evaluate_all(self.method, self.stream, self.augment, t, self.cfg.eval_batch_size, self.dist)
+        t2 = time.perf_counter()
+        s = self.state
+        s["class_il"][t], s["task_il"][t] = cil, til
+        s["train_seconds"].append(t1 - t0)
+        s["eval_seconds"].append(t2 - t1)
+        s["samples"].append(self.counter.train_samples - samples0)
+        s["flops"].append(self.flops.total - flops0)
+        s["dense_flops"].append(self.flops.dense_total - dense0)
+        s["peak_memory"].append(peak_memory_bytes(self.device))
+        self._record_footprint()
+        s["method"] = self.method.report()
+        s["completed"] = t + 1
+        if self.is_main:
+            self._save_checkpoint(t)
+            result = self.result(complete=False)
+            atomic_write_json(self.run_dir / RESULT, result)
+            for observer in self.observers:
+                observer.task(result, t)
+
+    def _record_footprint(self) -> None:
+        """Sparsity, capacity and memory footprint of the model as the last task left it."""
+        s, method = self.state, self.method
+        s["sparsity"] = sparsity_report(self.model, self.layers, method.masks, method.ownership,
+                                        policy=method.mask_policy)
+        s["capacity"] = capacity_report(s["sparsity"], method.masks, method.ownership, stored=method.stored_masks())
+        wd, gd = method.training_densities()  # EsaCL: dense while training, pruned after
+        s["footprint"] = memory_footprint(
+            self.layers, self.model, max(s["max_step_samples"], 1), weight_density=wd, grad_density=gd,
+            mask_bytes=s["sparsity"]["mask_bytes"] + s["sparsity"]["task_mask_bytes"],
+            buffer_bytes=method.memory_bytes(),
+        )
+
+    def _write_final_files(self) -> None:
+        """The final model and what `sparsecl export` needs beside it."""
+        atomic_torch_save(self.run_dir / "model.pt", self.model.state_dict())
+        # Per-task subnetworks (isolation methods) for `sparsecl export`: small masks and snapshots.
+        views = method_task_views(self.method, self.stream.n_tasks)
+        if views is not None:
+            atomic_torch_save(self.run_dir / TASK_VIEWS, compact_task_views(self.model.state_dict(), views))
+        head = self.method.inference_head()
+        if head is not None:  # e.g. iCaRL's class means: the export classifies as the run evaluated
+            atomic_torch_save(self.run_dir / INFERENCE_HEAD, head)
 
     def _flops_result(self) -> dict[str, Any]:
         """result.json's ``flops``: the run's convention, both conventions, the selection cost."""
