@@ -1,7 +1,6 @@
 """sparsecl tune: a search space from flags or YAML, an Optuna study shared by worker processes
 through SQLite, pruning after each task, resuming after a kill, and a best preset that reproduces."""
 import json
-import os
 import signal
 import subprocess
 import sys
