@@ -239,6 +239,8 @@ def _seed_list(args: argparse.Namespace) -> tuple[int, ...]:
 
 
 def print_tune(summary: dict[str, Any], settings, console: Console) -> None:
+    from sparsecl.tune import BEST_PRESET, SUMMARY, shown_values
+
     done = [t for t in summary["trials"] if t["state"] in ("complete", "pruned")]
     table = Table(title=f"study {summary['study']}: {len(done)} finished trials, best first")
     for col in ("trial", "state", "value", "FLOPs ratio", "parameters"):
@@ -246,13 +248,11 @@ def print_tune(summary: dict[str, Any], settings, console: Console) -> None:
     ranked = sorted(done, key=lambda t: (t["state"] != "complete", -(t["values"] or [float("-inf")])[0]))
     for t in ranked[:10]:
         value = _fmt(t["values"][0]) if t["values"] else "-"
-        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
-        table.add_row(str(t["number"]), t["state"], value, _fmt(t.get("flops_ratio"), 3), params)
+        table.add_row(str(t["number"]), t["state"], value, _fmt(t.get("flops_ratio"), 3), shown_values(t["params"]))
     console.print(table)
     if summary["best"] is None:
         console.print("no trial completed: no best preset written", markup=False)
         return
-    from sparsecl.tune import BEST_PRESET, SUMMARY
 
     preset = settings.best_preset or settings.out / BEST_PRESET
     console.print(f"best: trial {summary['best']}; preset {preset} (sparsecl run --preset-file {preset}); "

@@ -238,12 +238,15 @@ def _end(procs: list[subprocess.Popen]) -> None:
 
 
 def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    # Once: a second SIGTERM must not break off the clean-up the first one started.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops the sweep as Ctrl-C does (on the main thread; elsewhere signals are not ours)."""
+    """SIGTERM stops the process as Ctrl-C does, once (on the main thread; elsewhere signals are not
+    ours). Used by sweeps and tunes."""
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) if on_main_thread else None
     try:

@@ -38,11 +38,9 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
-import signal
 import socket
 import statistics
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field, fields
@@ -57,7 +55,7 @@ from sparsecl.engine.io import atomic_write_json, atomic_write_text
 from sparsecl.engine.launch import die_with_parent
 from sparsecl.engine.trainer import CHECKPOINT, RESULT, resume, run
 from sparsecl.methods import METHODS
-from sparsecl.sweep import SAME_FAILURES
+from sparsecl.sweep import SAME_FAILURES, sigterm_as_interrupt
 
 OBJECTIVES = {"class-il": "class_il", "task-il": "task_il"}
 DEFAULT_VALIDATION = 0.1
@@ -408,12 +406,12 @@ class _Worker:
             trial.set_user_attr("interrupted", True)
             raise
         except _optuna().TrialPruned as e:
-            self.log(f"tune: trial {trial.number} {e} ({_shown(values)})")
+            self.log(f"tune: trial {trial.number} {e} ({shown_values(values)})")
             raise
         value = statistics.fmean(_value(r, key, self.settings.flops_penalty) for r in results)
         ratio = _record(trial, results)
         self.log(f"tune: trial {trial.number} {self.settings.objective} {value:.2f} in "
-                 f"{time.perf_counter() - t0:.0f} s ({_shown(values)})")
+                 f"{time.perf_counter() - t0:.0f} s ({shown_values(values)})")
         return (value, ratio) if self.settings.pareto else value
 
     def _run_dir(self, trial: Any) -> Path:
@@ -502,7 +500,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _shown(values: dict[str, Any]) -> str:
+def shown_values(values: dict[str, Any]) -> str:
+    """Searched values as one short line: ``lr=0.1591, alpha=1.938``."""
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
 
@@ -511,20 +510,15 @@ def _worker_main(settings: TuneSettings, base: RunConfig, params: list[Param], i
                  threads: int) -> None:
     """A worker process: dies with the tune, Ctrl-C and SIGTERM interrupt its trial."""
     die_with_parent(parent)
-    signal.signal(signal.SIGTERM, _interrupt)
     log = _stderr_log(f"[worker {index}] ")
     try:
-        _Worker(settings, base, params, log, threads).work(open_study(settings, base, params, index))
+        with sigterm_as_interrupt():
+            _Worker(settings, base, params, log, threads).work(open_study(settings, base, params, index))
     except SparseCLError as e:
         print(f"sparsecl: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the interrupted trial is being recorded
-    raise KeyboardInterrupt
 
 
 def _stderr_log(prefix: str = "") -> Callable[[str], None]:
@@ -535,7 +529,6 @@ def _run_workers(settings: TuneSettings, base: RunConfig, params: list[Param], t
     ctx = multiprocessing.get_context("spawn")  # no forked copies of torch's thread pools
     procs = [ctx.Process(target=_worker_main, args=(settings, base, params, i, os.getpid(), threads))
              for i in range(settings.workers)]
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         for p in procs:
             p.start()
@@ -553,8 +546,6 @@ def _run_workers(settings: TuneSettings, base: RunConfig, params: list[Param], t
         for p in procs:
             p.join(timeout=60)
         raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def tune(settings: TuneSettings, base: RunConfig, params: list[Param],
@@ -577,16 +568,11 @@ def tune(settings: TuneSettings, base: RunConfig, params: list[Param],
     atomic_write_json(settings.out / SUMMARY, summarize(study, settings))  # claims OUT for this study
     log(f"tune: study {settings.study!r} in {settings.shown_storage}: {_finished(study)} of {settings.trials} "
         f"trials finished, {settings.workers} worker(s) of {threads} thread(s)")
-    if settings.workers > 1:
-        _run_workers(settings, base, params, threads)
-    else:  # SIGTERM, like Ctrl-C, records the trial as interrupted
-        on_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
-        try:
+    with sigterm_as_interrupt():  # like Ctrl-C: the workers stop, their trials recorded as interrupted
+        if settings.workers > 1:
+            _run_workers(settings, base, params, threads)
+        else:
             _Worker(settings, base, params, log, threads).work(study)
-        finally:
-            if on_main:
-                signal.signal(signal.SIGTERM, previous)
     summary = summarize(study, settings)
     atomic_write_json(settings.out / SUMMARY, summary)
     if summary["best"] is not None:
