@@ -208,7 +208,7 @@ def two_tasks(tmp_path_factory):
 
 def test_selective_gates_close_on_the_kernels_the_second_task_does_not_need(two_tasks):
     result, _, method = two_tasks
-    assert method.opt.mask_lr == 5e-4
+    assert method.options.mask_lr == 5e-4
     n = "backbone.net.1.weight"
     used1, used2 = method.use[0][n], method.use[1][n]  # task 1's kernels, task 2's
     kept = {g: int((used2 & used1)[:, sl].sum()) / int(used1[:, sl].sum()) for g, sl in (("A", A), ("B", B))}

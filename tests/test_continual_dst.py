@@ -89,10 +89,10 @@ class StepRecorder:
                 if not torch.equal(p[reused], method.backbone[n][reused]):
                     rec.violations.append(f"{n}: a regrown frozen weight lost its value")
                 if method.growth_mode(method.current_task) == "unfired":
-                    scope = rec.in_task if method.opt.unfired == "task" else rec.in_run
+                    scope = rec.in_task if method.options.unfired == "task" else rec.in_run
                     unused = int((~before[n] & ~scope[n]).sum())  # only when these run out may it fall back
                     if (grown & scope[n]).any() and unused >= int(grown.sum()):
-                        rec.violations.append(f"{n}: unfired growth revived a weight used ({method.opt.unfired})")
+                        rec.violations.append(f"{n}: unfired growth revived a weight used ({method.options.unfired})")
                     rec.unfired_fallback |= unused < int(grown.sum())
                 rec.in_task[n] |= after
                 rec.in_run[n] |= after

@@ -133,7 +133,7 @@ def test_cwi_ranks_a_weight_with_buffer_gradient_above_an_equal_weight_without(t
     i = m.mask_names.index(name)
     m._g_buf[i].copy_(with_buf.float() * 5.0)  # a large buffer gradient on half the active weights
     m._n_buf = m._n_cur = 1
-    k = round(m.opt.p_intra * mask.numel())
+    k = round(m.options.p_intra * mask.numel())
     assert 0 < k < len(active) // 2
     m._update_mask()
     # The k dropped weights (now 0, or regrown at 0) all come from the half without buffer gradient.

@@ -459,7 +459,7 @@ class Trainer:
             if mean_loss is not None and not math.isfinite(mean_loss):
                 raise SparseCLError(
                     f"loss became {mean_loss} in task {task_index + 1}, epoch {epoch + 1} "
-                    f"(method {cfg.method}, lr {method.opt.lr}): lower the learning rate"
+                    f"(method {cfg.method}, lr {method.options.lr}): lower the learning rate"
                 )
             losses.append(mean_loss)
             if mean_loss is not None:

@@ -88,14 +88,14 @@ class AGEM(ReplayMethod, graph_capturable=False):
             for p, v in zip(self._params, update.split(self._numels)):
                 p.grad = v.view_as(p)
         self.optimizer.step()
-        if self.opt.memory == "reservoir":
+        if self.options.memory == "reservoir":
             self.remember(batch)
         return loss.detach()
 
     def end_task(self, task: Task) -> None:
-        if self.opt.memory == "reservoir":
+        if self.options.memory == "reservoir":
             return
-        per_task = self.ctx.batch_size if self.opt.memory == "batch" else self.buffer.capacity // self.ctx.stream.n_tasks
+        per_task = self.ctx.batch_size if self.options.memory == "batch" else self.buffer.capacity // self.ctx.stream.n_tasks
         k = min(per_task, len(task.train))
         if k == 0:
             return

@@ -159,7 +159,7 @@ class ContinualMethod:
         # The module training forwards go through: the model itself, or under torchrun its
         # DistributedDataParallel wrapper (same parameters), which averages gradients over ranks.
         self.net: nn.Module = model
-        self.opt = options
+        self.options = options
         self.ctx = ctx
         self.device = ctx.device
         self.task = -1
@@ -259,7 +259,7 @@ class ContinualMethod:
 
     def make_optimizer(self, params: Any = None) -> torch.optim.Optimizer:
         params = self.model.parameters() if params is None else params
-        o = self.opt
+        o = self.options
         # Passed only when asked for: the default stays torch's (foreach), and older torch
         # versions without a fused SGD still run.
         fused = {"fused": True} if self.ctx.fused_optimizer else {}

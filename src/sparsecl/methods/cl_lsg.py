@@ -174,7 +174,7 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
-        o = self.opt
+        o = self.options
         if ctx.epochs < 2 and o.growth == "target":
             raise SparseCLError(f"{self.name} needs >= 2 epochs per task for its two stages (or growth: always)")
         if o.stage1_epochs is not None and o.stage1_epochs > ctx.epochs:
@@ -221,10 +221,10 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
         epochs: an engine epoch carries several passes (:meth:`epoch_indices` repeats the examples)
         and the decision falls on the boundary of two engine epochs."""
         E = self.ctx.epochs
-        s1 = self.opt.stage1_epochs or E
-        if self.opt.growth == "never":
+        s1 = self.options.stage1_epochs or E
+        if self.options.growth == "never":
             return [(REUSE, p) for p in spread(s1, E)]
-        if t == 0 or self.opt.growth == "always":
+        if t == 0 or self.options.growth == "always":
             return [(GROW_ONLY, 1)] * E
         a = min(max(round(E * s1 / (s1 + E)), 1), E - 1)  # engine epochs of stage 1
         return [(REUSE, p) for p in spread(s1, a)] + [(GROW, p) for p in spread(E, E - a)]
@@ -234,15 +234,15 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
 
     def _target(self, task: Task) -> float:
         train, val = self.held_out(task)
-        return task_target(self.opt.target, self.targets, task, train, val, self.template, self.ctx.augment,
-                           epochs=self.ctx.epochs, lr=self.opt.lr, batch_size=self.ctx.batch_size,
+        return task_target(self.options.target, self.targets, task, train, val, self.template, self.ctx.augment,
+                           epochs=self.ctx.epochs, lr=self.options.lr, batch_size=self.ctx.batch_size,
                            generator=self.scratch_generator, count_samples=self.ctx.count_samples)
 
     @torch.no_grad()
     def _configure_kernels(self, t: int, scale: float) -> None:
         """Which kernels learn a selective / attentive gate in task ``t``, which are fixed 0/1;
         remembers the old kernels (those of the network before this task) for the statistics."""
-        o = self.opt
+        o = self.options
         on = self.gates.channels_on()
         self._frozen, self._released, self._alive = {}, {}, {}
         for n in self.ownership.names:
@@ -270,11 +270,11 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
         self._guard = FrozenGuard(self.model, {**self.ownership.frozen_masks(t), **self.frozen_heads(t)})
         self._guard.hook_optimizer(self.optimizer)
         # the target is only needed (and scratch models only trained) when growth depends on it
-        self._target_acc = self._target(task) if self.opt.growth == "target" else float("nan")
+        self._target_acc = self._target(task) if self.options.growth == "target" else float("nan")
         n = len(self.train_split(task))
         self._plan = self._schedule(t)
         first = sum(self._steps(p, n) for s, p in self._plan if s == self._plan[0][0])
-        self._scale = reach_scale(self.opt.kernel_init, self.opt.mask_lr, round(self.opt.gate_reach * first))
+        self._scale = reach_scale(self.options.kernel_init, self.options.mask_lr, round(self.options.gate_reach * first))
         self._growth_steps = max(1, sum(self._steps(p, n) for s, p in self._plan if s != REUSE))
         self._skip_growth = False
         self._decision = float("nan")
@@ -286,7 +286,7 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
         self.gates.set_beta(1.0)
         # one Adam for the kernel gates over the whole task (never reset between the stages);
         # the channel gates get theirs when growth starts (they do not learn before)
-        self.mask_optimizer = torch.optim.Adam(list(self.gates.kernel.parameters()), lr=self.opt.mask_lr)
+        self.mask_optimizer = torch.optim.Adam(list(self.gates.kernel.parameters()), lr=self.options.mask_lr)
         self.channel_optimizer = None
         if self._plan[0][0] == GROW_ONLY:
             self._start_growth()
@@ -295,7 +295,7 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
         for g in self.gates.groups:
             self.gates.channel_gate(g).start_growth_()
         self._growing = {g: self.gates.channel_gate(g).learn.clone() for g in self.gates.groups}
-        self.channel_optimizer = torch.optim.Adam(list(self.gates.channel.parameters()), lr=self.opt.mask_lr)
+        self.channel_optimizer = torch.optim.Adam(list(self.gates.channel.parameters()), lr=self.options.mask_lr)
         self._step = 0
 
     def epoch_indices(self, task: Task, epoch: int) -> torch.Tensor | None:
@@ -309,14 +309,14 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
     def observe(self, batch: Batch) -> torch.Tensor:
         growing = self.channel_optimizer is not None
         if growing:  # anneal beta geometrically from 1 to beta_max over the growth stage
-            self.gates.set_beta(self.opt.beta_max ** min(self._step / self._growth_steps, 1.0))
+            self.gates.set_beta(self.options.beta_max ** min(self._step / self._growth_steps, 1.0))
             self._step += 1
             self.channel_optimizer.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
         self.mask_optimizer.zero_grad(set_to_none=True)
         loss = self.loss(self.model(batch.x), batch.y, batch.task_id)
-        if growing and self.opt.lam > 0:
-            loss = loss + self.opt.lam * self.gates.penalty()
+        if growing and self.options.lam > 0:
+            loss = loss + self.options.lam * self.gates.penalty()
         loss.backward()
         self.optimizer.step()
         self.mask_optimizer.step()
@@ -443,8 +443,8 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
             **st,
             "model_size": st["size_total"][-1] if st["size_total"] else 0.0,
             "size_unit": "full backbone (conv/linear weights)",
-            "target": [nan(v) for v in self.targets] if self.targets else self.opt.target,
-            "decided_on": f"validation ({self.opt.val_fraction:g} of each task's training data)",
+            "target": [nan(v) for v in self.targets] if self.targets else self.options.target,
+            "decided_on": f"validation ({self.options.val_fraction:g} of each task's training data)",
             "open_channels": [sum(int(c[g].sum()) for g in c) for c in self.channels],
             "total_channels": sum(self.gates.channel_gate(g).on.numel() for g in self.gates.groups),
         }

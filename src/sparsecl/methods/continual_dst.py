@@ -236,8 +236,8 @@ class ContinualDST(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
 
     def _task_steps(self, task: Task) -> int:
         n = len(self.train_split(task))
-        if self.opt.train_samples:
-            n = min(n, self.opt.train_samples)
+        if self.options.train_samples:
+            n = min(n, self.options.train_samples)
         return math.ceil(n / self.ctx.batch_size) * self.ctx.epochs
 
     def _set_grad_masks(self) -> None:
@@ -258,7 +258,7 @@ class ContinualDST(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
         super().begin_task(task)
         if self.current_task != task.index:
             self._draw_mask(task.index)
-        if self.opt.unfired == "task":
+        if self.options.unfired == "task":
             self.masks.reset_ever_active_()
         if self.ctx.flops is not None:
             self.masks.bind_flops(self.ctx.flops)
@@ -272,13 +272,13 @@ class ContinualDST(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
 
     def epoch_indices(self, task: Task, epoch: int) -> torch.Tensor | None:
         n = len(self.train_split(task))
-        if not self.opt.train_samples or self.opt.train_samples >= n:
+        if not self.options.train_samples or self.options.train_samples >= n:
             return None
-        return torch.randperm(n, device=self.device)[: self.opt.train_samples]
+        return torch.randperm(n, device=self.device)[: self.options.train_samples]
 
     def observe(self, batch: Batch) -> torch.Tensor:
         t = self.step + 1
-        due = t % self.opt.delta_t == 0 and t < self.t_end
+        due = t % self.options.delta_t == 0 and t < self.t_end
         gradient = due and self.growth_mode(self.current_task) == "gradient"
         if gradient:  # this step computes the dense weight gradient: charge it before its forward
             self.masks.push_flops(dense_grad=True)
@@ -297,7 +297,7 @@ class ContinualDST(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
 
     @torch.no_grad()
     def _topology_update(self, dense_grads: dict[str, torch.Tensor] | None) -> None:
-        frac = cosine_update_fraction(self.step, self.opt.drop_fraction, self.t_end)
+        frac = cosine_update_fraction(self.step, self.options.drop_fraction, self.t_end)
         mode = self.growth_mode(self.current_task)
         for n in self.names:
             k = int(frac * self.masks.active(n))
@@ -320,9 +320,9 @@ class ContinualDST(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
         e = epoch + 1
         if e >= self.ctx.epochs:
             return
-        factor = 0.1 ** sum(e >= m * self.ctx.epochs for m in self.opt.milestones())
+        factor = 0.1 ** sum(e >= m * self.ctx.epochs for m in self.options.milestones())
         for group in self.optimizer.param_groups:
-            group["lr"] = self.opt.lr * factor
+            group["lr"] = self.options.lr * factor
 
     @torch.no_grad()
     def end_task(self, task: Task) -> None:
@@ -344,7 +344,7 @@ class ContinualDST(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
             self.masks.set_mask(n, self.ownership.owned(n), push=False)
         self.task_masks.append(mask)
         self.current_task = -1
-        if self.opt.per_task_bn:
+        if self.options.per_task_bn:
             self.snapshots.append({n: v.detach().clone() for n, v in self._shared_state().items()})
         total = sum(size.values())
         self.history.append({
@@ -379,7 +379,7 @@ class ContinualDST(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
                 state[n].copy_(torch.where(mask, self.backbone[n], torch.zeros_like(state[n])))
             else:
                 state[n].copy_(self._saved[n])
-        if self.opt.per_task_bn:
+        if self.options.per_task_bn:
             shared = self.snapshots[j] if j < len(self.snapshots) else self._saved
             for n in self.shared_names:
                 state[n].copy_(shared[n])
@@ -389,11 +389,11 @@ class ContinualDST(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
     def report(self) -> dict[str, Any]:
         """Per task: M_t's reused (frozen) and newly trained fractions, backbone usage (union of masks)."""
         return {
-            "init": self.opt.init,
-            "sparsity": self.opt.sparsity,
+            "init": self.options.init,
+            "sparsity": self.options.sparsity,
             "grow_schedule": list(self.growth),
-            "unfired": self.opt.unfired,
-            "per_task_bn": self.opt.per_task_bn,
+            "unfired": self.options.unfired,
+            "per_task_bn": self.options.per_task_bn,
             "tasks": self.history,
             # First task after which some isolated layer had no free weight left.
             "layer_full_after_task": next((h["task"] for h in self.history

@@ -121,7 +121,7 @@ class CPG(TaskValidation, PackNet, sparse_kernels=False):
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
-        o = self.opt
+        o = self.options
         if isinstance(o.target, list) and len(o.target) != ctx.stream.n_tasks:
             raise SparseCLError(f"target lists {len(o.target)} accuracies for {ctx.stream.n_tasks} tasks")
         self.template = copy.deepcopy(model)  # the untrained allocated network (scratch targets)
@@ -147,9 +147,9 @@ class CPG(TaskValidation, PackNet, sparse_kernels=False):
             self.masks.bind_flops(self.ctx.flops)
         with torch.no_grad():
             for p in self.picks.values():
-                p.fill_(self.opt.mask_init)  # the official re-initialises the piggymask per task
+                p.fill_(self.options.mask_init)  # the official re-initialises the piggymask per task
         self.old = {n: self.ownership.owned(n) for n in self.chain.names}
-        self._optimizers(self.opt.lr, self.opt.mask_lr)
+        self._optimizers(self.options.lr, self.options.mask_lr)
 
     def _optimizers(self, lr: float, mask_lr: float) -> None:
         """Fresh weight (SGD at ``lr``) and mask (Adam at ``mask_lr``, none at 0 or in task 1) optimisers."""
@@ -167,7 +167,7 @@ class CPG(TaskValidation, PackNet, sparse_kernels=False):
         out = {}
         for n in self.chain.names:
             m = self.picks[n]
-            binary = m + ((m > self.opt.threshold).to(m.dtype) - m).detach()
+            binary = m + ((m > self.options.threshold).to(m.dtype) - m).detach()
             out[n] = self.params[n] * torch.where(self.old[n], binary, torch.ones_like(binary))
         return out
 
@@ -197,12 +197,12 @@ class CPG(TaskValidation, PackNet, sparse_kernels=False):
 
     def _target(self, task: Task) -> float:
         train, val = self.held_out(task)
-        return task_target(self.opt.target, self.targets, task, train, val, self.template, self.ctx.augment,
-                           epochs=self.ctx.epochs, lr=self.opt.lr, batch_size=self.ctx.batch_size,
+        return task_target(self.options.target, self.targets, task, train, val, self.template, self.ctx.augment,
+                           epochs=self.ctx.epochs, lr=self.options.lr, batch_size=self.ctx.batch_size,
                            generator=self.scratch_generator, count_samples=self.ctx.count_samples)
 
     def end_task(self, task: Task) -> None:
-        o, t, train = self.opt, task.index, self.held_out(task)[0]
+        o, t, train = self.options, task.index, self.held_out(task)[0]
         target = self._target(task)
         acc, grew = self._accuracy(task), 0
         while acc < target and self._grow(t):
@@ -223,7 +223,7 @@ class CPG(TaskValidation, PackNet, sparse_kernels=False):
 
     def _grow(self, t: int) -> bool:
         """Open ``grow_units`` closed units per hidden layer with fresh weights; False if no room."""
-        k = self.opt.grow_units
+        k = self.options.grow_units
         units = [self.chain.closed_units(i, k) for i in range(len(self.chain.width))]
         if not k or any(u.numel() == 0 for u in units):
             return False
@@ -234,7 +234,7 @@ class CPG(TaskValidation, PackNet, sparse_kernels=False):
         """Gradual pruning of this task's weights; returns the pruning ratio kept."""
         if not met:
             return 0.0
-        o, train = self.opt, self.held_out(task)[0]
+        o, train = self.options, self.held_out(task)[0]
         kept, state = 0.0, self._snapshot()
         for r in o.ratios():
             self._prune(r)
@@ -267,7 +267,7 @@ class CPG(TaskValidation, PackNet, sparse_kernels=False):
         t = task.index
         keep = {n: self._own(n) & self.masks.masks[n] for n in self.chain.names}
         self.ownership.assign_all_(keep, t)
-        self.picked.append({n: self.old[n] & (self.picks[n] > self.opt.threshold) for n in self.chain.names})
+        self.picked.append({n: self.old[n] & (self.picks[n] > self.options.threshold) for n in self.chain.names})
         for n in self.chain.names:  # pruned weights become free again, and usable: zero, unmasked
             self.masks.set_mask(n, self.chain.structure()[n])
         self.snapshots.append({n: v.detach().clone() for n, v in self._shared_state().items()})
@@ -305,7 +305,7 @@ class CPG(TaskValidation, PackNet, sparse_kernels=False):
                 "model_size": self.stats["size_total"][-1] if self.stats["size_total"] else 1.0,
                 "size_unit": f"base MLP ({self.base} units per hidden layer, conv/linear weights of the backbone)",
                 "open_units": [int(self.chain.open(i).sum()) for i in range(len(self.chain.width))],
-                "decided_on": f"validation ({self.opt.val_fraction:g} of each task's training data)"}
+                "decided_on": f"validation ({self.options.val_fraction:g} of each task's training data)"}
 
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:

@@ -140,7 +140,7 @@ class DEN(TaskSubnetworks, ContinualMethod):
             self._train_only({n: self.masks.masks[n] for n in self.chain.names})
             return
         self._train_only({})
-        run_epochs(self, self.train_split(task), t, self.opt.select_epochs)
+        run_epochs(self, self.train_split(task), t, self.options.select_epochs)
         self._train_only(self._selection())
         self._loss, self._seen = torch.zeros((), device=self.device), 0
 
@@ -170,7 +170,7 @@ class DEN(TaskSubnetworks, ContinualMethod):
         self.optimizer.zero_grad(set_to_none=True)
         ce = self.loss(self.net(batch.x), batch.y, batch.task_id)
         reg = ce
-        o = self.opt
+        o = self.options
         for n, w, g in self._trained():
             reg = reg + o.l2_lambda * (w * g).square().sum() / 2
             if n in self.prev:
@@ -189,7 +189,7 @@ class DEN(TaskSubnetworks, ContinualMethod):
     @torch.no_grad()
     def _proximal(self) -> None:
         """L1 shrinkage on the trained weights; group lasso on new units' incoming weights."""
-        o = self.opt
+        o = self.options
         for _, w, g in self._trained():
             shrunk = torch.sign(w) * (w.abs() - o.l1_lambda).clamp_min(0)
             w.copy_(torch.where(g, shrunk, w))
@@ -206,7 +206,7 @@ class DEN(TaskSubnetworks, ContinualMethod):
             self._loss, self._seen = torch.zeros((), device=self.device), 0
 
     def end_task(self, task: Task) -> None:
-        t, o = task.index, self.opt
+        t, o = task.index, self.options
         expanded, added, split, loss = False, [0] * len(self.chain.width), [[] for _ in self.chain.width], None
         if t:
             loss = float(self._loss) / max(self._seen, 1)
@@ -226,7 +226,7 @@ class DEN(TaskSubnetworks, ContinualMethod):
 
     def _expand(self, task: Task) -> list[int]:
         """Open ``ex_k`` units per layer, train everything, drop the new units left without input."""
-        t, k = task.index, self.opt.ex_k
+        t, k = task.index, self.options.ex_k
         units = [self.chain.closed_units(i, k) for i in range(len(self.chain.width))]
         self.chain.grow_(units, t, self.masks, self.init_values)
         for i, u in enumerate(units):
@@ -245,7 +245,7 @@ class DEN(TaskSubnetworks, ContinualMethod):
     @torch.no_grad()
     def _split(self, task: Task) -> list[list[int]]:
         """Duplicate drifted units (at most ``ex_k`` per layer), then train ``E`` epochs."""
-        t, o = task.index, self.opt
+        t, o = task.index, self.options
         split: list[list[int]] = []
         for i, n in enumerate(self.chain.names):
             w, prev, old = self.params[n], self.prev[n], self.old[n]

@@ -35,7 +35,7 @@ class DERpp(ReplayMethod, distributed=True):
 
     def observe(self, batch: Batch) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        o = self.opt
+        o = self.options
         n = batch.y.shape[0]
         if self.buffer.is_empty:
             out = self.net(batch.x)

@@ -216,7 +216,7 @@ class EsaCLMixin:
 
     # ------------------------------------------------------------------ optimiser
     def _frank_wolfe(self) -> StochasticFrankWolfe:
-        o = self.opt
+        o = self.options
         params = dict(self.model.named_parameters())
         constrained = set(self.layer_names)
         groups: list[dict[str, Any]] = [{"params": [params[n]], "k": self.k[n], "radius": self.radius[n]}
@@ -228,7 +228,7 @@ class EsaCLMixin:
 
     def make_optimizer(self, params: Any = None) -> Any:
         """Frank-Wolfe (or the configured optimiser) with frozen weights guarded, wrapped in SAM."""
-        o = self.opt
+        o = self.options
         base = self._frank_wolfe() if o.polytope else super().make_optimizer(params)
         if self._guard is not None:
             self._guard.unhook()
@@ -254,7 +254,7 @@ class EsaCLMixin:
         return F.cross_entropy(logits.float(), y, reduction="none")
 
     def observe(self, batch: Batch) -> torch.Tensor:
-        o = self.opt
+        o = self.options
         b = int(batch.y.shape[0])
         j = max(1, math.ceil(o.keep_frac * b))
         sub = batch
@@ -319,7 +319,7 @@ class EsaCLMixin:
             pruned = ~self.masks.masks[n]
             fresh = copy.deepcopy(self._layers[n])
             fresh.reset_parameters()
-            params[n].copy_(torch.where(pruned, fresh.weight.detach() * self.opt.expand_scale, params[n]))
+            params[n].copy_(torch.where(pruned, fresh.weight.detach() * self.options.expand_scale, params[n]))
         self.masks.unbind_flops()
         self.masks = None
 
@@ -335,7 +335,7 @@ class EsaCLMixin:
                 continue
             frozen = self.ownership.owned(n)
             n_free = int((~frozen).sum())
-            k = density_counts({n: 1.0 - self.opt.sparsity}, {n: n_free})[n]
+            k = density_counts({n: 1.0 - self.options.sparsity}, {n: n_free})[n]
             new = topk_mask(score.masked_fill(frozen, -1.0), k)
             self.ownership.assign_(n, new, task_index)
             keep[n] = frozen | new
@@ -357,7 +357,7 @@ class EsaCLMixin:
         the model has no BatchNorm layer."""
         split = self.train_split(task)
         bs = self.ctx.batch_size
-        order = torch.randperm(len(split), device=self.device)[: self.opt.bn_recalibrate * bs]
+        order = torch.randperm(len(split), device=self.device)[: self.options.bn_recalibrate * bs]
         batches = (self.ctx.augment.eval(split.x[order[i : i + bs]])
                    for i in range(0, len(order) - 1, bs))  # a last batch of one has no batch statistics
         return reestimate_bn_stats(self.model, batches)
@@ -384,7 +384,7 @@ class EsaCLMixin:
         masks = self.prune(task.index)
         after = self.current_task_accuracy(task)
         recalibrated = None
-        if self.opt.bn_recalibrate and self.recalibrate_bn(task):
+        if self.options.bn_recalibrate and self.recalibrate_bn(task):
             recalibrated = self.current_task_accuracy(task)
         if self._guard is not None:
             self._guard.unhook()
@@ -416,13 +416,13 @@ class EsaCLMixin:
 
     def stored_masks(self) -> tuple[int, int]:
         """``isolate`` stores the frozen weights' mask; ``expand`` none (the zeros are the mask)."""
-        if self.opt.isolate and self.masks is not None:
+        if self.options.isolate and self.masks is not None:
             return 1, self.masks.mask_bytes()
         return 0, 0
 
     def report(self) -> dict[str, Any]:
         out = super().report()
-        o = self.opt
+        o = self.options
         out["esacl"] = {
             "variant": {"sam": o.sam, "polytope": o.polytope, "sse": o.sse, "ere": o.ere, "isolate": o.isolate},
             "sparsity": o.sparsity,

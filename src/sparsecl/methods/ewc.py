@@ -91,12 +91,12 @@ class OnlineEWC(ContinualMethod):
         if self.fisher is None:
             return torch.zeros((), device=self.device)
         total = sum((f * (p - a).pow(2)).sum() for p, f, a in zip(self._plist, self.fisher, self.anchor))
-        return 0.5 * self.opt.e_lambda * total
+        return 0.5 * self.options.e_lambda * total
 
     def observe(self, batch: Batch) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(self.model(batch.x), batch.y, batch.task_id)
-        if self.fisher is not None and self.opt.e_lambda > 0:
+        if self.fisher is not None and self.options.e_lambda > 0:
             loss = loss + self.penalty()
         loss.backward()
         self.optimizer.step()
@@ -105,7 +105,7 @@ class OnlineEWC(ContinualMethod):
     # ---------------------------------------------------------------- fisher
     def task_fisher(self, x_raw: torch.Tensor, y: torch.Tensor, task_id: int) -> list[torch.Tensor]:
         """Diagonal Fisher of one task: mean over examples of (d log p(y|x) / d theta)^2."""
-        o = self.opt
+        o = self.options
         module = _Unhooked(self.model)
         named = dict(self.model.named_parameters())
         params = {f"net.{n}": named[n].detach() for n in self._names}
@@ -145,7 +145,7 @@ class OnlineEWC(ContinualMethod):
         if self.fisher is None:
             self.fisher = f_task
         else:
-            self.fisher = [self.opt.gamma * f + ft for f, ft in zip(self.fisher, f_task)]
+            self.fisher = [self.options.gamma * f + ft for f, ft in zip(self.fisher, f_task)]
         self.anchor = [p.detach().clone() for p in self._plist]
 
     # ------------------------------------------------------------ checkpoint

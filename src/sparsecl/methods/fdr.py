@@ -125,7 +125,7 @@ class FDR(ContinualMethod):
 
     def penalty(self, x: torch.Tensor, stored: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """``alpha`` times the function distance of the network on ``x`` to the ``stored`` logits."""
-        return self.opt.alpha * function_distance(self.probabilities(self.net(x), task_ids),
+        return self.options.alpha * function_distance(self.probabilities(self.net(x), task_ids),
                                                   self.probabilities(stored, task_ids))
 
     def observe(self, batch: Batch) -> torch.Tensor:
@@ -133,7 +133,7 @@ class FDR(ContinualMethod):
         loss = self.loss(self.net(batch.x), batch.y, batch.task_id)
         loss.backward()
         self.optimizer.step()
-        if self.buffer.is_empty or self.opt.alpha == 0:
+        if self.buffer.is_empty or self.options.alpha == 0:
             return loss.detach()
         x_raw, stored, task_ids = self.buffer.sample(self.minibatch)
         if self.ctx.note_replay is not None:
@@ -148,7 +148,7 @@ class FDR(ContinualMethod):
     def end_task(self, task: Task) -> None:
         """Store random training examples of the task with the network's outputs on them."""
         split = task.train
-        n = min(self.opt.buffer_size // (task.index + 1), len(split))
+        n = min(self.options.buffer_size // (task.index + 1), len(split))
         idx = torch.randperm(len(split), device=self.device)[:n]
         x_raw = split.x[idx]
         was = self.model.training

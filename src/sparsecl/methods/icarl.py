@@ -157,7 +157,7 @@ class ICaRL(ContinualMethod):
         logits = self.model(batch.x)[:, self._cols].float()
         targets = F.one_hot(batch.y, self.ctx.stream.n_classes)[:, self._cols].float()
         if self.teacher.ready:
-            T = self.opt.temperature
+            T = self.options.temperature
             old = torch.sigmoid(self.teacher(batch.x)[:, self._cols].float() / T)
             targets = torch.where(self._old, old, targets)
             if T != 1:
@@ -171,7 +171,7 @@ class ICaRL(ContinualMethod):
     @torch.no_grad()
     def features(self, x_raw: torch.Tensor) -> torch.Tensor:
         """L2-normalised features of uint8 inputs (eval transform), in chunks; counted as forwards."""
-        bs = self.opt.feature_batch_size
+        bs = self.options.feature_batch_size
         out = [self.model.features(self.ctx.augment.eval(x_raw[i : i + bs])).float() for i in range(0, len(x_raw), bs)]
         self.count_samples(forward=len(x_raw))
         return F.normalize(torch.cat(out), dim=1)
@@ -182,7 +182,7 @@ class ICaRL(ContinualMethod):
         self.model.eval()
         try:
             n_seen = sum(len(t.classes) for t in self.ctx.stream.tasks[: task.index + 1])
-            m = self.opt.buffer_size // n_seen
+            m = self.options.buffer_size // n_seen
             self.buffer.keep_first(m)
             feats = self.features(task.train.x)
             for c in task.classes:

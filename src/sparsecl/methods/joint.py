@@ -34,12 +34,12 @@ class Joint(ContinualMethod, graph_capturable=True, distributed=True):
         self._init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def begin_task(self, task: Task) -> None:
-        if self.opt.reset and task.index > 0:
+        if self.options.reset and task.index > 0:
             self.model.load_state_dict(self._init_state)
         super().begin_task(task)
 
     def train_split(self, task: Task) -> Split:
-        if self.opt.only_last and task.index < self.ctx.stream.n_tasks - 1:
+        if self.options.only_last and task.index < self.ctx.stream.n_tasks - 1:
             empty = task.train.x[:0]
             return Split(empty, task.train.y[:0])
         seen = self.ctx.stream.tasks[: task.index + 1]

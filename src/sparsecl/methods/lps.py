@@ -116,8 +116,8 @@ class LPS(PackNet, sparse_kernels=False):
         old = self._old = {n: self.ownership.owned(n) for n in self.ownership.names}
         scores = {n: nn.Parameter(torch.ones_like(old[n], dtype=torch.float32)) for n in old} if t > 0 else {}
         self._gate = scores or None
-        for stage in range(self.opt.rho_num):
-            self._admm_stage(task, self.opt.rho * 10 ** stage, counts, old, scores)
+        for stage in range(self.options.rho_num):
+            self._admm_stage(task, self.options.rho * 10 ** stage, counts, old, scores)
         self._penalty = None
         keep = self._keep(task)
         selection = {n: self._select(scores[n], old[n]) for n in scores}
@@ -128,7 +128,7 @@ class LPS(PackNet, sparse_kernels=False):
 
     def _select(self, score: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """The top ``share_ratio`` of the earlier weights by selection score (0/1 projection)."""
-        return topk_mask(score.detach().masked_fill(~old, -math.inf), math.ceil(self.opt.share_ratio * int(old.sum())))
+        return topk_mask(score.detach().masked_fill(~old, -math.inf), math.ceil(self.options.share_ratio * int(old.sum())))
 
     def _admm_stage(self, task: Task, rho: float, counts: dict[str, int], old: dict[str, torch.Tensor],
                     scores: dict[str, nn.Parameter]) -> None:
@@ -162,7 +162,7 @@ class LPS(PackNet, sparse_kernels=False):
             return 0.5 * rho * torch.stack(terms).sum()
 
         self._penalty = penalty
-        for epoch in range(self.opt.admm_epochs):
+        for epoch in range(self.options.admm_epochs):
             update(first=epoch == 0)
             run_epochs(self, task.train, task.index, 1)
 

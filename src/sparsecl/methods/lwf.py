@@ -90,7 +90,7 @@ class LwF(ContinualMethod):
 
     def warm_up(self, task: Task) -> None:
         """Train only the classifier on the new classes, features frozen (Li & Hoiem's warm-up)."""
-        o, ctx = self.opt, self.ctx
+        o, ctx = self.options, self.ctx
         epochs = ctx.epochs if o.warmup_epochs is None else o.warmup_epochs
         if epochs == 0:
             return
@@ -123,15 +123,15 @@ class LwF(ContinualMethod):
             loss = self.loss(out, batch.y, batch.task_id)
         else:
             loss = F.cross_entropy(out.masked_fill(self._unseen, float("-inf")), batch.y)
-        if self.teacher.ready and self._groups and self.opt.alpha > 0:
-            loss = loss + self.opt.alpha * self.distill(out, self.teacher(batch.x))
+        if self.teacher.ready and self._groups and self.options.alpha > 0:
+            loss = loss + self.options.alpha * self.distill(out, self.teacher(batch.x))
         loss.backward()
         self.optimizer.step()
         return loss.detach()
 
     def distill(self, out: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """The distillation term over the old classes (one softmax per group, summed)."""
-        T = self.opt.temperature
+        T = self.options.temperature
         return sum(distillation(out[:, g], old[:, g], T) for g in self._groups)
 
     def end_task(self, task: Task) -> None:

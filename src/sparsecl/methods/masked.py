@@ -76,10 +76,10 @@ class MaskedTraining:
 
     def layer_counts(self, sparsity: float | None = None) -> dict[str, int]:
         """Active weights per maskable layer for ``sparsity`` (default: the option) and the allocation."""
-        s = self.opt.sparsity if sparsity is None else sparsity
+        s = self.options.sparsity if sparsity is None else sparsity
         params = dict(self.model.named_parameters())
         shapes = {n: tuple(params[n].shape) for n in self.mask_names}
-        return allocate(self.opt.allocation, shapes, 1.0 - s)
+        return allocate(self.options.allocation, shapes, 1.0 - s)
 
     def create_masks(self, task: Task) -> MaskSet | None:
         """Build the masks before ``task`` (called while :attr:`masks` is None); None = not yet."""
@@ -90,7 +90,7 @@ class MaskedTraining:
         ``fresh``: masks just created (``init_scale`` applies), not restored from a checkpoint."""
         self.masks = masks
         masks.apply_()
-        if fresh and self.opt.init_scale == "fan-in":
+        if fresh and self.options.init_scale == "fan-in":
             with torch.no_grad():
                 for n in masks.names:
                     masks.params[n].mul_((masks.numel(n) / max(masks.active(n), 1)) ** 0.5)

@@ -210,7 +210,7 @@ class NISPA(TaskValidation, MaskedTraining, ContinualMethod, sparse_kernels=Fals
         return split_accuracy(self, self.held_out(task)[1], classes)
 
     def end_task(self, task: Task) -> None:
-        o, train = self.opt, self.held_out(task)[0]
+        o, train = self.options, self.held_out(task)[0]
         best, kept, k = 0.0, None, 0
         while True:
             k += 1
@@ -279,7 +279,7 @@ class NISPA(TaskValidation, MaskedTraining, ContinualMethod, sparse_kernels=Fals
             new = chosen[start:start + f.numel()].view(self.params[n].shape)
             start += f.numel()
             w = self.params[n]
-            if self.opt.grow_init == "normal":
+            if self.options.grow_init == "normal":
                 live = w[self.masks.masks[n]]
                 init = torch.empty_like(w).normal_(float(live.mean()), float(live.std())) if live.numel() > 1 else w
                 w.copy_(torch.where(new, init, w))

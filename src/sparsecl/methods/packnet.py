@@ -87,7 +87,7 @@ class PackNet(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
         """Per isolated layer, the free weights task ``task`` keeps: the largest by magnitude, a
         share ``keep_fraction`` (default ``1 / tasks left``) of the free ones."""
         tasks_left = self.ctx.stream.n_tasks - task.index
-        share = self.opt.keep_fraction if self.opt.keep_fraction is not None else 1.0 / tasks_left
+        share = self.options.keep_fraction if self.options.keep_fraction is not None else 1.0 / tasks_left
         params = dict(self.model.named_parameters())
         keep: dict[str, torch.Tensor] = {}
         for n in self.ownership.names:
@@ -101,7 +101,7 @@ class PackNet(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
         to the task, freeze them and snapshot the task's shared tensors."""
         params = dict(self.model.named_parameters())
         pruned_any = any(bool((self.ownership.free(n) & ~keep[n]).any()) for n in keep)
-        if pruned_any and self.opt.retrain_epochs > 0:
+        if pruned_any and self.options.retrain_epochs > 0:
             self._retrain(task, keep)
         else:
             with torch.no_grad():
@@ -128,7 +128,7 @@ class PackNet(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
         masks.apply_()
         masks.hook_optimizer(self.optimizer)
         self._retrain_masks = masks
-        run_epochs(self, task.train, task.index, self.opt.retrain_epochs)
+        run_epochs(self, task.train, task.index, self.options.retrain_epochs)
         masks.unhook()
         self._retrain_masks = None
 

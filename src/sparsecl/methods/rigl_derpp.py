@@ -85,15 +85,15 @@ class RigLDERpp(SparseDERpp, distributed=True):
 
     def schedule_steps(self) -> int:
         """Steps of the current schedule: the whole run, or the current task."""
-        if self.opt.schedule == "task":
+        if self.options.schedule == "task":
             return self._task_steps(self.ctx.stream.tasks[self.task])
         return sum(self._task_steps(t) for t in self.ctx.stream.tasks)
 
     def begin_task(self, task: Task) -> None:
         super().begin_task(task)
-        if self.opt.schedule == "task":
+        if self.options.schedule == "task":
             self.t = 0
-        self.t_end = int(self.opt.t_end * self.schedule_steps())
+        self.t_end = int(self.options.t_end * self.schedule_steps())
         self.history.append({"task": task.index + 1, "updates": 0, "regrown": 0})
 
     def make_optimizer(self, params=None) -> torch.optim.Optimizer:
@@ -106,7 +106,7 @@ class RigLDERpp(SparseDERpp, distributed=True):
 
     def _next_is_update(self) -> bool:
         t = self.t + 1
-        return t % self.opt.delta_t == 0 and t < self.t_end
+        return t % self.options.delta_t == 0 and t < self.t_end
 
     # ------------------------------------------------------------------ training
     def observe(self, batch: Batch) -> torch.Tensor:
@@ -120,12 +120,12 @@ class RigLDERpp(SparseDERpp, distributed=True):
         if not self._update_due:
             return
         self._update_due = False
-        frac = cosine_update_fraction(self.t, self.opt.drop_fraction, self.t_end)
+        frac = cosine_update_fraction(self.t, self.options.drop_fraction, self.t_end)
         regrown = 0
         for n in self.mask_names:
             k = int(frac * self.masks.active(n))
             if k > 0:
-                drop_and_grow_(self.masks, n, k, self.opt.grow, optimizer=self.optimizer)
+                drop_and_grow_(self.masks, n, k, self.options.grow, optimizer=self.optimizer)
                 regrown += k
         self.sync_masks()
         self.masks.push_flops()  # back to the mask's densities (also when nothing changed)
@@ -136,8 +136,8 @@ class RigLDERpp(SparseDERpp, distributed=True):
 
     def report(self) -> dict:
         """Schedule and, per task, the topology updates and the weights they regrew."""
-        return {"schedule": self.opt.schedule, "grow": self.opt.grow, "delta_t": self.opt.delta_t,
-                "drop_fraction": self.opt.drop_fraction, "t_end_steps": self.t_end, "updates": self.updates,
+        return {"schedule": self.options.schedule, "grow": self.options.grow, "delta_t": self.options.delta_t,
+                "drop_fraction": self.options.drop_fraction, "t_end_steps": self.t_end, "updates": self.updates,
                 "masked_weights": sum(self.masks.numel(n) for n in self.mask_names), "tasks": self.history}
 
     # ------------------------------------------------------------------ checkpoints

@@ -105,7 +105,7 @@ class TaskValidation:
     def held_out(self, task: Task) -> tuple[Split, Split]:
         """``(train, validation)`` of ``task`` (the current task's are cached)."""
         if self._held is None or self._held[0] != task.index:
-            train, val = task_validation(task, self.opt.val_fraction, self.ctx.stream.class_names)
+            train, val = task_validation(task, self.options.val_fraction, self.ctx.stream.class_names)
             self._held = (task.index, train, val)
         return self._held[1], self._held[2]
 

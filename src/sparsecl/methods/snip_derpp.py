@@ -60,7 +60,7 @@ class SNIPDERpp(SparseDERpp, graph_capturable=True, distributed=True):
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         split = self.train_split(task)
         bs = self.ctx.batch_size
-        n_batches = min(self.opt.snip_batches, math.ceil(len(split) / bs))
+        n_batches = min(self.options.snip_batches, math.ceil(len(split) / bs))
         perm = torch.randperm(len(split), device=self.device)
         grads = [torch.zeros_like(w) for w in weights]
         was_training = model.training
@@ -83,11 +83,11 @@ class SNIPDERpp(SparseDERpp, graph_capturable=True, distributed=True):
 
     def create_masks(self, task: Task) -> MaskSet:
         scores = self.snip_scores(task)
-        counts = self.layer_counts() if self.opt.allocation != "global" else None
+        counts = self.layer_counts() if self.options.allocation != "global" else None
         if counts is not None:
             return MaskSet.from_scores(self.model, scores, counts)
         flat = torch.cat([scores[n].reshape(-1) for n in self.mask_names])
-        keep = round((1.0 - self.opt.sparsity) * flat.numel())
+        keep = round((1.0 - self.options.sparsity) * flat.numel())
         chosen = topk_mask(flat, keep).split([scores[n].numel() for n in self.mask_names])
         masks = {n: c.view(scores[n].shape) for n, c in zip(self.mask_names, chosen)}
         return MaskSet(self.model, masks)

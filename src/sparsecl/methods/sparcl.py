@@ -185,7 +185,7 @@ class SparCL(MaskedTraining):
         self._expanded: dict[str, int] = {}
         if self.masks is not None:
             self.masks.clear_grad_masks()
-        if self.opt.tdm and task.index > 0 and self.opt.p_inter > 0:
+        if self.options.tdm and task.index > 0 and self.options.p_inter > 0:
             self._inter_task_expand()
         self.history.append({"task": task.index, "train_examples": n, "stages": [],
                              "density_at_start": self.masks.density()})
@@ -195,7 +195,7 @@ class SparCL(MaskedTraining):
         """Add ``p_inter`` of each layer at random among the inactive weights (new weights are 0)."""
         for name in self.mask_names:
             numel, active = self.masks.numel(name), self.masks.active(name)
-            k = min(round(self.opt.p_inter * numel), numel - active)
+            k = min(round(self.options.p_inter * numel), numel - active)
             if k <= 0:
                 continue
             grown, k = grow(self.masks.masks[name], k, "random", n_candidates=numel - active)
@@ -240,7 +240,7 @@ class SparCL(MaskedTraining):
         fewest misclassifications per visit first, ties at random. Unvisited examples are never
         candidates (a stage shorter than an epoch would otherwise remove them as "easiest")."""
         n = len(self._removed)
-        target = ddr_target(self.opt.ddr_rho, n, self._stage, self.opt.ddr_cutoff)
+        target = ddr_target(self.options.ddr_rho, n, self._stage, self.options.ddr_cutoff)
         candidates = (self._visits > 0) & ~self._removed
         k = min(target - self._n_removed, int(candidates.sum()))
         if k <= 0:
@@ -255,7 +255,7 @@ class SparCL(MaskedTraining):
 
     # ------------------------------------------------------------------ importance
     def _importance_read(self) -> bool:
-        return importance_read(self.opt, self._stage, self.n_stages)
+        return importance_read(self.options, self._stage, self.n_stages)
 
     def before_backward(self, step: StepOutputs) -> None:
         """On gathering steps, g_cur (single-head CE of the current logits) and g_buf (CE of the
@@ -288,8 +288,8 @@ class SparCL(MaskedTraining):
 
     def _scores(self, with_weight: bool) -> dict[str, torch.Tensor]:
         """CWI (``with_weight``) or CGI per masked layer from the averaged gradients."""
-        a = self.opt.cwi_alpha / max(self._n_cur, 1)
-        b = self.opt.cwi_beta / max(self._n_buf, 1)
+        a = self.options.cwi_alpha / max(self._n_cur, 1)
+        b = self.options.cwi_beta / max(self._n_buf, 1)
         out = {}
         for name, gc, gb in zip(self.mask_names, self._g_cur, self._g_buf):
             s = a * gc.abs() + b * gb.abs()
@@ -314,7 +314,7 @@ class SparCL(MaskedTraining):
                 kept = drop_lowest(self.masks.masks[name], cwi[name], k)
                 self.masks.params[name].mul_(kept)
                 self.masks.set_mask(name, kept, count=active - k, push=False)
-            k = round(self.opt.p_intra * self.masks.numel(name))
+            k = round(self.options.p_intra * self.masks.numel(name))
             if k > 0:
                 drop_and_grow_(self.masks, name, k, "random", drop_score=cwi[name], optimizer=self.optimizer)
         self.masks.push_flops()
@@ -334,15 +334,15 @@ class SparCL(MaskedTraining):
 
     # ------------------------------------------------------------------ training
     def observe(self, batch: Batch) -> torch.Tensor:
-        self._gather = self._stage_steps % self.opt.importance_every == 0 and self._importance_read()
-        if self.opt.ddr:
+        self._gather = self._stage_steps % self.options.importance_every == 0 and self._importance_read()
+        if self.options.ddr:
             self._capture = (batch.index, batch.y)
         loss = super().observe(batch)
         self._capture = None
         self._gather = False
         self._steps += 1
         self._stage_steps += 1
-        if self.opt.dgm and self.opt.dgm_interval and self._steps % self.opt.dgm_interval == 0:
+        if self.options.dgm and self.options.dgm_interval and self._steps % self.options.dgm_interval == 0:
             self._refresh_grad_masks()
         self._batch += 1
         # Stage ends inside an epoch (fractional delta_k); ends at an epoch's end run in end_epoch.
@@ -355,12 +355,12 @@ class SparCL(MaskedTraining):
         self._stage_ends_upto(epoch + 1.0)
 
     def _stage_ends_upto(self, progress: float) -> None:
-        while stage_ends_by(progress, self._stage, self.n_stages, self.opt.delta_k):
+        while stage_ends_by(progress, self._stage, self.n_stages, self.options.delta_k):
             self._stage_end()
 
     def _stage_end(self) -> None:
         self._stage += 1
-        o = self.opt
+        o = self.options
         removed = 0
         if o.tdm:
             self._update_mask()
@@ -389,7 +389,7 @@ class SparCL(MaskedTraining):
 
     # ------------------------------------------------------------------ results and checkpoints
     def report(self) -> dict[str, Any]:
-        o = self.opt
+        o = self.options
         return {"sparcl": {
             "components": {"tdm": o.tdm, "ddr": o.ddr, "dgm": o.dgm}, "sparsity": o.sparsity,
             "grad_sparsity": self.grad_sparsity, "stages_per_task": self.n_stages, "tasks": self.history,
