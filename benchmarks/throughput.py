@@ -23,9 +23,8 @@ from sparsecl.config import merge_config
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.stream import AugmentSpec, Split, Task, TaskStream
 from sparsecl.engine.graph import CapturedStep
-from sparsecl.engine.trainer import SampleCounter, build_method, describe_device, resolve_device
+from sparsecl.engine.trainer import build_run, describe_device, resolve_device
 from sparsecl.methods import Batch
-from sparsecl.sparse.flops import FlopCounter, profile_layers
 
 
 def synthetic_cifar10(n_per_task: int) -> TaskStream:
@@ -64,7 +63,8 @@ def main() -> None:
                                            "fused_forward": args.fused}, "cuda_graph": args.cuda_graph})
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     augment = DeviceAugment(stream.augment, stream.input_shape, memory_format=fmt).prepare(device)
-    method = build_method(cfg, stream, device, augment)
+    parts = build_run(cfg, stream, device, augment)
+    method = parts.method
     if args.channels_last:
         method.model.to(memory_format=torch.channels_last)
     task = stream.tasks[0]
@@ -73,7 +73,7 @@ def main() -> None:
     bs = args.batch_size
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
 
-    counter = SampleCounter(method.model, FlopCounter(profile_layers(method.model, stream.input_shape)))
+    counter = parts.counter
     counter.active = True
     loss_sum = torch.zeros((), device=device)
 

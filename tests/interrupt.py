@@ -6,23 +6,24 @@ import pytest
 
 from sparsecl.config import RunConfig
 from sparsecl.engine import trainer as trainer_mod
+from sparsecl.engine.loggers import RunObserver
+
+
+class CtrlCAtTask(RunObserver):
+    """Presses Ctrl-C as task index ``task`` starts (tasks before it are checkpointed)."""
+
+    def __init__(self, task: int) -> None:
+        self.at = task
+
+    def task_start(self, task: int) -> None:
+        if task == self.at:
+            raise KeyboardInterrupt
 
 
 def run_interrupted(config: RunConfig, run_dir: Path, at_task: int = 2) -> None:
     """Run ``config`` into ``run_dir`` and interrupt it when task ``at_task`` (0-based) starts."""
-    original = trainer_mod.Trainer._train_task
-
-    def crash(self, t, bar):
-        if t == at_task:
-            raise KeyboardInterrupt
-        return original(self, t, bar)
-
-    trainer_mod.Trainer._train_task = crash
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            trainer_mod.run(config, run_dir)
-    finally:
-        trainer_mod.Trainer._train_task = original
+    with pytest.raises(KeyboardInterrupt):
+        trainer_mod.run(config, run_dir, observers=[CtrlCAtTask(at_task)])
 
 
 def alive(pid: int) -> bool:

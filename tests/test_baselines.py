@@ -10,7 +10,7 @@ from sparsecl import SparseCLError
 from sparsecl.config import merge_config
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.benchmarks import load_benchmark
-from sparsecl.engine.trainer import build_method, resume, run
+from sparsecl.engine.trainer import build_run, resume, run
 from sparsecl.methods import METHODS
 from sparsecl.methods.agem import project
 from sparsecl.methods.base import Batch
@@ -31,7 +31,7 @@ def make(method, setting="class-il", **options):
     cfg = merge_config(dict(method=method, benchmark="digits", setting=setting, device="cpu",
                             batch_size=16, epochs=1, method_options=options))
     augment = DeviceAugment(DIGITS.augment, DIGITS.input_shape)
-    return build_method(cfg, DIGITS, torch.device("cpu"), augment)
+    return build_run(cfg, DIGITS, torch.device("cpu"), augment).method
 
 
 def batch_of(task, n=16, start=0):

@@ -331,14 +331,10 @@ def test_ctrl_c_names_the_real_run_directory(capsys, monkeypatch):
     """A default-named run interrupted after two tasks: the message gives its directory."""
     from sparsecl.engine import trainer as trainer_mod
 
-    original = trainer_mod.Trainer._train_task
+    from interrupt import CtrlCAtTask
 
-    def crash(self, t, bar):
-        if t == 2:
-            raise KeyboardInterrupt
-        return original(self, t, bar)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_task", crash)
+    # The CLI takes no observer: the Ctrl-C comes in as the run's only logger.
+    monkeypatch.setattr(trainer_mod, "loggers_for", lambda *args: [CtrlCAtTask(2)])
     assert main(["run", "--method", "sgd", *FAST]) == 130
     line = error_line(capsys)
     run_dir = next(iter(__import__("pathlib").Path("runs").iterdir()))

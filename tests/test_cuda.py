@@ -8,7 +8,7 @@ from sparsecl.config import merge_config
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.stream import AugmentSpec, Split, Task, TaskStream
 from sparsecl.engine.graph import CapturedStep
-from sparsecl.engine.trainer import SampleCounter, build_method, run
+from sparsecl.engine.trainer import SampleCounter, build_run, run
 from sparsecl.methods import Batch
 from sparsecl.sparse.flops import FlopCounter, profile_layers
 
@@ -32,7 +32,7 @@ def test_graph_replayed_step_equals_eager_step(amp):
                         "backbone_options": {"nf": 8},
                         "method_options": {"lr": 0.1, "buffer_size": 16, "minibatch_size": 16, "alpha": 0.3, "beta": 0.5}})
     aug = DeviceAugment(stream.augment, stream.input_shape).prepare("cuda")
-    method = build_method(cfg, stream, torch.device("cuda"), aug)
+    method = build_run(cfg, stream, torch.device("cuda"), aug).method
     method.begin_task(stream.tasks[0])
     split = stream.tasks[0].train
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)
@@ -124,7 +124,7 @@ def test_channels_last_steps_equal_contiguous_ones():
                             "channels_last": fmt is torch.channels_last,
                             "method_options": {"lr": 0.05, "buffer_size": 16, "minibatch_size": 8}})
         aug = DeviceAugment(stream.augment, stream.input_shape, memory_format=fmt)
-        method = build_method(cfg, stream, torch.device("cuda"), aug)
+        method = build_run(cfg, stream, torch.device("cuda"), aug).method
         method.model.to(memory_format=fmt)
         method.begin_task(stream.tasks[0])
         for b in range(8):

@@ -11,6 +11,7 @@ import pytest
 from conftest import extra
 from sparsecl.cli import main
 from sparsecl.config import merge_config
+from sparsecl.engine.loggers import RunObserver
 from sparsecl.engine.trainer import RunInterrupted, resume, run
 from sparsecl.report import config_key
 
@@ -137,7 +138,7 @@ def test_wandb_offline_run_files_hold_the_same_scalars(tmp_path, offline_wandb):
     assert (wandb_file.parent / "files" / last[0]["accuracy_matrix/class_il.path"]).is_file()
 
 
-class StopAt:
+class StopAt(RunObserver):
     """An observer that stops the run (as Ctrl-C would) after epoch ``step`` was logged."""
 
     def __init__(self, step):
@@ -146,12 +147,6 @@ class StopAt:
     def epoch(self, step, task, loss):
         if step == self.step:
             raise KeyboardInterrupt
-
-    def task(self, result, task):
-        pass
-
-    def close(self):
-        pass
 
 
 @pytest.mark.extras

@@ -9,9 +9,11 @@ from sparsecl.cli import main
 from sparsecl.config import build_options, load_preset, preset_names
 from sparsecl.config import merge_config
 from sparsecl.engine import trainer as trainer_mod
+from sparsecl.engine.loggers import RunObserver
 from sparsecl.engine.trainer import Trainer, resume, run
 from sparsecl.methods import METHODS
 from sparsecl.methods.derpp import DERpp
+from sparsecl.sparse.allocation import allocate
 
 from interrupt import run_interrupted
 
@@ -27,49 +29,51 @@ def cfg(method="sparcl-der++", out=None, epochs=4, **opts):
                              device="cpu", method_options=options, out=out))
 
 
+class CheckedSteps(RunObserver):
+    """Checks every step of a sparcl-der++ run: mask counts, zeros, gradient masks."""
+
+    def __init__(self):
+        self.method, self.base = None, None  # set once the trainer is built
+        self.log = SimpleNamespace(steps=0, window_steps=0, violations=[], grad_checked=0, frozen_checked=0)
+
+    def before_step(self, task):
+        m = self.method
+        self.params = {n: m.masks.params[n] for n in LAYERS}
+        self.before = {n: p.detach().clone() for n, p in self.params.items()}
+        self.grad_masks = {n: g.clone() for n, g in m.masks.grad_masks.items()}
+        self.stage = m._stage
+
+    def after_step(self, task):
+        m, log, stage = self.method, self.log, self.stage
+        in_window = task > 0 and stage == 0  # from a later task's start to its first stage end
+        log.window_steps += in_window
+        for n in LAYERS:
+            mask = m.masks.masks[n]
+            want = self.base[n] + (round(0.05 * mask.numel()) if in_window and m._stage == 0 else 0)
+            if int(mask.sum()) != want or m.masks.active(n) != want:
+                log.violations.append(("count", task, n, int(mask.sum()), want))
+            if bool((self.params[n][~mask] != 0).any()):
+                log.violations.append(("nonzero", task, n))
+            if n in self.grad_masks and m._stage == stage:  # no stage end (mask update) in this step
+                g = self.grad_masks[n]
+                if int(g.sum()) != round(0.2 * g.numel()):  # gradient sparsity 0.80 at s = 0.75
+                    log.violations.append(("grad density", task, n, int(g.sum())))
+                if not torch.equal(self.params[n][~g], self.before[n][~g]):
+                    log.violations.append(("masked weight moved", task, n))
+                log.frozen_checked += 1
+        log.steps += 1
+
+
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory):
     """One sparcl-der++ run on digits with every step checked: mask counts, zeros, gradient masks."""
     root = tmp_path_factory.mktemp("sparcl")
-    log = SimpleNamespace(steps=0, window_steps=0, violations=[], grad_checked=0, frozen_checked=0)
-    original = trainer_mod.Trainer._step
-
-    def step(self, split, idx, task_index):
-        m = self.method
-        params = {n: m.masks.params[n] for n in LAYERS}
-        before = {n: p.detach().clone() for n, p in params.items()}
-        grad_masks = {n: g.clone() for n, g in m.masks.grad_masks.items()}
-        stage = m._stage
-        loss = original(self, split, idx, task_index)
-        base = self._base_counts
-        in_window = task_index > 0 and stage == 0  # from a later task's start to its first stage end
-        log.window_steps += in_window
-        for n in LAYERS:
-            mask = m.masks.masks[n]
-            want = base[n] + (round(0.05 * mask.numel()) if in_window and m._stage == 0 else 0)
-            if int(mask.sum()) != want or m.masks.active(n) != want:
-                log.violations.append(("count", task_index, n, int(mask.sum()), want))
-            if bool((params[n][~mask] != 0).any()):
-                log.violations.append(("nonzero", task_index, n))
-            if n in grad_masks and m._stage == stage:  # no stage end (mask update) in this step
-                g = grad_masks[n]
-                if int(g.sum()) != round(0.2 * g.numel()):  # gradient sparsity 0.80 at s = 0.75
-                    log.violations.append(("grad density", task_index, n, int(g.sum())))
-                if not torch.equal(params[n][~g], before[n][~g]):
-                    log.violations.append(("masked weight moved", task_index, n))
-                log.frozen_checked += 1
-        log.steps += 1
-        return loss
-
-    trainer_mod.Trainer._step = step
-    try:
-        t = Trainer(cfg(), root / "full")
-        params = dict(t.model.named_parameters())
-        from sparsecl.sparse.allocation import allocate
-        trainer_mod.Trainer._base_counts = allocate("uniform", {n: tuple(params[n].shape) for n in LAYERS}, 0.25)
-        result = t.run()
-    finally:
-        trainer_mod.Trainer._step = original
+    observer = CheckedSteps()
+    t = Trainer(cfg(), root / "full", observers=[observer])
+    params = dict(t.model.named_parameters())
+    observer.method, observer.base = t.method, allocate("uniform", {n: tuple(params[n].shape) for n in LAYERS}, 0.25)
+    result = t.run()
+    log = observer.log
     return SimpleNamespace(log=log, result=result, root=root)
 
 

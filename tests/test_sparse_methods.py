@@ -14,6 +14,7 @@ from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.benchmarks import BENCHMARKS, BenchmarkInfo, load_benchmark
 from sparsecl.data.stream import AugmentSpec, Split, Task, TaskStream
 from sparsecl.engine import trainer as trainer_mod
+from sparsecl.engine.loggers import RunObserver
 from sparsecl.engine.trainer import resume, run
 from sparsecl.models import build_model
 from sparsecl.sparse.allocation import allocate
@@ -32,50 +33,48 @@ def cfg(method, out=None, **opts):
                              method_options=options, out=out))
 
 
+class CountChecks(RunObserver):
+    """After every step: each mask holds exactly its allocation's count and the weights outside are 0."""
+
+    def __init__(self, expected):
+        self.expected, self.trainer = expected, None
+        self.violations, self.steps, self.initial = [], 0, {}
+
+    def after_step(self, task):
+        masks = self.trainer.method.masks
+        params = dict(self.trainer.model.named_parameters())
+        if not self.initial:
+            self.initial.update({n: m.clone() for n, m in masks.items()})
+        for n, m in masks.items():
+            if int(m.sum()) != self.expected[n] or masks.active(n) != self.expected[n]:
+                self.violations.append(("count", n, self.steps))
+            if bool((params[n][~m] != 0).any()):
+                self.violations.append(("nonzero", n, self.steps))
+        self.steps += 1
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Per method: a full run checked after every step, and one interrupted after task 2 then resumed."""
     out = {}
-    original_step = trainer_mod.Trainer._step
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 64-100-100-10 MLP: one thread is several times faster than two
+    names = ["backbone.net.1.weight", "backbone.net.3.weight"]
+    params = dict(build_model("mlp", (1, 8, 8), 10).named_parameters())
+    expected = allocate("uniform", {n: tuple(params[n].shape) for n in names}, 0.1)
     for method in METHODS:
         root = tmp_path_factory.mktemp(method.replace("+", "p"))
-        violations, steps, initial = [], [0], {}
-
-        def checked_step(self, split, idx, task_index):
-            loss = original_step(self, split, idx, task_index)
-            masks = self.method.masks
-            params = dict(self.model.named_parameters())
-            if not initial:
-                initial.update({n: m.clone() for n, m in masks.items()})
-            for n, m in masks.items():
-                if int(m.sum()) != self._expected[n] or masks.active(n) != self._expected[n]:
-                    violations.append(("count", n, steps[0]))
-                if bool((params[n][~m] != 0).any()):
-                    violations.append(("nonzero", n, steps[0]))
-            steps[0] += 1
-            return loss
-
-        trainer_mod.Trainer._step = checked_step
-        trainer_mod.Trainer._expected = None
-        try:
-            c = cfg(method)
-            model = build_model("mlp", (1, 8, 8), 10)
-            names = ["backbone.net.1.weight", "backbone.net.3.weight"]
-            params = dict(model.named_parameters())
-            trainer_mod.Trainer._expected = allocate("uniform", {n: tuple(params[n].shape) for n in names}, 0.1)
-            full, full_dir = run(c, root / "full")
-            final_masks = torch.load(full_dir / "checkpoint.pt", weights_only=True)["method"]["masks"]["masks"]
-        finally:
-            trainer_mod.Trainer._step = original_step
-
+        checks = CountChecks(expected)
+        trainer = trainer_mod.Trainer(cfg(method), root / "full", observers=[checks])
+        checks.trainer = trainer
+        full_dir = root / "full"
+        full = trainer.run()
+        final_masks = torch.load(full_dir / "checkpoint.pt", weights_only=True)["method"]["masks"]["masks"]
         run_interrupted(cfg(method), root / "cut", at_task=2)
         resumed, cut_dir = resume(root / "cut")
         out[method] = SimpleNamespace(full=full, full_dir=full_dir, resumed=resumed, cut_dir=cut_dir,
-                                      violations=violations, steps=steps[0], initial=initial,
-                                      final_masks=final_masks, expected=trainer_mod.Trainer._expected)
-    del trainer_mod.Trainer._expected
+                                      violations=checks.violations, steps=checks.steps, initial=checks.initial,
+                                      final_masks=final_masks, expected=expected)
     torch.set_num_threads(threads)
     return out
 

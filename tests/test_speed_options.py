@@ -9,7 +9,7 @@ from sparsecl.cli import main
 from sparsecl.config import merge_config
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.benchmarks import load_benchmark
-from sparsecl.engine.trainer import build_method, run
+from sparsecl.engine.trainer import build_run, run
 from sparsecl.methods import Batch
 from sparsecl.report import collect_results
 
@@ -28,7 +28,7 @@ def test_fused_optimizer_steps_equal_the_default_ones(optimizer, extra):
         torch.manual_seed(0)
         cfg = merge_config({**DIGITS, "method": "sgd", "fused_optimizer": fused,
                             "method_options": {"optimizer": optimizer, **extra}})
-        method = build_method(cfg, stream, torch.device("cpu"), aug)
+        method = build_run(cfg, stream, torch.device("cpu"), aug).method
         method.begin_task(task)
         assert (method.optimizer.defaults.get("fused") is True) == fused
         for b in range(20):

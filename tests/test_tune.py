@@ -14,10 +14,23 @@ from conftest import extra
 from sparsecl import SparseCLError
 from sparsecl.cli import main
 from sparsecl.engine import trainer as trainer_mod
+from sparsecl.engine.loggers import RunObserver
 from sparsecl.tune import parse_params, parse_spec
 
 TINY = ["--method", "er", "--benchmark", "digits", "--device", "cpu", "--threads", "1"]
 SPACE = ["--param", "lr=log:0.01:0.3"]
+
+
+class CtrlCAtCall(RunObserver):
+    """Records each task index started (in ``calls``) and presses Ctrl-C at the ``at``-th."""
+
+    def __init__(self, calls, at):
+        self.calls, self.at = calls, at
+
+    def task_start(self, task):
+        self.calls.append(task)
+        if len(self.calls) == self.at:
+            raise KeyboardInterrupt
 
 
 def _summary(out: Path) -> dict:
@@ -131,17 +144,11 @@ def test_an_interrupted_trial_resumes_to_the_uninterrupted_value(tmp_path, monke
     extra("optuna")
     args = ["tune", *TINY, *SPACE, "--trials", "2", "--pruner", "none"]
     assert main([*args, "--out", str(tmp_path / "plain")]) == 0
-    original, calls = trainer_mod.Trainer._train_task, []
-
-    def crash_once(self, t, bar):
-        calls.append(t)
-        if len(calls) == 8:  # task 3 of the second trial (5 tasks each)
-            raise KeyboardInterrupt
-        return original(self, t, bar)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_task", crash_once)
+    calls = []  # task 3 of the second trial (5 tasks each) is the 8th task started
+    loggers_for = trainer_mod.loggers_for
+    monkeypatch.setattr(trainer_mod, "loggers_for", lambda *args: [CtrlCAtCall(calls, 8)])
     assert main([*args, "--out", str(tmp_path / "cut")]) == 130
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_task", original)
+    monkeypatch.setattr(trainer_mod, "loggers_for", loggers_for)
     assert main([*args, "--out", str(tmp_path / "cut")]) == 0
     plain, cut = _summary(tmp_path / "plain"), _summary(tmp_path / "cut")
     done = [t for t in cut["trials"] if t["state"] == "complete"]
@@ -242,15 +249,8 @@ def test_a_trial_over_several_seeds_is_their_mean_and_resumes_seed_by_seed(tmp_p
     assert [r["seed"] for r in runs] == [0, 1]
     accs = [r["accuracy"]["class_il"]["acc"] for r in runs]
     assert trial["class_il_acc_per_seed"] == accs and trial["values"] == [pytest.approx(sum(accs) / 2)]
-    original, calls = trainer_mod.Trainer._train_task, []
-
-    def crash_once(self, t, bar):
-        calls.append(t)
-        if len(calls) == 8:  # task 3 of seed 1 (5 tasks per run)
-            raise KeyboardInterrupt
-        return original(self, t, bar)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_task", crash_once)
+    calls = []  # task 3 of seed 1 (5 tasks per run) is the 8th task started
+    monkeypatch.setattr(trainer_mod, "loggers_for", lambda *args: [CtrlCAtCall(calls, 8)])
     assert main([*args, "--out", str(tmp_path / "cut")]) == 130
     calls.clear()
     assert main([*args, "--out", str(tmp_path / "cut")]) == 0

@@ -52,6 +52,7 @@ import yaml
 from sparsecl import SparseCLError, __version__, first_line, import_extra
 from sparsecl.config import LOCATION_KEYS, RunConfig, build_options, first_difference, load_yaml, merge_config
 from sparsecl.engine.io import atomic_write_json, atomic_write_text
+from sparsecl.engine.loggers import RunObserver
 from sparsecl.engine.launch import die_with_parent
 from sparsecl.engine.trainer import CHECKPOINT, RESULT, resume, run
 from sparsecl.methods import METHODS
@@ -341,23 +342,17 @@ def recover(study, log: Callable[[str], None]) -> None:
 
 
 # ------------------------------------------------------------------ one trial
-class _Pruning:
+class _Pruning(RunObserver):
     """Reports a trial's average accuracy over the tasks seen after each task; stops it when the
     pruner says so (after the task's checkpoint is written)."""
 
     def __init__(self, trial: Any, key: str, penalty: float) -> None:
         self.trial, self.key, self.penalty = trial, key, penalty
 
-    def epoch(self, step: int, task: int, loss: float) -> None:
-        pass
-
     def task(self, result: dict[str, Any], task: int) -> None:
         self.trial.report(_value(result, self.key, self.penalty, task), task)
         if self.trial.should_prune():
             raise _optuna().TrialPruned(f"pruned after task {task + 1}")
-
-    def close(self) -> None:
-        pass
 
 
 def _value(result: dict[str, Any], key: str, penalty: float, task: int | None = None) -> float:

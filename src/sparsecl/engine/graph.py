@@ -6,6 +6,7 @@ whole step at once. Everything that varies per step lives in device tensors: the
 are copied into a static index tensor, randomness comes from the graph-aware CUDA generator and
 the replay buffer keeps its counters on the device. Python side effects that a replay cannot run
 (sample and FLOP counting, the buffer's host-side count) are re-applied by :meth:`replay`.
+:class:`TaskSteps` decides, step by step, whether a task's step runs eagerly, is captured or replayed.
 """
 from __future__ import annotations
 
@@ -51,3 +52,48 @@ class CapturedStep:
         self.counter.add(self._train, self._fwd, self._replay)
         self.counter.step_samples = self._step_samples
         self.method.after_graph_replay(self.batch_size)
+
+
+class TaskSteps:
+    """The training steps of one task: eager, or under ``--cuda-graph`` eager on a side stream (as
+    capture requires) until the method's steady state, then one capture and replays of every later
+    full batch. ``loss_sum`` accumulates the epoch's losses on the device (no host sync per step)."""
+
+    WARMUP = 3  # eager steps before a capture (cuBLAS/cuDNN workspaces and lazy state exist then)
+
+    def __init__(self, step: Callable[[torch.Tensor], torch.Tensor], counter, method, batch_size: int,
+                 device: torch.device, cuda_graph: bool) -> None:
+        self.step, self.counter, self.method = step, counter, method
+        self.batch_size, self.device = batch_size, device
+        self.loss_sum = torch.zeros((), device=device)
+        self.graph: CapturedStep | None = None
+        self.side = torch.cuda.Stream(device) if cuda_graph else None
+        self.eager_steps = 0
+
+    def run(self, idx: torch.Tensor) -> None:
+        """One training step on the examples ``idx``."""
+        full = idx.shape[0] == self.batch_size
+        if self.graph is not None and full:
+            self.graph.replay(idx)
+        elif self.side is not None and full and self.eager_steps >= self.WARMUP and self.method.graph_ready():
+            torch.cuda.current_stream(self.device).wait_stream(self.side)
+            self.graph = CapturedStep(self.step, self.loss_sum, self.counter, self.method)
+            self.graph.capture(idx)
+        else:
+            self.counter.new_step(int(idx.shape[0]))
+            if self.side is not None and self.graph is None:
+                self.side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(self.side):
+                    self.loss_sum += self.step(idx)
+            else:
+                self.loss_sum += self.step(idx)
+            self.eager_steps += 1
+
+    def sync(self) -> None:
+        """At an epoch's end: the default stream waits for the side stream's eager steps."""
+        if self.side is not None and self.graph is None:
+            torch.cuda.current_stream(self.device).wait_stream(self.side)
+
+    def close(self) -> None:
+        """Drop the captured graph (and its memory pool)."""
+        self.graph = None

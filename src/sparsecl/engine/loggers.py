@@ -12,7 +12,7 @@ overall and per-layer weight density, capacity; plus the accuracy-matrix heatmap
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from sparsecl import SparseCLError, first_line, import_extra
 from sparsecl.config import RunConfig
@@ -24,11 +24,22 @@ WANDB_RUN_ID = "wandb-run-id"  # in RUN_DIR: the W&B run a resumed run continues
 LIBRARIES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
 
 
-class RunObserver(Protocol):
-    """Told about a run's progress; ``close`` is called once, however the run ends."""
+class RunObserver:
+    """Told about a run's progress (override what you need; every hook does nothing by default).
+    ``close`` is called once, however the run ends. The step and task-start hooks let a caller
+    watch (or stop, by raising) a run at any point without patching the trainer."""
 
-    def epoch(self, step: int, task: int, loss: float) -> None:
-        """Epoch ``step`` (counted over the whole run) of task index ``task`` ended with mean ``loss``."""
+    def task_start(self, task: int) -> None:
+        """Task index ``task`` is about to train."""
+
+    def before_step(self, task: int) -> None:
+        """A training step of task index ``task`` is about to run."""
+
+    def after_step(self, task: int) -> None:
+        """A training step of task index ``task`` ran (its optimiser step is done)."""
+
+    def epoch(self, number: int, task: int, loss: float) -> None:
+        """Epoch ``number`` (counted from 1 over the whole run) of task index ``task`` ended with mean ``loss``."""
 
     def task(self, result: dict[str, Any], task: int) -> None:
         """Task index ``task`` is complete; ``result`` is the run's result dict at that point."""
@@ -77,7 +88,7 @@ def task_figures(result: dict[str, Any], task: int) -> dict[str, Any]:
             for key, acc in result["accuracy"].items()}
 
 
-class TensorBoardLogger:
+class TensorBoardLogger(RunObserver):
     """``--tensorboard``: event files under RUN_DIR/tensorboard, through ``torch.utils.tensorboard``.
 
     A resumed run restarts at the first epoch of the first task not completed; its writer's
@@ -91,9 +102,9 @@ class TensorBoardLogger:
         purge = first_task * cfg.epochs + 1 if first_task else None
         self.writer = tensorboard.SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=purge)
 
-    def epoch(self, step: int, task: int, loss: float) -> None:
+    def epoch(self, number: int, task: int, loss: float) -> None:
         for tag, value in epoch_scalars(task, loss).items():
-            self.writer.add_scalar(tag, value, step)
+            self.writer.add_scalar(tag, value, number)
         self.writer.flush()  # a run killed mid-task keeps what it logged
 
     def task(self, result: dict[str, Any], task: int) -> None:
@@ -107,7 +118,7 @@ class TensorBoardLogger:
         self.writer.close()
 
 
-class WandbLogger:
+class WandbLogger(RunObserver):
     """``--wandb PROJECT``: a Weights & Biases run with the run's configuration, its files under
     RUN_DIR/wandb; mode, entity and login from wandb's own environment (``WANDB_MODE=offline``:
     files only, ``wandb sync`` uploads them later). A resumed run continues the same W&B run (its
@@ -136,8 +147,8 @@ class WandbLogger:
         self.defined: set[str] = set()  # per-task keys given the task axis
         self.pending: list[dict[str, float]] = []  # epoch rows of the task in progress
 
-    def epoch(self, step: int, task: int, loss: float) -> None:
-        self.pending.append({"epoch": step, **epoch_scalars(task, loss)})
+    def epoch(self, number: int, task: int, loss: float) -> None:
+        self.pending.append({"epoch": number, **epoch_scalars(task, loss)})
 
     def task(self, result: dict[str, Any], task: int) -> None:
         for row in self.pending:

@@ -5,41 +5,38 @@ from __future__ import annotations
 import io
 import math
 import platform
-import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-import sparsecl
 from sparsecl import SparseCLError, first_line
 from sparsecl.config import RunConfig, build_options, config_from_text, first_difference, run_identity, save_config
 from sparsecl.data.augment import DeviceAugment
 from sparsecl.data.benchmarks import load_benchmark
-from sparsecl.data.stream import TaskStream, hold_out_validation
+from sparsecl.data.stream import Task, TaskStream, hold_out_validation
 from sparsecl.engine.distributed import Distributed
 from sparsecl.engine.evaluate import evaluate_all
-from sparsecl.engine.graph import CapturedStep
+from sparsecl.engine.graph import TaskSteps
 from sparsecl.engine.io import RunDirLock, atomic_torch_save, atomic_write_json, remove_stale_temporaries
 from sparsecl.engine.launch import launched_world_size
 from sparsecl.engine.progress import RunProgress
-from sparsecl.engine.seeding import rng_state, seed_everything, set_rng_state
 from sparsecl.engine.loggers import RunObserver, check_loggers, loggers_for
+from sparsecl.engine.results import Memory, RunResult, Samples, accuracy_results, flops_result, timing_result, versions
+from sparsecl.engine.seeding import rng_state, seed_everything, set_rng_state
 from sparsecl.methods import METHODS, Batch, ContinualMethod, MethodContext
-from sparsecl.metrics.accuracy import summarize
 from sparsecl.metrics.efficiency import memory_footprint, peak_memory_bytes, reset_peak_memory
 from sparsecl.models import build_model
 from sparsecl.sparse.accounting import capacity_report, sparsity_report
 from sparsecl.sparse.execution import SparseExecution
 from sparsecl.sparse.kernel_choice import KernelChoices
 from sparsecl.sparse.export import INFERENCE_HEAD, TASK_VIEWS, compact_task_views, method_task_views
-from sparsecl.sparse.flops import CONVENTIONS as FLOP_CONVENTIONS
-from sparsecl.sparse.flops import FlopCounter, profile_layers
+from sparsecl.sparse.flops import FlopCounter, LayerProfile, profile_layers
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_KEYS = ("task", "model", "method", "flops", "counter", "state", "rng")
@@ -166,9 +163,18 @@ class SampleCounter:
         self.forward_samples = int(state["forward_samples"])
 
 
-def build_method(cfg: RunConfig, stream: TaskStream, device: torch.device, augment: DeviceAugment,
-                 dist: Distributed | None = None) -> ContinualMethod:
-    """Model + method for ``cfg`` (checks that the method and benchmark support the setting)."""
+@dataclass
+class RunParts:
+    """A run's method on its model, with the accounting its context carries (:func:`build_run`)."""
+
+    method: ContinualMethod
+    layers: list[LayerProfile]  # the model's conv/linear layers, profiled before the method existed
+    flops: FlopCounter
+    counter: SampleCounter
+
+
+def method_class(cfg: RunConfig, stream: TaskStream) -> type[ContinualMethod]:
+    """The method class of ``cfg``, once it is known to support the setting and benchmark."""
     cls = METHODS.get(cfg.method)
     if cfg.setting not in cls.settings:
         raise SparseCLError(
@@ -177,16 +183,34 @@ def build_method(cfg: RunConfig, stream: TaskStream, device: torch.device, augme
         )
     if cfg.setting not in stream.settings:
         raise SparseCLError(f"benchmark {cfg.benchmark!r} supports only {', '.join(sorted(stream.settings))}")
+    return cls
+
+
+def build_run(cfg: RunConfig, stream: TaskStream, device: torch.device, augment: DeviceAugment,
+              dist: Distributed | None = None) -> RunParts:
+    """Model, FLOP and sample accounting, then the method with its complete context.
+
+    The layers are profiled on the bare model: a method's own modules (e.g. CL-LSG's gates, which
+    draw noise in training mode) are never run by the profiler's dummy forward."""
+    cls = method_class(cfg, stream)
     options = build_options(cls.options_cls, dict(cfg.method_options), f"method {cfg.method!r}")
     task_classes = [t.classes for t in stream.tasks] if cfg.setting == "task-il" else None
     model = build_model(
         cfg.backbone or stream.default_backbone, stream.input_shape, stream.n_classes,
         task_classes=task_classes, **cfg.backbone_options,
     ).to(device)
+    if dist is not None and cfg.sync_bn:
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the BN submodules in place
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    layers = profile_layers(model, stream.input_shape)
+    flops = FlopCounter(layers, cfg.flop_convention)
+    counter = SampleCounter(model, flops)
     ctx = MethodContext(stream=stream, device=device, augment=augment, setting=cfg.setting,
-                        batch_size=cfg.batch_size, epochs=cfg.epochs, cuda_graph=cfg.cuda_graph,
+                        batch_size=cfg.batch_size, epochs=cfg.epochs, flops=flops, count_samples=counter.add,
+                        note_replay=counter.note_replay, cuda_graph=cfg.cuda_graph,
                         fused_optimizer=cfg.fused_optimizer, dist=dist)
-    return cls(model, options, ctx)
+    return RunParts(cls(model, options, ctx), layers, flops, counter)
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -286,31 +310,87 @@ class RunInterrupted(KeyboardInterrupt):
         self.run_dir, self.completed = run_dir, completed
 
 
-class Trainer:
-    """Runs (or resumes) one configuration end to end. See :func:`run` for the simple entry point."""
+def check_device_options(cfg: RunConfig, device: torch.device) -> None:
+    """One clear error for options this device (or the method) cannot run, before data is loaded."""
+    if device.type != "cuda":
+        # torch 2.13's CPU kernels crash (heap corruption) in the backward of a channels_last
+        # strided 1x1 convolution with few input channels, e.g. a narrow ResNet's shortcut.
+        for flag, on, what in (("--amp", cfg.amp, " (bf16 autocast)"), ("--channels-last", cfg.channels_last, ""),
+                               ("--cuda-graph", cfg.cuda_graph, "")):
+            if on:
+                raise SparseCLError(f"{flag}{what} is supported on CUDA devices only")
+    if cfg.cuda_graph and not METHODS.get(cfg.method).graph_capturable:
+        raise SparseCLError(f"method {cfg.method!r} does not support --cuda-graph yet")
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, *, progress: bool = False, resume: bool = False,
+
+def new_state(n_tasks: int) -> dict[str, Any]:
+    """What a run records as it goes (checkpointed whole; :meth:`Trainer.result` reads it)."""
+    return {
+        "completed": 0,
+        "class_il": [[None] * n_tasks for _ in range(n_tasks)],
+        "task_il": [[None] * n_tasks for _ in range(n_tasks)],
+        "random_init": None,
+        "train_seconds": [], "eval_seconds": [], "samples": [], "flops": [], "dense_flops": [],
+        "epoch_loss": [], "peak_memory": [], "footprint": None, "max_step_samples": 0,
+    }
+
+
+class Trainer:
+    """Runs one configuration end to end (:meth:`restore` first to continue a run). See :func:`run`
+    for the simple entry point."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, *, progress: bool = False,
                  dist: Distributed | None = None, observers: Sequence[RunObserver] = ()) -> None:
         """``dist``: this rank's process group under torchrun (see :func:`distributed_session`);
         every rank then builds the same seeded run, and only rank 0 writes files. ``observers``:
-        told of every epoch and task on rank 0 (beside the loggers ``cfg`` asks for)."""
+        told of every step, epoch and task on rank 0 (beside the loggers ``cfg`` asks for)."""
         cfg.validate()
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.dist = dist
+        self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist
         self.is_main = dist is None or dist.is_main
         self.progress = progress and self.is_main
+        self.device = self._claim_device()
+        check_device_options(cfg, self.device)
+        seed_everything(cfg.seed)  # the same seed on every rank: identical init, orders and draws
+        self.stream = self._load_stream()
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.augment = DeviceAugment(self.stream.augment, self.stream.input_shape, memory_format=memory_format)
+        if cfg.cuda_graph:
+            self.augment.prepare(self.device)
+        parts = build_run(cfg, self.stream, self.device, self.augment, dist)
+        self.method, self.layers, self.flops, self.counter = parts.method, parts.layers, parts.flops, parts.counter
+        self.model = self.method.model
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+        self.execution = sparse_execution(cfg, self.method)  # after profiling: it bypasses module hooks
+        self.state = new_state(self.stream.n_tasks)
+        self._bind_kernel_choices()
+        if dist is not None:
+            self.method.net = dist.wrap(self.model)
+        if cfg.compile:  # under torchrun the DDP module is compiled (dynamo splits it at its buckets)
+            self.method.net = compile_net(self.method.net, cfg)
+        self.extra_observers = tuple(observers)
+        self.observers: list[RunObserver] = []  # rank 0, during run(): loggers, then the caller's
+
+    def _claim_device(self) -> torch.device:
+        """This process's device, checked (with the loggers' libraries) before any data is loaded;
+        the thread count is fixed here (recorded in config.yaml: a run reproduces for its count)."""
+        cfg, dist = self.cfg, self.dist
         if self.is_main:
-            check_loggers(cfg)  # a missing library fails here, before any data is loaded
+            check_loggers(cfg)
         if dist is None:
-            self.device = resolve_device(cfg.device)
-        else:  # checked before any data is loaded
-            self.device = dist.select_device(cfg.device)
+            device = resolve_device(cfg.device)
+        else:
+            device = dist.select_device(cfg.device)
             check_distributed(cfg, dist.world_size)  # also covers resume and direct use
-        if cfg.threads is None:  # recorded in config.yaml: a run is reproducible for its thread count
+        if cfg.threads is None:
             cfg.threads = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)
-        seed_everything(cfg.seed)  # the same seed on every rank: identical init, orders and draws
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
+        return device
+
+    def _load_stream(self) -> TaskStream:
+        """The benchmark on this device (under torchrun read once per rank, in turn)."""
+        cfg = self.cfg
 
         def load() -> TaskStream:
             stream = load_benchmark(
@@ -319,57 +399,12 @@ class Trainer:
             )
             return hold_out_validation(stream, cfg.validation) if cfg.validation else stream
 
-        stream = load() if dist is None else dist.everywhere(load)
-        self.stream = stream.to(self.device)
-        if cfg.amp and self.device.type != "cuda":
-            raise SparseCLError("--amp (bf16 autocast) is supported on CUDA devices only")
-        if cfg.channels_last and self.device.type != "cuda":
-            # torch 2.13's CPU kernels crash (heap corruption) in the backward of a channels_last
-            # strided 1x1 convolution with few input channels, e.g. a narrow ResNet's shortcut.
-            raise SparseCLError("--channels-last is supported on CUDA devices only")
-        if cfg.cuda_graph and self.device.type != "cuda":
-            raise SparseCLError("--cuda-graph is supported on CUDA devices only")
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
-        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.augment = DeviceAugment(stream.augment, stream.input_shape, memory_format=memory_format)
-        self.method = build_method(cfg, self.stream, self.device, self.augment, dist)
-        self.model = self.method.model
-        if dist is not None and cfg.sync_bn:
-            nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # replaces the BN submodules in place
-        if cfg.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-        if cfg.cuda_graph and not type(self.method).graph_capturable:
-            raise SparseCLError(f"method {cfg.method!r} does not support --cuda-graph yet")
-        if cfg.cuda_graph:
-            self.augment.prepare(self.device)
-        self.layers = profile_layers(self.model, stream.input_shape)
-        self.flops = FlopCounter(self.layers, cfg.flop_convention)
-        self.method.ctx.flops = self.flops  # sparse methods push their densities into it
-        self.counter = SampleCounter(self.model, self.flops)
-        self.execution = sparse_execution(cfg, self.method)  # after profiling: it bypasses module hooks
-        self.method.ctx.count_samples = self.counter.add
-        self.method.ctx.note_replay = self.counter.note_replay
-        T = self.stream.n_tasks
-        self.state: dict[str, Any] = {
-            "completed": 0,
-            "class_il": [[None] * T for _ in range(T)],
-            "task_il": [[None] * T for _ in range(T)],
-            "random_init": None,
-            "train_seconds": [], "eval_seconds": [], "samples": [], "flops": [], "dense_flops": [],
-            "epoch_loss": [], "peak_memory": [], "footprint": None, "max_step_samples": 0,
-        }
-        self.extra_observers = tuple(observers)
-        self.observers: list[RunObserver] = []  # rank 0, during run(): loggers, then the caller's
-        if resume:
-            self._load_checkpoint()
-        if self.execution is not None and self.execution.choices is not None:  # checkpointed with the state
+        return (load() if self.dist is None else self.dist.everywhere(load)).to(self.device)
+
+    def _bind_kernel_choices(self) -> None:
+        """``--sparse-kernels auto``: its per-layer decisions live in the (checkpointed) state."""
+        if self.execution is not None and self.execution.choices is not None:
             self.execution.choices.decisions = self.state.setdefault("kernel_choices", {})
-        if dist is not None:
-            self.method.net = dist.wrap(self.model)
-        if cfg.compile:  # under torchrun the DDP module is compiled (dynamo splits it at its buckets)
-            self.method.net = compile_net(self.method.net, cfg)
 
     # ------------------------------------------------------------ training
     def _step(self, split, idx: torch.Tensor, task_index: int) -> torch.Tensor:
@@ -398,82 +433,78 @@ class Trainer:
             d.sharded, self.counter.scale = False, 1
 
     def _train_task(self, task_index: int, bar: RunProgress) -> None:
-        cfg, method = self.cfg, self.method
-        task = self.stream.tasks[task_index]
+        """Every epoch of one task between the method's begin_task and end_task."""
+        task, method = self.stream.tasks[task_index], self.method
         method.begin_task(task)
         split = method.train_split(task)
-        n = len(split)
-        bs = cfg.batch_size
-        losses = []
-        bar.start_task(task_index, cfg.epochs)
+        bar.start_task(task_index, self.cfg.epochs)
         self.model.train()
         self.counter.active = True
-        loss_sum = torch.zeros((), device=self.device)
-        graph: CapturedStep | None = None
-        # Eager steps before the capture run on a side stream, as CUDA graph capture requires.
-        side = torch.cuda.Stream(self.device) if cfg.cuda_graph else None
-        eager_steps = 0
-        for epoch in range(cfg.epochs):
-            keep = method.epoch_indices(task, epoch)
-            if keep is None:
-                perm = torch.randperm(n, device=self.device)
-            else:  # a subset chosen by the method (data removal): shuffle it
-                perm = keep[torch.randperm(int(keep.shape[0]), device=self.device)]
-            n_batches = perm.shape[0] // bs if cfg.drop_last else math.ceil(perm.shape[0] / bs)
-            bar.start_epoch(n_batches, self.counter.train_samples)
-            loss_sum.zero_()
-            b = 0
-            while b < n_batches:
-                idx = perm[b * bs : (b + 1) * bs]
-                full = idx.shape[0] == bs
-                if graph is not None and full:
-                    graph.replay(idx)
-                elif cfg.cuda_graph and full and eager_steps >= 3 and method.graph_ready():
-                    torch.cuda.current_stream(self.device).wait_stream(side)
-                    graph = CapturedStep(lambda i: self._step(split, i, task_index), loss_sum, self.counter, method)
-                    graph.capture(idx)
-                else:
-                    self.counter.new_step(int(idx.shape[0]))
-                    if side is not None and graph is None:
-                        side.wait_stream(torch.cuda.current_stream(self.device))
-                        with torch.cuda.stream(side):
-                            loss_sum += self._step(split, idx, task_index)
-                    else:
-                        loss_sum += self._step(split, idx, task_index)
-                    eager_steps += 1
-                self.state["max_step_samples"] = max(self.state["max_step_samples"], self.counter.step_samples)
-                bar.batch_done()
-                b += 1
-                rest = method.epoch_rest(perm[b * bs :])
-                if rest is not None:  # data removed mid-epoch: fewer steps, full batches
-                    perm = torch.cat([perm[: b * bs], rest])
-                    n_batches = b + (rest.shape[0] // bs if cfg.drop_last else math.ceil(rest.shape[0] / bs))
-            if side is not None and graph is None:
-                torch.cuda.current_stream(self.device).wait_stream(side)
-            total = loss_sum
-            if self.dist is not None:  # mean over ranks: the global loss, the same NaN check everywhere
-                total = self.dist.all_reduce_sum_(loss_sum.clone()) / self.dist.world_size
-            # One host sync per epoch. An epoch the method skipped (no batches, e.g. CL-LSG once its
-            # target is met) has no loss: recorded as None, not 0.
-            mean_loss = total.item() / n_batches if n_batches else None
-            if mean_loss is not None and not math.isfinite(mean_loss):
-                raise SparseCLError(
-                    f"loss became {mean_loss} in task {task_index + 1}, epoch {epoch + 1} "
-                    f"(method {cfg.method}, lr {method.options.lr}): lower the learning rate"
-                )
-            losses.append(mean_loss)
-            if mean_loss is not None:
-                for observer in self.observers:
-                    observer.epoch(task_index * cfg.epochs + epoch + 1, task_index, mean_loss)
-            method.end_epoch(task, epoch)
-            bar.epoch_done(mean_loss, self.counter.train_samples)
-        del graph  # frees the graph's memory pool before the next task captures its own
+        steps = TaskSteps(lambda idx: self._step(split, idx, task_index), self.counter, method,
+                          self.cfg.batch_size, self.device, self.cfg.cuda_graph)
+        losses = [self._epoch(task, epoch, len(split), steps, bar) for epoch in range(self.cfg.epochs)]
+        steps.close()  # frees a captured graph's memory pool before the next task captures its own
         if self.dist is not None:  # per-rank BatchNorm statistics: evaluate and save rank 0's
             self.dist.broadcast_buffers_(self.model)
         self.counter.end_steps()
         method.end_task(task)
         self.counter.active = False
         self.state["epoch_loss"].append(losses)
+
+    def _epoch_order(self, task: Task, epoch: int, n: int) -> torch.Tensor:
+        """The shuffled positions of the split that ``epoch`` trains on."""
+        keep = self.method.epoch_indices(task, epoch)
+        if keep is None:
+            return torch.randperm(n, device=self.device)
+        return keep[torch.randperm(int(keep.shape[0]), device=self.device)]  # data removal: a subset
+
+    def _n_batches(self, n: int) -> int:
+        bs = self.cfg.batch_size
+        return n // bs if self.cfg.drop_last else math.ceil(n / bs)
+
+    def _epoch(self, task: Task, epoch: int, n: int, steps: TaskSteps, bar: RunProgress) -> float | None:
+        """One epoch of ``task``; returns its mean loss (None for an epoch the method skipped)."""
+        bs, t = self.cfg.batch_size, task.index
+        perm = self._epoch_order(task, epoch, n)
+        n_batches = self._n_batches(perm.shape[0])
+        bar.start_epoch(n_batches, self.counter.train_samples)
+        steps.loss_sum.zero_()
+        b = 0
+        while b < n_batches:
+            for observer in self.observers:
+                observer.before_step(t)
+            steps.run(perm[b * bs : (b + 1) * bs])
+            for observer in self.observers:
+                observer.after_step(t)
+            self.state["max_step_samples"] = max(self.state["max_step_samples"], self.counter.step_samples)
+            bar.batch_done()
+            b += 1
+            rest = self.method.epoch_rest(perm[b * bs :])
+            if rest is not None:  # data removed mid-epoch: fewer steps, full batches
+                perm = torch.cat([perm[: b * bs], rest])
+                n_batches = b + self._n_batches(rest.shape[0])
+        steps.sync()
+        mean_loss = self._mean_loss(steps.loss_sum, n_batches, t, epoch)
+        if mean_loss is not None:
+            for observer in self.observers:
+                observer.epoch(t * self.cfg.epochs + epoch + 1, t, mean_loss)
+        self.method.end_epoch(task, epoch)
+        bar.epoch_done(mean_loss, self.counter.train_samples)
+        return mean_loss
+
+    def _mean_loss(self, loss_sum: torch.Tensor, n_batches: int, task_index: int, epoch: int) -> float | None:
+        """The epoch's mean loss, with one host sync; a NaN or infinite loss stops the run in one line.
+        An epoch without batches (e.g. CL-LSG once its target is met) has no loss: None, not 0."""
+        total = loss_sum
+        if self.dist is not None:  # mean over ranks: the global loss, the same NaN check everywhere
+            total = self.dist.all_reduce_sum_(loss_sum.clone()) / self.dist.world_size
+        mean_loss = total.item() / n_batches if n_batches else None
+        if mean_loss is not None and not math.isfinite(mean_loss):
+            raise SparseCLError(
+                f"loss became {mean_loss} in task {task_index + 1}, epoch {epoch + 1} "
+                f"(method {self.cfg.method}, lr {self.method.options.lr}): lower the learning rate"
+            )
+        return mean_loss
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -501,13 +532,15 @@ class Trainer:
         if self.is_main:
             self._write_final_files()
         # Written last: `complete: true` means every final file is in place.
-        result = self.result(complete=True)
+        result = self.result(complete=True).to_json()
         if self.is_main:
             atomic_write_json(self.run_dir / RESULT, result)
         return result
 
     def _task(self, t: int, bar: RunProgress) -> None:
         """Train task ``t``, evaluate every task, record it all, checkpoint, tell the observers."""
+        for observer in self.observers:
+            observer.task_start(t)
         reset_peak_memory(self.device)
         flops0, dense0, samples0 = self.flops.total, self.flops.dense_total, self.counter.train_samples
         t0 = time.perf_counter()
@@ -530,7 +563,7 @@ class Trainer:
         s["completed"] = t + 1
         if self.is_main:
             self._save_checkpoint(t)
-            result = self.result(complete=False)
+            result = self.result(complete=False).to_json()
             atomic_write_json(self.run_dir / RESULT, result)
             for observer in self.observers:
                 observer.task(result, t)
@@ -559,26 +592,6 @@ class Trainer:
         if head is not None:  # e.g. iCaRL's class means: the export classifies as the run evaluated
             atomic_torch_save(self.run_dir / INFERENCE_HEAD, head)
 
-    def _flops_result(self) -> dict[str, Any]:
-        """result.json's ``flops``: the run's convention, both conventions, the selection cost."""
-        s, f = self.state, self.flops
-        train, dense = sum(s["flops"]), sum(s["dense_flops"])
-        conventions = {}
-        for c in FLOP_CONVENTIONS:
-            t = f.totals(c)
-            conventions[c] = {"train": t["train"], "dense_equivalent": t["dense_equivalent"],
-                              "ratio": t["train"] / t["dense_equivalent"] if t["dense_equivalent"] else None}
-        selection = f.selection
-        return {"train": train, "dense_equivalent": dense, "ratio": train / dense if dense else None,
-                "convention": f.convention, "conventions": conventions,
-                "selection": {"flops": selection, "share_of_train": selection / train if train else None,
-                              "samples": f.n_selection_samples},
-                "replayed_samples": f.n_replay_samples,
-                "per_task": s["flops"], "per_layer": f.per_layer(),
-                "note": "2 FLOPs per MAC of conv/linear layers; spec: backward = 2x forward for every trained sample; "
-                        "sparcl-paper: replayed samples one forward, gradient masks scale the whole backward, task-end "
-                        "passes not charged; selection (importance backward passes) apart; BN and activations omitted"}
-
     # ---------------------------------------------------------- checkpoint
     def _save_checkpoint(self, task_index: int) -> None:
         ckpt = {
@@ -596,7 +609,28 @@ class Trainer:
         if self.cfg.keep_checkpoints == "all":
             atomic_torch_save(self.run_dir / f"checkpoint-task{task_index + 1}.pt", ckpt)
 
-    def _load_checkpoint(self) -> None:
+    def restore(self) -> None:
+        """Load the run directory's checkpoint: :meth:`run` then continues after its last completed
+        task, to the result an uninterrupted run gives. One clear error for a missing, unreadable,
+        foreign or mismatched checkpoint."""
+        ckpt = self._read_checkpoint()
+        path = self.run_dir / CHECKPOINT
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.method.restore(ckpt["method"], int(ckpt["task"]))
+            self.flops.load_state_dict(ckpt["flops"])
+            self.counter.load_state_dict(ckpt["counter"])
+            if len(ckpt["state"]["class_il"]) != self.stream.n_tasks:
+                raise ValueError(f"{len(ckpt['state']['class_il'])} tasks, not {self.stream.n_tasks}")
+            set_rng_state(ckpt["rng"], self.device)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+            raise SparseCLError(f"cannot resume: {path} does not fit the run in {self.run_dir} "
+                                f"({first_line(e)[:160]})") from None
+        self.state = ckpt["state"]
+        self._bind_kernel_choices()  # a resumed run keeps the first part's choices
+
+    def _read_checkpoint(self) -> dict[str, Any]:
+        """The checkpoint of this run directory, checked to be this run's."""
         path = self.run_dir / CHECKPOINT
 
         def read() -> bytes:
@@ -618,71 +652,48 @@ class Trainer:
             if diff:
                 raise SparseCLError(f"cannot resume: {path} belongs to another run than {self.run_dir / CONFIG} "
                                     f"({diff})")
-        try:
-            self.model.load_state_dict(ckpt["model"])
-            self.method.load_state_dict(ckpt["method"])
-            self.method.task = int(ckpt["task"])
-            self.flops.load_state_dict(ckpt["flops"])
-            self.counter.load_state_dict(ckpt["counter"])
-            if len(ckpt["state"]["class_il"]) != self.stream.n_tasks:
-                raise ValueError(f"{len(ckpt['state']['class_il'])} tasks, not {self.stream.n_tasks}")
-            set_rng_state(ckpt["rng"], self.device)
-        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
-            raise SparseCLError(f"cannot resume: {path} does not fit the run in {self.run_dir} "
-                                f"({first_line(e)[:160]})") from None
-        self.state = ckpt["state"]
+        return ckpt
 
     # -------------------------------------------------------------- result
-    def result(self, complete: bool = False) -> dict[str, Any]:
+    def result(self, complete: bool = False) -> RunResult:
         """The run's result so far; ``complete`` only once every final file is written."""
-        s, cfg = self.state, self.cfg
+        s, cfg, stream = self.state, self.cfg, self.stream
         done = s["completed"]
-        accuracy = {}
-        settings = ["class_il", "task_il"] if cfg.setting == "class-il" else ["task_il"]
-        for key in settings:
-            R = [row[:done] for row in s[key][:done]]
-            metrics = summarize(R, s["random_init"][key][:done]) if done else {}
-            accuracy[key] = {"matrix": s[key], "random_init": s["random_init"][key] if s["random_init"] else None, **metrics}
-        train_s = sum(s["train_seconds"])
-        return {
-            "complete": complete and done == self.stream.n_tasks,
-            "tasks_completed": done,
-            "n_tasks": self.stream.n_tasks,
-            "config": cfg.to_dict(),
-            "seed": cfg.seed,
-            "versions": {"sparsecl": sparsecl.__version__, "torch": torch.__version__, "numpy": np.__version__,
-                         "python": sys.version.split()[0]},
-            "device": describe_device(self.device),
-            "threads": torch.get_num_threads(),  # results are identical for the same seed and thread count
-            **({"distributed": {"world_size": self.dist.world_size, "backend": self.dist.backend,
-                                "per_rank_batch": cfg.batch_size // self.dist.world_size}}
-               if self.dist is not None else {}),
-            "benchmark": {"name": self.stream.name, "classes_per_task": [len(t.classes) for t in self.stream.tasks],
-                          "train_sizes": [len(t.train) for t in self.stream.tasks],
-                          "evaluated_on": "validation" if cfg.validation else "test",
-                          "eval_sizes": [len(t.test) for t in self.stream.tasks],
-                          "class_order": self.stream.class_order},
-            "accuracy": accuracy,
-            "timing": {
-                "train_seconds_per_task": s["train_seconds"], "eval_seconds_per_task": s["eval_seconds"],
-                "train_seconds": train_s,
-                "samples_per_second": [n / t if t > 0 else None for n, t in zip(s["samples"], s["train_seconds"])],
-            },
-            "samples": {"trained_per_task": s["samples"], "trained": sum(s["samples"]),
-                        "forward_only": self.counter.forward_samples},
-            "flops": self._flops_result(),
-            "method": s.get("method") or {},
-            "sparsity": s.get("sparsity"),
-            "capacity": s.get("capacity"),
-            "model": {"backbone": getattr(self.model, "backbone_name", cfg.backbone),
-                      "backbone_options": dict(cfg.backbone_options),
-                      "input_shape": list(self.stream.input_shape), "n_classes": self.stream.n_classes,
-                      "task_classes": getattr(self.model, "task_classes", None)},
-            "memory": {"footprint_bytes": s["footprint"], "peak_bytes_per_task": s["peak_memory"],
-                       "peak_kind": "cuda max allocated" if self.device.type == "cuda" else "process peak RSS"},
-            "loss_per_epoch": s["epoch_loss"],
-            **({"kernel_choices": s["kernel_choices"]} if "kernel_choices" in s else {}),
-        }
+        return RunResult(
+            complete=complete and done == stream.n_tasks, tasks_completed=done, n_tasks=stream.n_tasks,
+            config=cfg.to_dict(), seed=cfg.seed, versions=versions(), device=describe_device(self.device),
+            threads=torch.get_num_threads(), distributed=self._distributed_result(),
+            benchmark=self._benchmark_result(),
+            accuracy=accuracy_results(s, ["class_il", "task_il"] if cfg.setting == "class-il" else ["task_il"]),
+            timing=timing_result(s),
+            samples=Samples(trained_per_task=s["samples"], trained=sum(s["samples"]),
+                            forward_only=self.counter.forward_samples),
+            flops=flops_result(s, self.flops), method=s.get("method") or {},
+            sparsity=s.get("sparsity"), capacity=s.get("capacity"), model=self._model_result(),
+            memory=Memory(footprint_bytes=s["footprint"], peak_bytes_per_task=s["peak_memory"],
+                          peak_kind="cuda max allocated" if self.device.type == "cuda" else "process peak RSS"),
+            loss_per_epoch=s["epoch_loss"], kernel_choices=s.get("kernel_choices"),
+        )
+
+    def _distributed_result(self) -> dict[str, Any] | None:
+        d = self.dist
+        if d is None:
+            return None
+        return {"world_size": d.world_size, "backend": d.backend, "per_rank_batch": self.cfg.batch_size // d.world_size}
+
+    def _benchmark_result(self) -> dict[str, Any]:
+        stream = self.stream
+        return {"name": stream.name, "classes_per_task": [len(t.classes) for t in stream.tasks],
+                "train_sizes": [len(t.train) for t in stream.tasks],
+                "evaluated_on": "validation" if self.cfg.validation else "test",
+                "eval_sizes": [len(t.test) for t in stream.tasks], "class_order": stream.class_order}
+
+    def _model_result(self) -> dict[str, Any]:
+        """What rebuilds the model (the export's spec)."""
+        return {"backbone": getattr(self.model, "backbone_name", self.cfg.backbone),
+                "backbone_options": dict(self.cfg.backbone_options),
+                "input_shape": list(self.stream.input_shape), "n_classes": self.stream.n_classes,
+                "task_classes": getattr(self.model, "task_classes", None)}
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = False,
@@ -750,5 +761,9 @@ def resume(run_dir: str | Path, *, device: str | None = None, data_dir: str | No
             cfg.device = device
         if data_dir is not None:
             cfg.data_dir = data_dir
-        return _train(lambda: Trainer(cfg, run_dir, progress=progress, resume=True, dist=dist, observers=observers),
-                      run_dir, locks)
+        def restored() -> Trainer:
+            trainer = Trainer(cfg, run_dir, progress=progress, dist=dist, observers=observers)
+            trainer.restore()
+            return trainer
+
+        return _train(restored, run_dir, locks)

@@ -103,17 +103,17 @@ class MethodContext:
     setting: str  # class-il | task-il
     batch_size: int
     epochs: int
+    # The run's FLOP counter: methods that change weight/gradient densities push them into it
+    # (MaskSet.bind_flops); SparCL charges its importance passes to it.
+    flops: FlopCounter
+    # Counts (train samples, forward-only samples) of model passes that the engine's forward
+    # pre-hook cannot see (per-sample gradients under torch.func, backbone-only passes).
+    count_samples: Callable[[int, int], None]
+    # Told how many buffer samples a step drew for training (the FLOP conventions charge replayed
+    # samples differently, SPEC Metrics).
+    note_replay: Callable[[int], None]
     cuda_graph: bool = False  # steps are replayed from a captured CUDA graph
     fused_optimizer: bool = False  # make_optimizer builds torch's fused implementations
-    # The run's FLOP counter, set by the Trainer before the first task (None outside a Trainer).
-    # Methods that change weight/gradient densities push them into it (MaskSet.bind_flops).
-    flops: FlopCounter | None = None
-    # Set by the engine: counts (train samples, forward-only samples) of model passes that its
-    # forward pre-hook cannot see (per-sample gradients under torch.func, backbone-only passes).
-    count_samples: Callable[[int, int], None] | None = None
-    # Set by the engine: told how many buffer samples a step drew for training (the FLOP
-    # conventions charge replayed samples differently, SPEC Metrics).
-    note_replay: Callable[[int], None] | None = None
     # This rank's process group and step-sharding state under torchrun; None in a single process.
     dist: RankView | None = None
 
@@ -252,10 +252,9 @@ class ContinualMethod:
 
     # ------------------------------------------------------------- utilities
     def count_samples(self, train: int = 0, forward: int = 0) -> None:
-        """Account for model passes the engine's forward pre-hook does not see (a no-op outside
-        the engine). Ordinary ``self.model(x)`` calls are counted automatically: never both."""
-        if self.ctx.count_samples is not None:
-            self.ctx.count_samples(train, forward)
+        """Account for model passes the engine's forward pre-hook does not see. Ordinary
+        ``self.model(x)`` calls are counted automatically: never both."""
+        self.ctx.count_samples(train, forward)
 
     def make_optimizer(self, params: Any = None) -> torch.optim.Optimizer:
         params = self.model.parameters() if params is None else params
@@ -324,6 +323,11 @@ class ContinualMethod:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    def restore(self, state: dict[str, Any], task: int) -> None:
+        """Continue from a checkpoint written after task index ``task`` (its :meth:`state_dict`)."""
+        self.load_state_dict(state)
+        self.task = task
 
 
 METHODS: Registry[type[ContinualMethod]] = Registry("method")

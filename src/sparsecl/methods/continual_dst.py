@@ -260,8 +260,7 @@ class ContinualDST(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
             self._draw_mask(task.index)
         if self.options.unfired == "task":
             self.masks.reset_ever_active_()
-        if self.ctx.flops is not None:
-            self.masks.bind_flops(self.ctx.flops)
+        self.masks.bind_flops(self.ctx.flops)
         self._set_grad_masks()
         frozen = {**{n: self._reused(n) for n in self.names}, **self.frozen_heads(task.index)}
         self._guard = FrozenGuard(self.model, frozen, values=self.backbone)

@@ -143,8 +143,7 @@ class CPG(TaskValidation, PackNet, sparse_kernels=False):
     # ------------------------------------------------------------------ training
     def begin_task(self, task: Task) -> None:
         super().begin_task(task)
-        if self.ctx.flops is not None:
-            self.masks.bind_flops(self.ctx.flops)
+        self.masks.bind_flops(self.ctx.flops)
         with torch.no_grad():
             for p in self.picks.values():
                 p.fill_(self.options.mask_init)  # the official re-initialises the piggymask per task

@@ -129,8 +129,7 @@ class DEN(TaskSubnetworks, ContinualMethod):
 
     def begin_task(self, task: Task) -> None:
         self.task = t = task.index
-        if self.ctx.flops is not None:
-            self.masks.bind_flops(self.ctx.flops)
+        self.masks.bind_flops(self.ctx.flops)
         self.prev = {n: self.params[n].detach().clone() for n in self.chain.names + self.chain.bias_names}
         self.old = {n: self.masks.masks[n].clone() for n in self.chain.names}
         self.old.update({b: self.chain.open(i) for i, b in enumerate(self.chain.bias_names)})

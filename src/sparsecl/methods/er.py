@@ -48,8 +48,7 @@ class ReplayMethod(ContinualMethod, graph_capturable=True):
         Distributed: every rank draws and augments the same global minibatch (same RNG stream as
         one process) and keeps its slice."""
         _, x_raw, *rest = self.buffer.sample(self.minibatch, "x", *fields)
-        if self.ctx.note_replay is not None:
-            self.ctx.note_replay(int(x_raw.shape[0]))
+        self.ctx.note_replay(int(x_raw.shape[0]))
         out = (self.ctx.augment.train(x_raw), *rest)
         d = self.ctx.dist
         return out if d is None else tuple(d.shard(t) for t in out)

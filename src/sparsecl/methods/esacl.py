@@ -346,8 +346,7 @@ class EsaCLMixin:
 
     def _install(self, masks: MaskSet) -> None:
         self.masks = masks
-        if self.ctx.flops is not None:
-            masks.bind_flops(self.ctx.flops)
+        masks.bind_flops(self.ctx.flops)
 
     @torch.no_grad()
     def recalibrate_bn(self, task: Task) -> bool:

@@ -136,8 +136,7 @@ class FDR(ContinualMethod):
         if self.buffer.is_empty or self.options.alpha == 0:
             return loss.detach()
         x_raw, stored, task_ids = self.buffer.sample(self.minibatch)
-        if self.ctx.note_replay is not None:
-            self.ctx.note_replay(int(x_raw.shape[0]))
+        self.ctx.note_replay(int(x_raw.shape[0]))
         self.optimizer.zero_grad(set_to_none=True)
         distance = self.penalty(self.ctx.augment.train(x_raw), stored, task_ids)
         distance.backward()

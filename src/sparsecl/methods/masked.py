@@ -95,8 +95,7 @@ class MaskedTraining:
                 for n in masks.names:
                     masks.params[n].mul_((masks.numel(n) / max(masks.active(n), 1)) ** 0.5)
         self.sync_masks()
-        if self.ctx.flops is not None:
-            masks.bind_flops(self.ctx.flops)
+        masks.bind_flops(self.ctx.flops)
         if self.optimizer is not None:
             masks.hook_optimizer(self.optimizer)
 
@@ -118,8 +117,6 @@ class MaskedTraining:
             masks = self.create_masks(task)
             if masks is not None:
                 self.install_masks(masks)
-        elif self.ctx.flops is not None:
-            self.masks.bind_flops(self.ctx.flops)  # e.g. after a resume: densities of the loaded masks
         super().begin_task(task)
 
     def make_optimizer(self, params: Any = None) -> torch.optim.Optimizer:

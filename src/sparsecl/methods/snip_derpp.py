@@ -77,8 +77,7 @@ class SNIPDERpp(SparseDERpp, graph_capturable=True, distributed=True):
         with torch.no_grad():
             for n, b in model.named_buffers():
                 b.copy_(buffers[n])
-        if self.ctx.flops is not None:
-            self.ctx.flops.train_samples(n_samples)  # dense: no mask is bound yet
+        self.ctx.flops.train_samples(n_samples)  # dense: no mask is bound yet
         return {n: (g * w.detach()).abs() for n, g, w in zip(self.mask_names, grads, weights)}
 
     def create_masks(self, task: Task) -> MaskSet:

@@ -273,8 +273,7 @@ class SparCL(MaskedTraining):
             self._gather_grads(self._g_buf, self.loss(step.buffer, step.buffer_y, step.buffer_task))
             self._n_buf += 1
             rows += step.buffer_rows
-        if self.ctx.flops is not None:
-            self.ctx.flops.selection_samples(rows)
+        self.ctx.flops.selection_samples(rows)
 
     def _gather_grads(self, into: list[torch.Tensor], loss: torch.Tensor) -> None:
         """Add every active weight's gradient of ``loss`` to ``into``, whatever the gradient masks.
