@@ -10,8 +10,9 @@ One SAM step on a loss ``L``:
    optimiser steps with that gradient (SGD, Adam, :class:`~sparsecl.optim.StochasticFrankWolfe`...).
 
 Use it with a closure (``sam.step(closure)`` runs both passes), or call :meth:`SAM.first_step` and
-:meth:`SAM.second_step` yourself around your own backward passes (EsaCL does). Both passes go through the model, so a forward hook that counts samples (the engine's) sees the
-second pass's samples too; SAM itself counts nothing.
+:meth:`SAM.second_step` yourself around your own backward passes (EsaCL does). Both passes go
+through the model, so a forward hook that counts samples (the engine's) sees the second pass's
+samples too; SAM itself counts nothing.
 
 Attributes other than SAM's own (``param_groups``, ``state``, ``register_step_post_hook``...)
 are the base optimiser's, so hooks registered through a :class:`SAM` run around the real update.
