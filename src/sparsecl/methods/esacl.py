@@ -271,7 +271,7 @@ class EsaCLMixin:
 
     def observe(self, batch: Batch) -> torch.Tensor:
         o = self.options
-        sub, logits = self.select(batch)
+        sub, theta_logits = self.select(batch)
         descent = sub if o.ere else batch
         if o.sam:
             rng = _rng_state(self.device)
@@ -285,7 +285,7 @@ class EsaCLMixin:
             at_theta = last = self.compute_gradients(descent)
             self.optimizer.step()
         if at_theta.outputs.batch is not batch and "logits" in at_theta.stored:
-            at_theta = replace(at_theta, stored={**at_theta.stored, "logits": logits})
+            at_theta = replace(at_theta, stored={**at_theta.stored, "logits": theta_logits})
         self.after_step(batch, at_theta)  # the whole batch, once, with what the pass at theta stored
         return last.loss.detach()
 
