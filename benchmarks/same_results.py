@@ -7,7 +7,9 @@ named run is made once per checkout with that checkout's ``src`` first on ``PYTH
 1 thread, on the CPU; then their ``result.json`` accuracy matrices (every setting), FLOP counts and
 sample counts are compared exactly. Exit status 1 if any differ. The runs (``--runs`` picks some):
 seq-mnist with the shipped presets of sgd, der++, sparcl-der++, rigl-der++, esacl-der++, packnet,
-continual-dst and cl-lsg; digits with icarl, a-gem, ewc and lwf at their defaults. ``--data-dir``
+continual-dst and cl-lsg; digits with icarl, a-gem, ewc and lwf at their defaults; then SparCL and
+EsaCL over their other parents and step branches (er, joint, sparcl-der++ with DDR, sparcl-er,
+esacl-er, esacl, esacl-ewc, esacl-der++ without SAM and without SSE). ``--data-dir``
 (or ``$SPARSECL_DATA``) holds MNIST; a slice of it makes a quick check.
 """
 from __future__ import annotations
@@ -26,6 +28,19 @@ RUNS: dict[str, list[str]] = {
         ("rigl-der++", "rigl-der++-500-sp90"), ("esacl-der++", "esacl-der++-500-sp80"), ("packnet", "packnet"),
         ("continual-dst", "continual-dst"), ("cl-lsg", "cl-lsg"))},
     **{f"digits/{m}": ["--benchmark", "digits", "--method", m] for m in ("icarl", "a-gem", "ewc", "lwf")},
+    # the mixins over each parent and each branch of their step (SparCL's DDR; EsaCL without SAM,
+    # without SSE, on ER, on EWC, on fine-tuning)
+    "seq-mnist/er": ["--preset", "seq-mnist-er-500"],
+    "seq-mnist/joint": ["--preset", "seq-mnist-joint"],
+    "seq-mnist/sparcl-der++-ddr": ["--preset", "seq-mnist-sparcl-der++-500-sp90", "-o", "ddr=true"],
+    "seq-mnist/sparcl-er": ["--benchmark", "seq-mnist", "--method", "sparcl-er", "-o", "delta_k=0.1",
+                            "-o", "importance_every=4"],
+    "seq-mnist/esacl-er": ["--preset", "seq-mnist-esacl-er-500-sp80"],
+    "seq-mnist/esacl": ["--preset", "seq-mnist-esacl-sp80"],
+    "digits/esacl-ewc": ["--benchmark", "digits", "--method", "esacl-ewc"],
+    "digits/esacl-der++-no-sam": ["--benchmark", "digits", "--method", "esacl-der++", "-o", "sam=false",
+                                  "-o", "polytope=false"],
+    "digits/esacl-der++-no-sse": ["--benchmark", "digits", "--method", "esacl-der++", "-o", "sse=false"],
 }
 
 

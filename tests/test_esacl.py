@@ -11,8 +11,10 @@ from torch import nn
 
 from sparsecl import SparseCLError
 from sparsecl.config import build_options, merge_config
-from sparsecl.engine.trainer import resume, run
+from sparsecl.engine.trainer import Trainer, resume, run
+from sparsecl.methods.base import Batch
 from sparsecl.methods.esacl import EsaCLDERppOptions, EsaCLOptions
+from sparsecl.models.batchnorm import frozen_bn_stats
 from sparsecl.optim import SAM, StochasticFrankWolfe, in_ksparse_polytope, ksparse_lmo
 
 from interrupt import run_interrupted
@@ -334,3 +336,21 @@ def test_bn_recalibration_reestimates_running_statistics_without_touching_weight
         assert set(after) == {"class_il", "task_il"}
         assert record["drop_after_bn_recalibration"]["task_il"] == pytest.approx(
             record["accuracy_before_prune"]["task_il"] - after["task_il"])
+
+
+def test_the_buffer_gets_each_whole_batch_once_with_its_logits_at_theta(tmp_path):
+    """SAM trains twice on 40 % of the batch; the buffer is offered the whole batch once per step,
+    with DER++'s logits from the selection pass at the weights before the step."""
+    t = Trainer(cfg("esacl-der++", alpha=0.3, beta=0.5), tmp_path / "r")
+    m, task = t.method, t.stream.tasks[0]
+    m.begin_task(task)
+    split = task.train
+    for step, start in enumerate((0, 16)):
+        idx = torch.arange(start, start + 16)
+        x = t.augment.train(split.x[idx])
+        with torch.no_grad(), frozen_bn_stats(t.model):
+            at_theta = t.model(x).float()
+        m.observe(Batch(x, split.y[idx], split.x[idx], idx, 0))
+        assert len(m.buffer) == 16 * (step + 1)  # the buffer is not full (60): every example is kept
+        stored_x, logits = m.buffer.get(torch.arange(start, start + 16), "x", "logits")
+        assert torch.equal(stored_x, split.x[idx]) and torch.equal(logits, at_theta)

@@ -298,3 +298,50 @@ def test_ddr_mid_epoch_removal_drops_the_rest_of_the_epoch_not_the_batch(tmp_pat
     tasks = result["method"]["sparcl"]["tasks"]
     assert all(t["removed_examples"] == round(0.3 * n) for t, n in zip(tasks, result["benchmark"]["train_sizes"]))
     assert len(sizes) - sum(s == 16 for s in sizes) <= 3 * 5
+
+
+def test_ddr_counts_the_current_batch_whatever_order_the_parent_forwards_in(tmp_path):
+    """A replay parent that forwards its buffer minibatch before the current batch: DDR still counts
+    one visit per current example and its misclassification from the current batch's own logits."""
+    from sparsecl.methods.base import StepLoss, StepOutputs, register_method
+    from sparsecl.methods.er import ER
+    from sparsecl.methods.sparcl import SparCL, SparCLEROptions
+
+    class BufferFirstER(ER):
+        def step_loss(self, batch):
+            if self.buffer.is_empty:
+                return super().step_loss(batch)
+            bx, by, bt = self.draw("y", "task")
+            replayed, out = self.net(bx), self.net(batch.x)
+            self.logits = (replayed.detach(), out.detach())
+            step = StepOutputs(batch, out, batch.y.shape[0], replayed, by, bt, bx.shape[0])
+            return StepLoss(self.loss(out, batch.y, batch.task_id) + self.loss(replayed, by, bt), step)
+
+    @register_method
+    class SparCLBufferFirst(SparCL, BufferFirstER):
+        name = "sparcl-buffer-first"
+        options_cls = SparCLEROptions
+
+    try:
+        t = Trainer(cfg("sparcl-buffer-first", lr=0.1, delta_k=2.0, ddr_cutoff=1), tmp_path / "r")  # no stage end
+    finally:
+        METHODS.remove("sparcl-buffer-first")
+    m, task = t.method, t.stream.tasks[0]
+    m.begin_task(task)
+    split = task.train
+
+    def step(idx):
+        m.observe(trainer_mod.Batch(t.augment.train(split.x[idx]), split.y[idx], split.x[idx], idx, 0))
+
+    step(torch.arange(16))  # fills the buffer
+    differs = 0
+    for start in range(16, 176, 16):
+        m._wrong.zero_()
+        m._visits.zero_()
+        idx = torch.arange(start, start + 16)
+        step(idx)
+        replayed, current = ((z.masked_fill(~m._seen, float("-inf")).argmax(1) != split.y[idx]).int() for z in m.logits)
+        differs += not torch.equal(replayed, current)
+        assert torch.equal(m._visits, torch.isin(torch.arange(len(split)), idx).int())
+        assert torch.equal(m._wrong[idx], current) and int(m._wrong.sum()) == int(current.sum())
+    assert differs  # on some steps the buffer's logits would have counted other examples wrong

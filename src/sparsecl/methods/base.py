@@ -4,11 +4,16 @@ A method is a small class with hooks that the engine calls (Mammoth's ``Continua
 global state or argparse): ``begin_task`` -> ``observe`` for every batch -> ``end_epoch`` ->
 ``end_task``; evaluation goes through ``eval_logits``. Its options are a typed dataclass (a subclass
 of :class:`MethodOptions`) filled from presets, YAML files and CLI flags.
+
+A training step has one shape (:meth:`ContinualMethod.observe`): ``zero_grad`` -> the method's
+:meth:`~ContinualMethod.step_loss` -> :meth:`~ContinualMethod.before_backward` -> backward ->
+optimiser step -> :meth:`~ContinualMethod.after_step`. A method supplies its loss; mixins (SparCL,
+EsaCL) hook into the shape through what ``step_loss`` returns, never into a parent's ``observe``.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Iterable, Iterator, Protocol
 
 import torch
@@ -79,18 +84,29 @@ class RankView(Protocol):
 
 @dataclass
 class StepOutputs:
-    """The logits of one replay step (see :meth:`ContinualMethod.before_backward`). ``*_rows``: the
-    samples of the forward pass each block of logits came out of, i.e. what a backward through
-    it traverses (a fused forward of current and buffer data traverses both)."""
+    """The forward outputs a step's loss is built from (handed to :meth:`ContinualMethod.before_backward`).
+    ``*_rows``: the samples of the forward pass each block of logits came out of, i.e. what a
+    backward through it traverses (a fused forward of current and buffer data traverses both)."""
 
-    current: torch.Tensor  # logits of the current batch
-    y: torch.Tensor
-    task_id: int
+    batch: Batch  # the batch the step trained on (EsaCL: its selected examples)
+    current: torch.Tensor  # logits of ``batch``, in its order, whatever order the forwards ran in
     current_rows: int
     buffer: torch.Tensor | None = None  # logits of the buffer minibatch trained with labels
     buffer_y: torch.Tensor | None = None
     buffer_task: torch.Tensor | None = None
     buffer_rows: int = 0
+
+
+@dataclass
+class StepLoss:
+    """What :meth:`ContinualMethod.step_loss` computes for one batch."""
+
+    loss: torch.Tensor  # the total loss to minimise (cross-entropy plus replay terms, penalties...)
+    outputs: StepOutputs
+    # Per-example fields :meth:`ContinualMethod.after_step` stores with the batch (a replay buffer's
+    # extra fields). Key ``logits``: the network's fp32 logits of the batch at the step's weights
+    # (DER++), which EsaCL replaces by its selection pass's when the step trained on a subset.
+    stored: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -206,12 +222,32 @@ class ContinualMethod:
         return None
 
     def observe(self, batch: Batch) -> torch.Tensor:
-        """One training step; returns the detached loss as a device tensor (no host sync)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(self.net(batch.x), batch.y, batch.task_id)
-        loss.backward()
+        """One training step; returns the detached loss as a device tensor (no host sync). The
+        shape every method on :meth:`step_loss` shares: gradients, optimiser step, after-step."""
+        step = self.compute_gradients(batch)
         self.optimizer.step()
-        return loss.detach()
+        self.after_step(batch, step)
+        return step.loss.detach()
+
+    def compute_gradients(self, batch: Batch) -> StepLoss:
+        """``zero_grad``, :meth:`step_loss`, :meth:`before_backward`, backward: one step's gradients,
+        not yet applied (EsaCL computes two per SAM step and steps its optimiser itself)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        step = self.step_loss(batch)
+        self.before_backward(step.outputs)
+        step.loss.backward()
+        return step
+
+    def step_loss(self, batch: Batch) -> StepLoss:
+        """The method's loss on ``batch`` with the forward outputs it came from (default:
+        cross-entropy of the current batch). Buffer draws happen here; no backward, no update."""
+        out = self.net(batch.x)
+        return StepLoss(self.loss(out, batch.y, batch.task_id), StepOutputs(batch, out, batch.y.shape[0]))
+
+    def after_step(self, batch: Batch, step: StepLoss) -> None:
+        """After the optimiser step: ``batch`` is the whole batch :meth:`observe` was handed, ``step``
+        what :meth:`step_loss` returned for it (or for a subset of it: EsaCL's selection). Replay
+        methods offer the batch to their buffer with ``step.stored``; the default does nothing."""
 
     def epoch_rest(self, rest: torch.Tensor) -> torch.Tensor | None:
         """After each step: the positions still to train on in this epoch when the method removed
@@ -220,8 +256,9 @@ class ContinualMethod:
         return None
 
     def before_backward(self, step: StepOutputs) -> None:
-        """Called by replay methods with the logits their loss is built from, before its backward
-        (SparCL takes its importance gradients from this graph instead of extra passes)."""
+        """Called with the outputs the step's loss is built from, before its backward (SparCL takes
+        its importance gradients from this graph instead of extra passes, and counts its DDR
+        misclassifications from ``step.current``)."""
 
     def draw_sizes(self) -> list[int]:
         """Global sizes of the buffer draws the next :meth:`observe` makes (replay methods); the

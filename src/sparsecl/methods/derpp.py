@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sparsecl.methods.base import Batch, StepOutputs, register_method
+from sparsecl.methods.base import Batch, StepLoss, StepOutputs, register_method
 from sparsecl.methods.er import ReplayMethod, ReplayOptions
 
 
@@ -33,14 +33,13 @@ class DERpp(ReplayMethod, distributed=True):
     description = "DER++: replay with stored-logit matching (alpha) and labels (beta)"
     options_cls = DERppOptions
 
-    def observe(self, batch: Batch) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
+    def step_loss(self, batch: Batch) -> StepLoss:
         o = self.options
         n = batch.y.shape[0]
         if self.buffer.is_empty:
             out = self.net(batch.x)
             loss = self.loss(out, batch.y, batch.task_id)
-            step = StepOutputs(out, batch.y, batch.task_id, n)
+            step = StepOutputs(batch, out, n)
         else:
             x1, z1 = self.draw("logits")
             use_labels = o.beta != 0
@@ -56,16 +55,13 @@ class DERpp(ReplayMethod, distributed=True):
                 o2 = self.net(x2) if use_labels else None
             loss = self.loss(out, batch.y, batch.task_id) + o.alpha * F.mse_loss(o1, z1)
             fused = sum(p.shape[0] for p in (batch.x, x1, *([x2] if use_labels else [])))
-            step = StepOutputs(out, batch.y, batch.task_id, fused if o.fused_forward else n)
+            step = StepOutputs(batch, out, fused if o.fused_forward else n)
             if use_labels:
                 loss = loss + o.beta * self.loss(o2, y2, t2)
                 step.buffer, step.buffer_y, step.buffer_task = o2, y2, t2
                 step.buffer_rows = fused if o.fused_forward else x2.shape[0]
-        self.before_backward(step)
-        loss.backward()
-        self.optimizer.step()
-        self.remember(batch, logits=out.detach().float())  # fp32 targets even under bf16 autocast
-        return loss.detach()
+        # fp32 targets even under bf16 autocast
+        return StepLoss(loss, step, stored={"logits": out.detach().float()})
 
 
 @dataclass

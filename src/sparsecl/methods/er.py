@@ -7,7 +7,7 @@ import torch
 
 from sparsecl import SparseCLError
 from sparsecl.data.buffer import ReservoirBuffer
-from sparsecl.methods.base import Batch, ContinualMethod, MethodOptions, StepOutputs, register_method
+from sparsecl.methods.base import Batch, ContinualMethod, MethodOptions, StepLoss, StepOutputs, register_method
 
 
 @dataclass
@@ -64,6 +64,9 @@ class ReplayMethod(ContinualMethod, graph_capturable=True):
             extra = {k: self.ctx.dist.gather(v) for k, v in extra.items()}
         self.buffer.add(x=x_raw, y=y, task=torch.full_like(y, batch.task_id), **extra)
 
+    def after_step(self, batch: Batch, step: StepLoss) -> None:
+        self.remember(batch, **step.stored)
+
     def graph_ready(self) -> bool:
         # Before the buffer is full, the number of replayable samples still changes per step.
         return len(self.buffer) == self.buffer.capacity
@@ -85,8 +88,7 @@ class ER(ReplayMethod, distributed=True):
     name = "er"
     description = "experience replay: current batch + reservoir-buffer minibatch, one forward"
 
-    def observe(self, batch: Batch) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
+    def step_loss(self, batch: Batch) -> StepLoss:
         x, y = batch.x, batch.y
         tasks: torch.Tensor | int = batch.task_id
         if not self.buffer.is_empty:
@@ -94,13 +96,8 @@ class ER(ReplayMethod, distributed=True):
             x, y = torch.cat([x, bx]), torch.cat([y, by])
             tasks = torch.cat([torch.full_like(batch.y, batch.task_id), bt])
         out = self.net(x)
-        loss = self.loss(out, y, tasks)
         n, rows = batch.y.shape[0], x.shape[0]
-        step = StepOutputs(out[:n], batch.y, batch.task_id, rows)
+        outputs = StepOutputs(batch, out[:n], rows)
         if rows > n:
-            step.buffer, step.buffer_y, step.buffer_task, step.buffer_rows = out[n:], y[n:], tasks[n:], rows
-        self.before_backward(step)
-        loss.backward()
-        self.optimizer.step()
-        self.remember(batch)
-        return loss.detach()
+            outputs.buffer, outputs.buffer_y, outputs.buffer_task, outputs.buffer_rows = out[n:], y[n:], tasks[n:], rows
+        return StepLoss(self.loss(out, y, tasks), outputs)

@@ -3,9 +3,10 @@
 Registered as ``esacl`` (on fine-tuning), ``esacl-er``, ``esacl-der++`` and ``esacl-ewc``: the same
 mixin (:class:`EsaCLMixin`) on top of :class:`~sparsecl.methods.er.ER`,
 :class:`~sparsecl.methods.derpp.DERpp` and :class:`~sparsecl.methods.ewc.OnlineEWC`, whose losses
-are used unchanged: the mixin calls the parent's ``observe`` once per SAM pass on the selected
-examples, with a :class:`~sparsecl.optim.SAM` optimiser whose ``step()`` is the ascent in the
-first pass and the real update in the second.
+are used unchanged: each SAM pass is the parent's ``compute_gradients`` (its ``step_loss`` on the
+selected examples, then backward), and the mixin steps the :class:`~sparsecl.optim.SAM` optimiser
+itself: the ascent after the first pass, the real update after the second. The parent's
+``after_step`` (the replay buffer's ``remember``) runs once per step.
 
 One training step on a batch ``B`` of the current task (Algorithm 1):
 
@@ -50,7 +51,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -209,10 +210,6 @@ class EsaCLMixin:
         self.base_optimizer: torch.optim.Optimizer | None = None
         self._guard: FrozenGuard | None = None
         self.records: list[dict[str, Any]] = []  # one per task: accuracy around the prune, densities
-        self._phase: str | None = None
-        self._pending: tuple[Batch, dict] | None = None
-        self._full: Batch | None = None
-        self._full_logits: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ optimiser
     def _frank_wolfe(self) -> StochasticFrankWolfe:
@@ -253,57 +250,44 @@ class EsaCLMixin:
             logits = self.mask_logits(logits, task_id)
         return F.cross_entropy(logits.float(), y, reduction="none")
 
-    def observe(self, batch: Batch) -> torch.Tensor:
+    def select(self, batch: Batch) -> tuple[Batch, torch.Tensor | None]:
+        """SSE/ERE: the ``J`` highest-loss examples of ``batch`` by a forward pass at ``theta`` without
+        autograd (BatchNorm running statistics untouched), with that pass's fp32 logits of the
+        whole batch; ``(batch, None)`` when nothing is selected."""
         o = self.options
         b = int(batch.y.shape[0])
         j = max(1, math.ceil(o.keep_frac * b))
-        sub = batch
-        self._full = self._full_logits = None
-        if (o.sse or o.ere) and j < b:
-            with torch.no_grad(), frozen_bn_stats(self.model):
-                logits = self.model(batch.x)
-            losses = self.example_losses(logits, batch.y, batch.task_id)
-            if o.selection == "per-class":
-                idx = top_j_per_class(losses, batch.y, j, logits.shape[1])
-            else:
-                idx = torch.topk(losses, j, sorted=False).indices
-            sub = Batch(batch.x[idx], batch.y[idx], batch.x_raw[idx], batch.index[idx], batch.task_id)
-            self._full, self._full_logits = batch, logits.detach().float()
-        ascent = sub if o.sse else batch
-        descent = sub if o.ere else batch
-        try:
-            if o.sam:
-                rng = _rng_state(self.device)
-                self._phase = "ascent"
-                self.optimizer.phase = "ascent"
-                super().observe(ascent)
-                if self.optimizer.phase != "descent":
-                    raise RuntimeError(f"{type(self).__name__}: the parent's observe did not step the optimiser")
-                _set_rng_state(self.device, rng)  # same buffer draws and augmentations in the descent
-                self._phase = "descent"
-                with frozen_bn_stats(self.model):
-                    loss = super().observe(descent)
-            else:
-                self._phase = "single"
-                loss = super().observe(descent)
-        finally:
-            self._phase, self._pending = None, None
-            self._full = self._full_logits = None
-        return loss
+        if not (o.sse or o.ere) or j >= b:
+            return batch, None
+        with torch.no_grad(), frozen_bn_stats(self.model):
+            logits = self.model(batch.x)
+        losses = self.example_losses(logits, batch.y, batch.task_id)
+        if o.selection == "per-class":
+            idx = top_j_per_class(losses, batch.y, j, logits.shape[1])
+        else:
+            idx = torch.topk(losses, j, sorted=False).indices
+        sub = Batch(batch.x[idx], batch.y[idx], batch.x_raw[idx], batch.index[idx], batch.task_id)
+        return sub, logits.detach().float()
 
-    def remember(self, batch: Batch, **extra: torch.Tensor) -> None:
-        """Offer the whole batch to the buffer once per step, with what the pass at ``theta`` produced."""
-        if self._phase == "ascent":
-            self._pending = (batch, extra)  # committed after the descent pass (after both buffer draws)
-            return
-        if self._pending is not None:
-            batch, extra = self._pending
-            self._pending = None
-        if self._full is not None and batch is not self._full:
-            batch = self._full
-            if "logits" in extra:
-                extra = {**extra, "logits": self._full_logits}
-        super().remember(batch, **extra)
+    def observe(self, batch: Batch) -> torch.Tensor:
+        o = self.options
+        sub, theta_logits = self.select(batch)
+        descent = sub if o.ere else batch
+        if o.sam:
+            rng = _rng_state(self.device)
+            at_theta = self.compute_gradients(sub if o.sse else batch)
+            self.optimizer.first_step()
+            _set_rng_state(self.device, rng)  # same buffer draws and augmentations in the descent
+            with frozen_bn_stats(self.model):
+                last = self.compute_gradients(descent)
+            self.optimizer.second_step()
+        else:
+            at_theta = last = self.compute_gradients(descent)
+            self.optimizer.step()
+        if at_theta.outputs.batch is not batch and "logits" in at_theta.stored:
+            at_theta = replace(at_theta, stored={**at_theta.stored, "logits": theta_logits})
+        self.after_step(batch, at_theta)  # the whole batch, once, with what the pass at theta stored
+        return last.loss.detach()
 
     # ------------------------------------------------------------------ prune / expand
     def begin_task(self, task: Task) -> None:

@@ -32,7 +32,7 @@ from torch.func import functional_call, grad, vmap
 
 from sparsecl import SparseCLError
 from sparsecl.data.stream import Task
-from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions, register_method
+from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions, StepLoss, StepOutputs, register_method
 
 FISHER_KINDS = ("empirical", "weighted")
 
@@ -93,14 +93,12 @@ class OnlineEWC(ContinualMethod):
         total = sum((f * (p - a).pow(2)).sum() for p, f, a in zip(self._plist, self.fisher, self.anchor))
         return 0.5 * self.options.e_lambda * total
 
-    def observe(self, batch: Batch) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(self.model(batch.x), batch.y, batch.task_id)
+    def step_loss(self, batch: Batch) -> StepLoss:
+        out = self.model(batch.x)
+        loss = self.loss(out, batch.y, batch.task_id)
         if self.fisher is not None and self.options.e_lambda > 0:
             loss = loss + self.penalty()
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
+        return StepLoss(loss, StepOutputs(batch, out, batch.y.shape[0]))
 
     # ---------------------------------------------------------------- fisher
     def task_fisher(self, x_raw: torch.Tensor, y: torch.Tensor, task_id: int) -> list[torch.Tensor]:

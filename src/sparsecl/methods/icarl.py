@@ -32,7 +32,9 @@ import torch.nn.functional as F
 
 from sparsecl import SparseCLError
 from sparsecl.data.stream import Split, Task
-from sparsecl.methods.base import CLASS_IL, Batch, ContinualMethod, MethodOptions, register_method
+from sparsecl.methods.base import (
+    CLASS_IL, Batch, ContinualMethod, MethodOptions, StepLoss, StepOutputs, register_method,
+)
 from sparsecl.methods.teacher import FrozenCopy
 from sparsecl.models.heads import nearest_mean_logits
 
@@ -152,9 +154,9 @@ class ICaRL(ContinualMethod):
         self._cols = torch.nonzero(self.class_task <= task.index).squeeze(1)  # classes seen so far
         self._old = (self.class_task[self._cols] < task.index).unsqueeze(0)  # [1, n_seen]: old among them
 
-    def observe(self, batch: Batch) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(batch.x)[:, self._cols].float()
+    def step_loss(self, batch: Batch) -> StepLoss:
+        out = self.model(batch.x)
+        logits = out[:, self._cols].float()
         targets = F.one_hot(batch.y, self.ctx.stream.n_classes)[:, self._cols].float()
         if self.teacher.ready:
             T = self.options.temperature
@@ -163,9 +165,7 @@ class ICaRL(ContinualMethod):
             if T != 1:
                 logits = torch.where(self._old, logits / T, logits)
         loss = F.binary_cross_entropy_with_logits(logits, targets)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
+        return StepLoss(loss, StepOutputs(batch, out, batch.y.shape[0]))
 
     # ---------------------------------------------------------------- memory
     @torch.no_grad()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsecl.data.stream import Split, Task
-from sparsecl.methods.base import Batch, ContinualMethod, MethodOptions, register_method
+from sparsecl.methods.base import Batch, ContinualMethod, MethodOptions, StepLoss, StepOutputs, register_method
 
 
 @dataclass
@@ -45,10 +45,7 @@ class Joint(ContinualMethod, graph_capturable=True, distributed=True):
         seen = self.ctx.stream.tasks[: task.index + 1]
         return Split(torch.cat([t.train.x for t in seen]), torch.cat([t.train.y for t in seen]))
 
-    def observe(self, batch: Batch) -> torch.Tensor:
+    def step_loss(self, batch: Batch) -> StepLoss:
         # Samples come from several tasks: Task-IL masking needs each sample's own task.
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(self.net(batch.x), batch.y, self.class_task[batch.y])
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
+        out = self.net(batch.x)
+        return StepLoss(self.loss(out, batch.y, self.class_task[batch.y]), StepOutputs(batch, out, batch.y.shape[0]))

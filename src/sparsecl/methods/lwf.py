@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from sparsecl import SparseCLError
 from sparsecl.data.stream import Task
-from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions, register_method
+from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions, StepLoss, StepOutputs, register_method
 from sparsecl.methods.teacher import FrozenCopy
 
 
@@ -116,8 +116,7 @@ class LwF(ContinualMethod):
         finally:
             self.model.train(was_training)
 
-    def observe(self, batch: Batch) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
+    def step_loss(self, batch: Batch) -> StepLoss:
         out = self.model(batch.x)
         if self.ctx.setting == TASK_IL:
             loss = self.loss(out, batch.y, batch.task_id)
@@ -125,9 +124,7 @@ class LwF(ContinualMethod):
             loss = F.cross_entropy(out.masked_fill(self._unseen, float("-inf")), batch.y)
         if self.teacher.ready and self._groups and self.options.alpha > 0:
             loss = loss + self.options.alpha * self.distill(out, self.teacher(batch.x))
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
+        return StepLoss(loss, StepOutputs(batch, out, batch.y.shape[0]))
 
     def distill(self, out: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """The distillation term over the old classes (one softmax per group, summed)."""

@@ -3,7 +3,8 @@
 Three components, each of which can be switched off for the ablation of the paper's Table 3
 (``-o tdm=false``, ``-o ddr=false``, ``-o dgm=false``). Registered as ``sparcl-er`` and
 ``sparcl-der++``; :class:`SparCL` is a mixin that combines with any replay method whose
-``observe`` forwards the current batch first (every method in :mod:`sparsecl.methods` does).
+``step_loss`` hands its logits to ``before_backward`` (:class:`~sparsecl.methods.base.StepOutputs`:
+the current batch's logits and the labelled buffer minibatch's), whatever order its forwards run in.
 
 **Task-aware dynamic masking (TDM).** One mask at sparsity ``s`` for all tasks, uniform per layer
 over the masked layers (``policy``; the seq-cifar10 presets mask the 3x3 convs of the residual
@@ -58,7 +59,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from sparsecl import SparseCLError
 from sparsecl.data.stream import Task
@@ -160,8 +160,6 @@ class SparCL(MaskedTraining):
         self.grad_sparsity = o.effective_grad_sparsity() if o.dgm else None
         self.install_masks(MaskSet.from_counts(model, self.layer_counts()))
         self.history: list[dict[str, Any]] = []  # per task: stages, data counts (report())
-        self._capture: tuple[torch.Tensor, torch.Tensor] | None = None
-        model.register_forward_hook(self._count_misclassified)
 
     # ------------------------------------------------------------------ task start
     def begin_task(self, task: Task) -> None:
@@ -178,7 +176,6 @@ class SparCL(MaskedTraining):
         self._stage = 0  # stage ends done in this task
         self._epoch, self._batch, self._batches = 0, 0, 1
         self._trim = False  # data removed mid-epoch: the rest of this epoch's order must drop it
-        self._gather = False  # this step's graph gives the importance gradients
         self._steps = 0
         self._stage_steps = 0  # steps since the stage began (its first step gathers importance)
         self._seen = self.class_task <= task.index  # classes seen so far (misclassification argmax)
@@ -223,14 +220,11 @@ class SparCL(MaskedTraining):
         self._batches = self._batch + math.ceil(rest.shape[0] / self.ctx.batch_size)
         return rest
 
-    @torch.compiler.disable  # under --compile: runs eagerly after the compiled forward
-    def _count_misclassified(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        """Forward hook: the first training forward of a step holds the current batch first."""
-        if self._capture is None or not isinstance(out, torch.Tensor):
-            return
-        index, y = self._capture
-        self._capture = None
-        logits = out[: y.shape[0]].detach().masked_fill(~self._seen, float("-inf"))
+    def _count_misclassified(self, step: StepOutputs) -> None:
+        """One visit of each example of the step's batch, and whether its training-forward logits
+        (argmax over the classes seen so far) got it wrong."""
+        index, y = step.batch.index, step.batch.y
+        logits = step.current.detach().masked_fill(~self._seen, float("-inf"))
         self._wrong.index_add_(0, index, (logits.argmax(1) != y).int())
         self._visits.index_add_(0, index, torch.ones_like(index, dtype=torch.int32))
 
@@ -257,16 +251,24 @@ class SparCL(MaskedTraining):
     def _importance_read(self) -> bool:
         return importance_read(self.options, self._stage, self.n_stages)
 
+    def _gathers(self) -> bool:
+        """Whether this step's graph gives the importance gradients (every ``importance_every``-th
+        step of a stage, its first included, while something reads them)."""
+        return self._stage_steps % self.options.importance_every == 0 and self._importance_read()
+
     def before_backward(self, step: StepOutputs) -> None:
-        """On gathering steps, g_cur (single-head CE of the current logits) and g_buf (CE of the
-        buffer minibatch's logits) by backward passes through the step's own graph, which the
-        training backward then reuses. Charged as selection cost: one backward (every active
-        weight's gradient) of the forward rows each traverses."""
+        """DDR's misclassification count from the current batch's logits; on gathering steps g_cur
+        (single-head CE of the current logits) and g_buf (CE of the buffer minibatch's logits) by
+        backward passes through the step's own graph, which the training backward then reuses.
+        Charged as selection cost: one backward (every active weight's gradient) of the forward
+        rows each traverses."""
         super().before_backward(step)
-        if not self._gather:
+        if self.options.ddr:
+            self._count_misclassified(step)
+        if not self._gathers():
             return
         rows = step.current_rows
-        loss = F.cross_entropy(self.mask_logits(step.current, step.task_id), step.y)
+        loss = F.cross_entropy(self.mask_logits(step.current, step.batch.task_id), step.batch.y)
         self._gather_grads(self._g_cur, loss)
         self._n_cur += 1
         if step.buffer is not None:
@@ -333,12 +335,7 @@ class SparCL(MaskedTraining):
 
     # ------------------------------------------------------------------ training
     def observe(self, batch: Batch) -> torch.Tensor:
-        self._gather = self._stage_steps % self.options.importance_every == 0 and self._importance_read()
-        if self.options.ddr:
-            self._capture = (batch.index, batch.y)
         loss = super().observe(batch)
-        self._capture = None
-        self._gather = False
         self._steps += 1
         self._stage_steps += 1
         if self.options.dgm and self.options.dgm_interval and self._steps % self.options.dgm_interval == 0:

@@ -10,11 +10,9 @@ One SAM step on a loss ``L``:
    optimiser steps with that gradient (SGD, Adam, :class:`~sparsecl.optim.StochasticFrankWolfe`...).
 
 Use it with a closure (``sam.step(closure)`` runs both passes), or call :meth:`SAM.first_step` and
-:meth:`SAM.second_step` yourself, or let the ``phase`` pick: ``sam.step()`` without a closure does
-the ascent when ``phase == 'ascent'`` and the descent otherwise, flipping the phase each time, so a
-training step written as ``zero_grad(); loss.backward(); optimizer.step()`` runs unchanged twice.
-Both passes go through the model, so a forward hook that counts samples (the engine's) sees the
-second pass's samples too; SAM itself counts nothing.
+:meth:`SAM.second_step` yourself around your own backward passes (EsaCL does). Both passes go
+through the model, so a forward hook that counts samples (the engine's) sees the second pass's
+samples too; SAM itself counts nothing.
 
 Attributes other than SAM's own (``param_groups``, ``state``, ``register_step_post_hook``...)
 are the base optimiser's, so hooks registered through a :class:`SAM` run around the real update.
@@ -44,7 +42,6 @@ class SAM:
         self.base = base
         self.rho = float(rho)
         self.params = list(params) if params is not None else [p for g in base.param_groups for p in g["params"]]
-        self.phase = "ascent"
         self.last_eps_norm: torch.Tensor | None = None  # ||eps|| of the last ascent (a device scalar)
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -71,7 +68,6 @@ class SAM:
         self.last_eps_norm = norm * scale  # rho unless the gradient vanished (then 0)
         if zero_grad:
             self.base.zero_grad(set_to_none=True)
-        self.phase = "descent"
 
     @torch.no_grad()
     def restore_(self) -> None:
@@ -88,17 +84,10 @@ class SAM:
             raise RuntimeError("SAM.second_step called without first_step")
         self.restore_()
         self.base.step()
-        self.phase = "ascent"
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """With ``closure`` (zero_grad + forward + backward, returns the loss): the full two-pass step,
-        returning the loss at ``theta``. Without: one phase (see the module docstring)."""
-        if closure is None:
-            if self.phase == "ascent":
-                self.first_step()
-            else:
-                self.second_step()
-            return None
+    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The full two-pass step with ``closure`` (zero_grad + forward + backward, returns the
+        loss); returns the loss at ``theta``."""
         with torch.enable_grad():
             loss = closure()
         self.first_step()
