@@ -572,7 +572,7 @@ class Trainer:
         """Sparsity, capacity and memory footprint of the model as the last task left it."""
         s, method = self.state, self.method
         s["sparsity"] = sparsity_report(self.model, self.layers, method.masks, method.ownership,
-                                        policy=method.mask_policy)
+                                        policy=method.mask_scope)
         s["capacity"] = capacity_report(s["sparsity"], method.masks, method.ownership, stored=method.stored_masks())
         wd, gd = method.training_densities()  # EsaCL: dense while training, pruned after
         s["footprint"] = memory_footprint(

@@ -168,7 +168,7 @@ class ContinualMethod:
     # bytes, the memory footprint's mask term and capacity from them. None = dense / no isolation.
     masks: MaskSet | None = None
     ownership: TaskOwnership | None = None
-    mask_policy: str | None = None  # e.g. 'conv-linear', reported in result.json
+    mask_scope: str | None = None  # which layers the masks cover, e.g. "conv-linear" (result.json)
 
     def __init__(self, model: nn.Module, options: MethodOptions, ctx: MethodContext) -> None:
         self.model = model

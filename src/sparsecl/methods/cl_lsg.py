@@ -185,7 +185,7 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
             raise SparseCLError(f"target lists {len(o.target)} accuracies for {T} tasks")
         self.template = copy.deepcopy(model)  # the untrained full network (scratch targets)
         names = MaskPolicy("conv-linear", include_first=True, include_shortcuts=True).select(model)
-        self.mask_policy = "conv-linear+first+shortcuts (channel + kernel gates)"
+        self.mask_scope = "conv-linear+first+shortcuts (channel + kernel gates)"
         self.ownership = TaskOwnership(model, names)
         self.generator = torch.Generator(device=ctx.device)
         self.generator.manual_seed(int(torch.randint(0, 2**62, (1,))))  # from the run's seed

@@ -187,7 +187,7 @@ class ContinualDST(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
         self.growth = parse_growth_schedule(options.grow, ctx.stream.n_tasks)
-        self.mask_policy = "conv-linear+first+shortcuts"
+        self.mask_scope = "conv-linear+first+shortcuts"
         names = MaskPolicy("conv-linear", include_first=True, include_shortcuts=True).select(model)
         self.names = names
         self.ownership = TaskOwnership(model, names)

@@ -194,7 +194,7 @@ class EsaCLMixin:
         super().__init__(model, options, ctx)
         o: EsaCLOptions = options
         policy = o.mask_policy()
-        self.mask_policy = policy.describe()
+        self.mask_scope = policy.describe()
         self.layer_names = policy.select(model)
         params = dict(model.named_parameters())
         modules = dict(model.named_modules())

@@ -67,10 +67,10 @@ class MaskedTraining:
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
         policy = options.mask_policy()
-        self.mask_policy = policy.describe()
+        self.mask_scope = policy.describe()
         self.mask_names: list[str] = policy.select(model)
         if not self.mask_names:
-            raise SparseCLError(f"mask policy {self.mask_policy!r} selects no layer of this backbone "
+            raise SparseCLError(f"mask policy {self.mask_scope!r} selects no layer of this backbone "
                                 "(e.g. residual-3x3 needs a ResNet; use -o policy=conv-linear)")
         self.masks = None
 

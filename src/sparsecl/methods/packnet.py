@@ -58,7 +58,7 @@ class PackNet(TaskSubnetworks, ContinualMethod, sparse_kernels=True):
 
     def __init__(self, model, options, ctx) -> None:
         super().__init__(model, options, ctx)
-        self.mask_policy = "conv-linear+first+shortcuts"
+        self.mask_scope = "conv-linear+first+shortcuts"
         names = MaskPolicy("conv-linear", include_first=True, include_shortcuts=True).select(model)
         self.ownership = TaskOwnership(model, names)
         self.isolated = set(names)
