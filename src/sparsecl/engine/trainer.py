@@ -313,8 +313,8 @@ class RunInterrupted(KeyboardInterrupt):
 def check_device_options(cfg: RunConfig, device: torch.device) -> None:
     """One clear error for options this device (or the method) cannot run, before data is loaded."""
     if device.type != "cuda":
-        # torch 2.13's CPU kernels crash (heap corruption) in the backward of a channels_last
-        # strided 1x1 convolution with few input channels, e.g. a narrow ResNet's shortcut.
+        # --channels-last: torch 2.13's CPU kernels crash (heap corruption) in the backward of a
+        # channels_last strided 1x1 convolution with few input channels, e.g. a narrow ResNet's shortcut.
         for flag, on, what in (("--amp", cfg.amp, " (bf16 autocast)"), ("--channels-last", cfg.channels_last, ""),
                                ("--cuda-graph", cfg.cuda_graph, "")):
             if on:
