@@ -36,7 +36,7 @@ from sparsecl.sparse.accounting import capacity_report, sparsity_report
 from sparsecl.sparse.execution import SparseExecution
 from sparsecl.sparse.kernel_choice import KernelChoices
 from sparsecl.sparse.export import INFERENCE_HEAD, TASK_VIEWS, compact_task_views, method_task_views
-from sparsecl.sparse.flops import FlopCounter, LayerProfile, profile_layers
+from sparsecl.sparse.flops import FlopCounter, profile_layers
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_KEYS = ("task", "model", "method", "flops", "counter", "state", "rng")
@@ -168,8 +168,7 @@ class RunParts:
     """A run's method on its model, with the accounting its context carries (:func:`build_run`)."""
 
     method: ContinualMethod
-    layers: list[LayerProfile]  # the model's conv/linear layers, profiled before the method existed
-    flops: FlopCounter
+    flops: FlopCounter  # its ``layers``: the model's conv/linear layers, profiled before the method existed
     counter: SampleCounter
 
 
@@ -203,14 +202,13 @@ def build_run(cfg: RunConfig, stream: TaskStream, device: torch.device, augment:
         nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the BN submodules in place
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    layers = profile_layers(model, stream.input_shape)
-    flops = FlopCounter(layers, cfg.flop_convention)
+    flops = FlopCounter(profile_layers(model, stream.input_shape), cfg.flop_convention)
     counter = SampleCounter(model, flops)
     ctx = MethodContext(stream=stream, device=device, augment=augment, setting=cfg.setting,
                         batch_size=cfg.batch_size, epochs=cfg.epochs, flops=flops, count_samples=counter.add,
                         note_replay=counter.note_replay, cuda_graph=cfg.cuda_graph,
                         fused_optimizer=cfg.fused_optimizer, dist=dist)
-    return RunParts(cls(model, options, ctx), layers, flops, counter)
+    return RunParts(cls(model, options, ctx), flops, counter)
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -357,7 +355,7 @@ class Trainer:
         if cfg.cuda_graph:
             self.augment.prepare(self.device)
         parts = build_run(cfg, self.stream, self.device, self.augment, dist)
-        self.method, self.layers, self.flops, self.counter = parts.method, parts.layers, parts.flops, parts.counter
+        self.method, self.flops, self.counter = parts.method, parts.flops, parts.counter
         self.model = self.method.model
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
         self.execution = sparse_execution(cfg, self.method)  # after profiling: it bypasses module hooks
@@ -571,12 +569,12 @@ class Trainer:
     def _record_footprint(self) -> None:
         """Sparsity, capacity and memory footprint of the model as the last task left it."""
         s, method = self.state, self.method
-        s["sparsity"] = sparsity_report(self.model, self.layers, method.masks, method.ownership,
+        s["sparsity"] = sparsity_report(self.model, self.flops.layers, method.masks, method.ownership,
                                         policy=method.mask_scope)
         s["capacity"] = capacity_report(s["sparsity"], method.masks, method.ownership, stored=method.stored_masks())
         wd, gd = method.training_densities()  # EsaCL: dense while training, pruned after
         s["footprint"] = memory_footprint(
-            self.layers, self.model, max(s["max_step_samples"], 1), weight_density=wd, grad_density=gd,
+            self.flops.layers, self.model, max(s["max_step_samples"], 1), weight_density=wd, grad_density=gd,
             mask_bytes=s["sparsity"]["mask_bytes"] + s["sparsity"]["task_mask_bytes"],
             buffer_bytes=method.memory_bytes(),
         )
@@ -761,6 +759,7 @@ def resume(run_dir: str | Path, *, device: str | None = None, data_dir: str | No
             cfg.device = device
         if data_dir is not None:
             cfg.data_dir = data_dir
+
         def restored() -> Trainer:
             trainer = Trainer(cfg, run_dir, progress=progress, dist=dist, observers=observers)
             trainer.restore()
