@@ -327,3 +327,28 @@ def test_capabilities_are_class_keywords_and_distributed_ones_are_not_inherited(
     with pytest.raises(TypeError, match="declare supports_distributed as class keywords"):
         class Probed(ContinualMethod):
             supports_distributed = True
+
+
+def test_the_method_context_is_complete_when_the_method_is_built(tmp_path):
+    """A method may bind its masks in __init__: the FLOP and sample counters exist by then, and a
+    Trainer reads no checkpoint until restore() (a corrupt one fails there, in one line)."""
+    from sparsecl.engine.trainer import Trainer
+
+    seen = {}
+
+    class Probe(ContinualMethod):
+        name = "probe-ctx"
+
+        def __init__(self, model, options, ctx):
+            super().__init__(model, options, ctx)
+            seen["flops"], seen["count"] = ctx.flops, ctx.count_samples
+
+    METHODS.add(Probe.name, Probe)
+    try:
+        (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+        trainer = Trainer(cfg(method="probe-ctx", method_options={}), tmp_path)
+        assert seen["flops"] is trainer.flops and seen["count"] == trainer.counter.add
+        with pytest.raises(SparseCLError, match="cannot resume: .*unreadable"):
+            trainer.restore()
+    finally:
+        METHODS.remove(Probe.name)
