@@ -335,7 +335,10 @@ def test_reported_model_size_is_the_count_of_weights_in_use(lsg):
     rep = result["method"]
     model = method.model
     params = dict(model.named_parameters())
-    total = sum(params[n].numel() for n in method.ownership.names)
+    # the unit is the designed network (the run's tensors are 1.5x wider: max_width's reserve)
+    designed = build_model(model.backbone_name, model.input_shape, model.n_classes, task_classes=model.task_classes)
+    total = sum(dict(designed.named_parameters())[n].numel() for n in method.ownership.names)
+    assert total < sum(params[n].numel() for n in method.ownership.names)
     m = torch.load(run_dir / "checkpoint.pt", weights_only=True)["method"]
     for t, use in enumerate(m["use"]):
         count = sum(int(u.expand_as(params[n]).sum()) for n, u in use.items())
@@ -452,6 +455,38 @@ def test_scratch_and_grow_baselines(tmp_path):
     assert exported_task_il(tmp_path / "grow", tmp_path / "gr.pt", "csr") == R[-1]
 
 
+def test_a_run_that_never_needs_the_reserve_is_bit_identical_to_one_without(lsg, tmp_path):
+    result, _, method = lsg  # max_width 1.5 (the default)
+    for g in method.gates.groups:  # its growth never reached past the designed channels
+        assert not method.gates.channel_gate(g).on[method.gates.designed[g]:].any()
+    plain, _ = run(cfg(max_width=1.0), tmp_path / "plain")
+    assert plain["accuracy"] == result["accuracy"]
+    mine = {k: v for k, v in result["method"].items() if k != "total_channels"}
+    assert {k: v for k, v in plain["method"].items() if k != "total_channels"} == mine
+    assert plain["flops"]["train"] == result["flops"]["train"]
+    assert {n: v["flops"] for n, v in plain["flops"]["per_layer"].items()} == \
+        {n: v["flops"] for n, v in result["flops"]["per_layer"].items()}
+    assert result["model"]["width"] == 1.5 and plain["model"]["width"] == 1.0
+
+
+def test_growth_past_the_designed_network_adds_channels(tmp_path):
+    """The seed is the whole designed network, so every channel grown is a reserve channel."""
+    c = cfg(seed_fraction=1.0, lam=0.0, target=[0, 100, 0, 100, 100])
+    result, _ = run(c, tmp_path / "full")
+    rep = result["method"]
+    assert rep["channels_kept"][0] > 0 and rep["open_channels"][-1] > rep["designed_channels"]
+    assert rep["model_size"] > 1 and rep["size_total"][0] > 1
+    R = result["accuracy"]["task_il"]["matrix"]
+    assert all(R[4][j] == R[j][j] for j in range(5))  # the reserve leaves earlier tasks as they were
+    plain, _ = run(cfg(seed_fraction=1.0, lam=0.0, target=[0, 100, 0, 100, 100], max_width=1.0), tmp_path / "plain")
+    assert result["flops"]["per_task"][0] > plain["flops"]["per_task"][0]  # the grown reserve is computed
+    run_interrupted(c, tmp_path / "cut", at_task=2)
+    resumed, _ = resume(tmp_path / "cut")
+    assert resumed["accuracy"] == result["accuracy"] and resumed["method"] == rep
+    from export_check import exported_task_il
+    assert exported_task_il(tmp_path / "full", tmp_path / "m.pt") == R[-1]
+
+
 def test_export_reproduces_every_tasks_accuracy(lsg, tmp_path):
     from export_check import exported_task_il
 
@@ -468,6 +503,7 @@ def test_export_reproduces_every_tasks_accuracy(lsg, tmp_path):
     ("cl-lsg", {"val_fraction": 1.0}, "task-il", 2, "val_fraction"),
     ("cl-lsg", {"gate_reach": 0}, "task-il", 2, "gate_reach"),
     ("cl-lsg", {"growth": "sometimes"}, "task-il", 2, "unknown growth"),
+    ("cl-lsg", {"max_width": 0.5}, "task-il", 2, "max_width must be >= 1"),
     ("cl-lsg", {"optimizer": "adam"}, "task-il", 2, "sgd"),
     ("cl-lsg", {}, "task-il", 1, ">= 2 epochs"),
     ("cl-lsg", {}, "class-il", 2, "supports only task-il"),

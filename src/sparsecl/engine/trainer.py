@@ -33,6 +33,7 @@ from sparsecl.methods import METHODS, Batch, ContinualMethod, MethodContext
 from sparsecl.metrics.efficiency import memory_footprint, peak_memory_bytes, reset_peak_memory
 from sparsecl.models import build_model
 from sparsecl.sparse.accounting import capacity_report, sparsity_report
+from sparsecl.sparse.capacity import widen_
 from sparsecl.sparse.execution import SparseExecution
 from sparsecl.sparse.kernel_choice import KernelChoices
 from sparsecl.sparse.export import INFERENCE_HEAD, TASK_VIEWS, compact_task_views, method_task_views
@@ -197,7 +198,10 @@ def build_run(cfg: RunConfig, stream: TaskStream, device: torch.device, augment:
     model = build_model(
         cfg.backbone or stream.default_backbone, stream.input_shape, stream.n_classes,
         task_classes=task_classes, **cfg.backbone_options,
-    ).to(device)
+    )
+    if options.model_width != 1:  # reserve channels past the designed network (CL-LSG)
+        widen_(model, options.model_width, seed=cfg.seed)
+    model = model.to(device)
     if dist is not None and cfg.sync_bn:
         nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the BN submodules in place
     if cfg.channels_last:
@@ -690,6 +694,7 @@ class Trainer:
         """What rebuilds the model (the export's spec)."""
         return {"backbone": getattr(self.model, "backbone_name", self.cfg.backbone),
                 "backbone_options": dict(self.cfg.backbone_options),
+                "width": self.method.options.model_width,
                 "input_shape": list(self.stream.input_shape), "n_classes": self.stream.n_classes,
                 "task_classes": getattr(self.model, "task_classes", None)}
 

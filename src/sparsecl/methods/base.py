@@ -51,6 +51,12 @@ class MethodOptions:
         if self.momentum < 0 or self.weight_decay < 0:
             raise SparseCLError("momentum and weight_decay must be >= 0")
 
+    @property
+    def model_width(self) -> float:
+        """Width the engine allocates the backbone's layers at, relative to their designed width
+        (:func:`sparsecl.sparse.capacity.widen_`; 1 = as designed; CL-LSG grows past it)."""
+        return 1.0
+
 
 @dataclass
 class Batch:

@@ -63,15 +63,20 @@ backbone (conv + linear weights; heads, biases and BN excluded, identical for ev
 (share of old kernels that are released, i.e. free for this task to retrain) and ``released_kept``
 (share of those this task keeps); ``stage1_accuracy`` (validation) and ``target``.
 
-Model size cannot exceed the full network here: the weight tensors are allocated at full size
-when the model is built and the gates only choose among them (docs/results/cl-lsg.md says why).
+Model size past the full network (``max_width``, default 1.5; the paper reaches 1.5x): the engine
+allocates every gated layer at ``max_width`` times its designed width
+(:func:`~sparsecl.sparse.capacity.widen_`; the designed network keeps its exact initial weights),
+the full network is the starting capacity, and a channel group's reserve channels become growable
+only once all its designed channels are open. Until then its layers compute their designed
+channels only, so a run that never needs the reserve is bit-identical to ``max_width: 1`` (the
+FLOP counter is told the computed share, :meth:`~sparsecl.sparse.gates.GateSet.densities`).
+Model size stays relative to the designed (full) network, so it can exceed 1.
 
 Ablations (paper Table 8) as options: ``selective`` (off = reuse earlier weights whole),
 ``attentive`` (off = grow whole channels, no kernel sparsity), ``retrain_released``.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -82,9 +87,9 @@ from sparsecl import SparseCLError
 from sparsecl.data.stream import Task
 from sparsecl.methods.base import TASK_IL, Batch, ContinualMethod, MethodOptions, TaskSubnetworks, register_method
 from sparsecl.methods.scratch import TaskValidation, task_il_accuracy, task_target
+from sparsecl.sparse.capacity import backbone_weights, narrow
 from sparsecl.sparse.gates import GateSet, reach_scale
 from sparsecl.sparse.ownership import FrozenGuard, TaskOwnership
-from sparsecl.sparse.policy import MaskPolicy
 
 GROWTH = ("target", "always", "never")
 # Per-task entries of report() (and the checkpoint), in the order the docs explain them.
@@ -130,6 +135,11 @@ class CLLSGOptions(MethodOptions):
     kernel_init: float = 3.0  # initial logit of learnable kernel gates (open w.p. sigmoid(3) = 0.95)
     gate_reach: float = 0.25  # a kernel gate can cross from kernel_init to 0 in this share of a stage
     grow_init: float = 0.0  # initial s of growing channels (at the threshold)
+    max_width: float = 1.5  # allocated channels per layer / designed (reserve grows past 1x)
+
+    @property
+    def model_width(self) -> float:
+        return self.max_width
 
     def validate(self) -> None:
         super().validate()
@@ -147,6 +157,9 @@ class CLLSGOptions(MethodOptions):
             raise SparseCLError(f"gate_reach must be in (0, 1], got {self.gate_reach}")
         if self.growth not in GROWTH:
             raise SparseCLError(f"unknown growth {self.growth!r} (known: {', '.join(GROWTH)})")
+        if not self.max_width >= 1:
+            raise SparseCLError(f"max_width must be >= 1 (the designed network is the starting capacity), "
+                                f"got {self.max_width}")
         if not self.beta_max >= 1 or not self.temperature > 0:
             raise SparseCLError(f"beta_max must be >= 1 and temperature > 0, got {self.beta_max}, {self.temperature}")
         self.target = parse_target(self.target)
@@ -183,8 +196,8 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
         T = ctx.stream.n_tasks
         if isinstance(o.target, list) and len(o.target) != T:
             raise SparseCLError(f"target lists {len(o.target)} accuracies for {T} tasks")
-        self.template = copy.deepcopy(model)  # the untrained full network (scratch targets)
-        names = MaskPolicy("conv-linear", include_first=True, include_shortcuts=True).select(model)
+        self.template = narrow(model)  # the untrained full network (scratch targets, model size)
+        names = backbone_weights(model)
         self.mask_scope = "conv-linear+first+shortcuts (channel + kernel gates)"
         self.ownership = TaskOwnership(model, names)
         self.generator = torch.Generator(device=ctx.device)
@@ -192,13 +205,14 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
         self.scratch_generator = torch.Generator()
         self.scratch_generator.manual_seed(int(torch.randint(0, 2**62, (1,))))
         self.gates = GateSet(model, names, self.generator, temperature=o.temperature,
-                             kernel_init=o.kernel_init, channel_init=o.grow_init)
-        for g in self.gates.groups:  # the seed network: the first 1/8 of each layer's channels
-            on = self.gates.channel_gate(g).on
-            on[: max(1, math.ceil(on.numel() * o.seed_fraction))] = True
+                             kernel_init=o.kernel_init, channel_init=o.grow_init, designed=model.allocation)
+        for g in self.gates.groups:  # the seed network: the first 1/8 of each layer's designed channels
+            self.gates.channel_gate(g).on[: max(1, math.ceil(self.gates.designed[g] * o.seed_fraction))] = True
+        self._gates_changed()
         params = dict(model.named_parameters())
         self.split_task_heads(model, names)
-        self.total_weights = sum(params[n].numel() for n in names)
+        full = dict(self.template.named_parameters())
+        self.total_weights = sum(full[n].numel() for n in names)
         self.kernel_numel = {n: params[n][0, 0].numel() for n in names}
         # Per finished task: in-use kernels, open channels, shared-tensor snapshot, bookkeeping.
         self.use: list[dict[str, torch.Tensor]] = []
@@ -290,11 +304,15 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
         self.channel_optimizer = None
         if self._plan[0][0] == GROW_ONLY:
             self._start_growth()
+        self._gates_changed()
 
     def _start_growth(self) -> None:
-        for g in self.gates.groups:
-            self.gates.channel_gate(g).start_growth_()
+        for g in self.gates.groups:  # the reserve only once the designed channels are all open
+            gate, d = self.gates.channel_gate(g), self.gates.designed[g]
+            allowed = torch.arange(gate.on.numel(), device=gate.on.device) < d
+            gate.start_growth_(allowed | bool(gate.on[:d].all()))
         self._growing = {g: self.gates.channel_gate(g).learn.clone() for g in self.gates.groups}
+        self._gates_changed()
         self.channel_optimizer = torch.optim.Adam(list(self.gates.channel.parameters()), lr=self.options.mask_lr)
         self._step = 0
 
@@ -352,6 +370,7 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
         kept = 0
         for g in self.gates.groups:
             kept += int(self.gates.channel_gate(g).binarise_().sum())
+        self._gates_changed()
         on = self.gates.channels_on()
         use: dict[str, torch.Tensor] = {}
         params = dict(self.model.named_parameters())
@@ -361,7 +380,7 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
         for n in self.ownership.names:
             mine = use[n].expand_as(params[n]) & self.ownership.free(n)
             self.ownership.assign_(n, mine, t)
-        self.stats["size_total"].append(self.ownership.used_fraction())
+        self.stats["size_total"].append(self.ownership.n_used() / self.total_weights)
         self._guard.unhook()
         self.channel_optimizer = None
         self.use.append(use)
@@ -406,6 +425,16 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
 
     def _views_active(self, active: bool) -> None:
         self.gates.train(not active)
+        if not active:  # the live gates are back
+            self._gates_changed()
+
+    def _gates_changed(self) -> None:
+        """After the channel gates changed: which channels the layers compute, and the FLOP
+        counter's share of each layer (only a model with a reserve has anything to tell)."""
+        self.gates.refresh_active()
+        if self.model.allocation:
+            for n, d in self.gates.densities().items():
+                self.ctx.flops.set_density(n, d)
 
     @torch.no_grad()
     def _use_task(self, j: int) -> None:
@@ -427,6 +456,7 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
         state = self._shared_state()
         for n in self.shared_names:
             state[n].copy_(shared[n])
+        self._gates_changed()
         self._view = j
 
     def _view_state(self) -> dict[str, torch.Tensor]:
@@ -446,6 +476,7 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
             "target": [nan(v) for v in self.targets] if self.targets else self.options.target,
             "decided_on": f"validation ({self.options.val_fraction:g} of each task's training data)",
             "open_channels": [sum(int(c[g].sum()) for g in c) for c in self.channels],
+            "designed_channels": sum(self.gates.designed.values()),
             "total_channels": sum(self.gates.channel_gate(g).on.numel() for g in self.gates.groups),
         }
 
@@ -474,3 +505,4 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
         self.snapshots = [{n: v.to(dev) for n, v in s.items()} for s in state["snapshots"]]
         self.targets = [float(v) for v in state["targets"]]
         self.stats = {k: [float(v) for v in state["stats"][k]] for k in STATS}
+        self._gates_changed()

@@ -58,6 +58,8 @@ class ContinualNet(nn.Module):
         feature_dim: width of the feature vector.
         n_classes: size of the global label space; ``forward`` returns ``[B, n_classes]``.
         task_classes: the classes of each task for a multi-head model, else ``None``.
+        allocation: the designed output width of each backbone layer (layer name -> channels) when
+            reserve channels were added past it (:func:`sparsecl.sparse.capacity.widen_`), else empty.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class ContinualNet(nn.Module):
         self.task_classes = task_classes
         self.backbone_name = backbone_name
         self.input_shape = tuple(input_shape)
+        self.allocation: dict[str, int] = {}
 
     @property
     def multi_head(self) -> bool:

@@ -35,6 +35,7 @@ from torch import nn
 from sparsecl import SparseCLError
 from sparsecl.config import first_difference, run_identity
 from sparsecl.models.heads import NearestMeanClassifier
+from sparsecl.sparse.capacity import widen_
 from sparsecl.sparse.execution import SparseExecution
 from sparsecl.sparse.kernel_choice import KernelChoices
 from sparsecl.sparse.masks import MaskSet
@@ -289,8 +290,11 @@ def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
     """An untrained model of the architecture described by a ``model`` spec (result.json/export)."""
     from sparsecl.models import build_model
 
-    return build_model(spec["backbone"], tuple(spec["input_shape"]), int(spec["n_classes"]),
-                       task_classes=spec.get("task_classes"), **(spec.get("backbone_options") or {}))
+    model = build_model(spec["backbone"], tuple(spec["input_shape"]), int(spec["n_classes"]),
+                        task_classes=spec.get("task_classes"), **(spec.get("backbone_options") or {}))
+    if spec.get("width", 1) != 1:  # the run allocated reserve channels (CL-LSG's max_width)
+        widen_(model, spec["width"], seed=0)  # the loaded weights replace the reserve's draws
+    return model
 
 
 def default_export_path(run_dir: str | Path, fmt: str) -> Path:
@@ -323,7 +327,8 @@ def build_export(run_dir: str | Path, fmt: str = "pt") -> tuple[dict[str, Any], 
     report["structure_from"] = "masks" if from_masks else "nonzero weights (run has no masks)"
     payload = {
         "format": FORMAT, "version": VERSION, "encoding": ENCODINGS[fmt],
-        "model": {k: spec[k] for k in ("backbone", "backbone_options", "input_shape", "n_classes", "task_classes")},
+        "model": {**{k: spec[k] for k in ("backbone", "backbone_options", "input_shape", "n_classes", "task_classes")},
+                  "width": spec.get("width", 1)},
         "dense": dense, "sparse": sparse,
         "config": json.dumps(result.get("config", {})),
         "sizes": {k: v for k, v in report.items() if isinstance(v, (int, float, str))},

@@ -130,8 +130,11 @@ class KernelGate(nn.Module):
     def logit(self) -> torch.Tensor:
         return self.scale * self.score
 
-    def forward(self) -> torch.Tensor:
-        logit = self.logit()
+    def forward(self, rows: int | None = None, cols: int | None = None) -> torch.Tensor:
+        """The gate, or its ``[:rows, :cols]`` corner (noise drawn for the corner only)."""
+        logit, learn, value = self.logit(), self.learn, self.value
+        if rows is not None:
+            logit, learn, value = logit[:rows, :cols], learn[:rows, :cols], value[:rows, :cols]
         if self.training:
             u = torch.rand(logit.shape, generator=self.generator, device=logit.device)
             u = u.clamp_(1e-6, 1 - 1e-6)
@@ -141,7 +144,7 @@ class KernelGate(nn.Module):
             p = torch.sigmoid(logit / self.temperature)
         hard = (p > 0.5).to(p.dtype)
         st = hard + (p - p.detach())  # forward exactly 0/1, backward d hard / d p := 1
-        return torch.where(self.learn, st, self.value)
+        return torch.where(learn, st, value)
 
     @torch.no_grad()
     def configure_(self, learn: torch.Tensor, value: torch.Tensor, scale: float = 1.0) -> None:
@@ -240,10 +243,17 @@ class GateSet:
         temperature: Gumbel-sigmoid temperature.
         kernel_init: initial logit of learnable kernel gates.
         channel_init: initial ``s`` of growing channels.
+        designed: the designed output width of layers that have reserve channels past it
+            (``model.allocation``, :func:`sparsecl.sparse.capacity.widen_`).
+
+    Reserve channels are computed only when used: while no reserve channel of a group is open or
+    learning, its layers compute their designed channels alone (the rest of the output is zero,
+    and readers skip it), exactly as the network without a reserve (:meth:`refresh_active`).
     """
 
     def __init__(self, model: nn.Module, names: list[str], generator: torch.Generator, *,
-                 temperature: float = 1.0, kernel_init: float = 3.0, channel_init: float = 0.0) -> None:
+                 temperature: float = 1.0, kernel_init: float = 3.0, channel_init: float = 0.0,
+                 designed: dict[str, int] | None = None) -> None:
         modules = dict(model.named_modules())
         params = dict(model.named_parameters())
         self.names = list(names)
@@ -255,6 +265,9 @@ class GateSet:
         self.groups = list(dict.fromkeys(self.group.values()))
         device = params[names[0]].device
         widths = {g: params[g + ".weight"].shape[0] for g in self.groups}
+        self.width = widths
+        self.designed = {g: (designed or {}).get(g, widths[g]) for g in self.groups}
+        self.active = dict(widths)  # channels of each group the layers compute (refresh_active)
         self.channel = nn.ModuleDict({_key(g): ChannelGate(widths[g], channel_init) for g in self.groups}).to(device)
         self.kernel = nn.ModuleDict({
             _key(self.layers[n]): KernelGate(kernel_shape(params[n].shape), generator, temperature, kernel_init)
@@ -268,7 +281,13 @@ class GateSet:
         self._originals: list[tuple[nn.Module, Any]] = []
         self._handles: list[Any] = []
         for n in names:
-            self._attach_kernel(modules[self.layers[n]], self.kernel[_key(self.layers[n])])
+            self._attach_kernel(modules[self.layers[n]], self.layers[n])
+        self.final = self.group[self.layers[names[-1]]]  # the group the heads read
+        self.heads = {f"{n}.weight": m for n, m in modules.items()
+                      if (n == "head" or n.startswith("head.")) and isinstance(m, nn.Linear)}
+        if self.designed != widths:
+            for h in self.heads.values():
+                self._attach_reader(h)
         units: dict[str, str] = {}
         for n in names:
             units[self.unit[self.layers[n]]] = self.group[self.layers[n]]
@@ -278,15 +297,29 @@ class GateSet:
             self._handles.append(modules[u].register_forward_hook(_channel_hook(gate)))
 
     # ----------------------------------------------------------------- attaching
-    def _attach_kernel(self, module: nn.Module, gate: KernelGate) -> None:
+    def _attach_kernel(self, module: nn.Module, layer: str) -> None:
+        gate = self.kernel[_key(layer)]
+        conv = not isinstance(module, nn.Linear)
+
+        def forward(self_: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            rows, cols = self.prefix(layer)
+            w = self_.weight[:rows, :cols] * gate(rows, cols)
+            b = None if self_.bias is None else self_.bias[:rows]
+            x = x[:, :cols] if conv else x[..., :cols]
+            y = self_._conv_forward(x, w, b) if conv else F.linear(x, w, b)
+            return _pad_channels(y, self_.weight.shape[0] - rows)
+
         self._originals.append((module, module.__dict__.get("forward")))
-        if isinstance(module, nn.Linear):
-            def forward(self_: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-                return F.linear(x, self_.weight * gate(), self_.bias)
-        else:
-            def forward(self_: nn.Module, x: torch.Tensor) -> torch.Tensor:
-                return self_._conv_forward(x, self_.weight * gate(), self_.bias)
         module.forward = types.MethodType(forward, module)
+
+    def _attach_reader(self, head: nn.Linear) -> None:
+        """A head reads only the computed prefix of the features."""
+        def forward(self_: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+            cols = self.features()
+            return F.linear(x[..., :cols], self_.weight[:, :cols], self_.bias)
+
+        self._originals.append((head, head.__dict__.get("forward")))
+        head.forward = types.MethodType(forward, head)
 
     def detach(self) -> None:
         """Remove the gates from the model (plain layers again)."""
@@ -318,6 +351,37 @@ class GateSet:
                 if key in out:
                     t = out[key]
                     out[key] = t * on.view(-1, *([1] * (t.dim() - 1)))
+        return out
+
+    # --------------------------------------------------------------- reserve
+    def refresh_active(self) -> None:
+        """Compute a group's reserve channels only while one of them is open or learning (call
+        after the channel gates' ``on``/``learn`` change)."""
+        for g in self.groups:
+            gate, d = self.channel_gate(g), self.designed[g]
+            self.active[g] = self.width[g] if bool((gate.on[d:] | gate.learn[d:]).any()) else d
+
+    def prefix(self, layer: str) -> tuple[int, int]:
+        """``(rows, cols)`` of the layer's weight that its forward computes with now."""
+        rows = self.active[self.group[layer]]
+        cols = self.kernel[_key(layer)].score.shape[1]
+        s = self.source[layer]
+        return rows, cols if s is None else cols // self.width[s] * self.active[s]
+
+    def features(self) -> int:
+        """Number of the feature vector's entries the heads read now (the computed prefix)."""
+        cols = next(iter(self.heads.values())).weight.shape[1] if self.heads else 0
+        return cols // self.width[self.final] * self.active[self.final]
+
+    def densities(self) -> dict[str, float]:
+        """Share of each gated weight (and head weight) computed now, for the FLOP counter."""
+        out = {}
+        for n, layer in self.layers.items():
+            rows, cols = self.prefix(layer)
+            shape = self.kernel[_key(layer)].score.shape
+            out[n] = rows * cols / (shape[0] * shape[1])
+        for n, h in self.heads.items():
+            out[n] = self.features() / h.weight.shape[1]
         return out
 
     # ------------------------------------------------------------------- access
@@ -368,6 +432,11 @@ class GateSet:
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
+
+
+def _pad_channels(y: torch.Tensor, n: int) -> torch.Tensor:
+    """``y`` with ``n`` zero channels appended (dim 1)."""
+    return y if n == 0 else F.pad(y, [0, 0] * (y.dim() - 2) + [0, n])
 
 
 def _channel_hook(gate: ChannelGate):

@@ -75,11 +75,14 @@ class TaskOwnership:
         """Fraction of each parameter owned by some task (one host sync per parameter)."""
         return {n: float((o != FREE).float().mean()) for n, o in self.owner.items()}
 
+    def n_used(self) -> int:
+        """Number of weights under isolation that some task owns."""
+        return sum(int((o != FREE).sum()) for o in self.owner.values())
+
     def used_fraction(self) -> float:
         """Fraction of all weights under isolation that some task owns (the capacity used)."""
         total = sum(o.numel() for o in self.owner.values())
-        used = sum(int((o != FREE).sum()) for o in self.owner.values())
-        return used / total if total else 0.0
+        return self.n_used() / total if total else 0.0
 
     def task_mask_bytes(self) -> int:
         """Bytes to store one packed bitmask per task and parameter (what per-task masks cost)."""
