@@ -455,7 +455,7 @@ def test_scratch_and_grow_baselines(tmp_path):
     assert exported_task_il(tmp_path / "grow", tmp_path / "gr.pt", "csr") == R[-1]
 
 
-def test_a_run_that_never_needs_the_reserve_is_bit_identical_to_one_without(lsg, tmp_path):
+def test_a_digits_run_that_never_needs_the_reserve_is_the_run_without_it(lsg, tmp_path):
     result, _, method = lsg  # max_width 1.5 (the default)
     for g in method.gates.groups:  # its growth never reached past the designed channels
         assert not method.gates.channel_gate(g).on[method.gates.designed[g]:].any()

@@ -68,8 +68,11 @@ allocates every gated layer at ``max_width`` times its designed width
 (:func:`~sparsecl.sparse.capacity.widen_`; the designed network keeps its exact initial weights),
 the full network is the starting capacity, and a channel group's reserve channels become growable
 only once all its designed channels are open. Until then its layers compute their designed
-channels only, so a run that never needs the reserve is bit-identical to ``max_width: 1`` (the
-FLOP counter is told the computed share, :meth:`~sparsecl.sparse.gates.GateSet.densities`).
+channels only: each forward and backward is bit for bit that of ``max_width: 1``, and so are the
+FLOPs (the counter is told the computed share, :meth:`~sparsecl.sparse.gates.GateSet.densities`).
+The optimisers' elementwise updates over the wider tensors can round a few entries differently
+(which entries fall to a vectorised or a scalar loop depends on the tensor's size), so over
+thousands of steps such a run drifts from ``max_width: 1`` at float-rounding level.
 Model size stays relative to the designed (full) network, so it can exceed 1.
 
 Ablations (paper Table 8) as options: ``selective`` (off = reuse earlier weights whole),

@@ -4,8 +4,9 @@
 :func:`widen_` gives every conv/linear layer of the backbone (stem and shortcuts included) more
 output channels, the layers that read them more input channels, their BatchNorms and the heads'
 inputs too. The network as designed keeps its exact initial weights (the reserve is appended,
-drawn from its own seeded generator, leaving the global RNG untouched), so a run whose growth
-never reaches the reserve trains the same network as without it. The designed widths are kept in
+drawn from its own seeded generator, leaving the global RNG untouched). While no reserve channel is
+open, the gated layers compute the designed network's forward and backward bit for bit
+(:class:`~sparsecl.sparse.gates.GateSet`). The designed widths are kept in
 ``model.allocation`` (layer name -> output channels); :func:`narrow` gives back the designed
 network alone (e.g. CL-LSG's scratch template, model size's unit).
 

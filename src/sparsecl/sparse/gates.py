@@ -248,7 +248,7 @@ class GateSet:
 
     Reserve channels are computed only when used: while no reserve channel of a group is open or
     learning, its layers compute their designed channels alone (the rest of the output is zero,
-    and readers skip it), exactly as the network without a reserve (:meth:`refresh_active`).
+    and readers skip it), bit for bit the network without a reserve (:meth:`refresh_active`).
     """
 
     def __init__(self, model: nn.Module, names: list[str], generator: torch.Generator, *,
