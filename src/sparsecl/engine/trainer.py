@@ -215,6 +215,16 @@ def build_run(cfg: RunConfig, stream: TaskStream, device: torch.device, augment:
     return RunParts(cls(model, options, ctx), flops, counter)
 
 
+def _check_shapes(mine: dict[str, torch.Tensor], saved: Any) -> None:
+    """Name the first model tensor whose saved shape differs from the one this run builds (a
+    checkpoint of other model options, or of a version that built the model otherwise)."""
+    for key, t in mine.items():
+        other = saved.get(key) if isinstance(saved, dict) else None
+        if isinstance(other, torch.Tensor) and other.shape != t.shape:
+            raise ValueError(f"its {key} is {tuple(other.shape)}, this run builds {tuple(t.shape)}: "
+                             f"written with other model options or by another sparsecl version")
+
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -618,6 +628,7 @@ class Trainer:
         ckpt = self._read_checkpoint()
         path = self.run_dir / CHECKPOINT
         try:
+            _check_shapes(self.model.state_dict(), ckpt["model"])
             self.model.load_state_dict(ckpt["model"])
             self.method.restore(ckpt["method"], int(ckpt["task"]))
             self.flops.load_state_dict(ckpt["flops"])
