@@ -86,3 +86,25 @@ def test_an_open_reserve_channel_is_computed():
     gates.train(False)
     model(torch.randn(4, 1, 28, 28))
     assert h["y"][:, gates.designed[g]].abs().sum() > 0  # its output is there, the next layer reads it
+
+
+def test_a_single_head_model_widens_and_narrows_back():
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 28, 28), 10)  # one Class-IL head
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    widen_(model, 2.0, seed=0)
+    assert model.head.in_features == model.feature_dim == 200
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    back = narrow(model).state_dict()
+    assert all(torch.equal(back[k], v) for k, v in plain.items())
+
+
+def test_widening_is_refused_below_the_designed_width_and_twice():
+    from sparsecl import SparseCLError
+
+    model = _model("mlp", (1, 28, 28), {})
+    with pytest.raises(SparseCLError, match="at least"):
+        widen_(model, 0.5, seed=0)
+    widen_(model, 1.5, seed=0)
+    with pytest.raises(SparseCLError, match="widened already"):
+        widen_(model, 1.5, seed=0)

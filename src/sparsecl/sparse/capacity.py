@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from sparsecl import SparseCLError
-from sparsecl.models import ContinualNet
+from sparsecl.models import ContinualNet, MultiHead
 from sparsecl.sparse.gates import layer_graph
 from sparsecl.sparse.policy import MaskPolicy
 
@@ -85,10 +85,10 @@ def _resize_(model: ContinualNet, widths: dict[str, int], seed: int | None) -> N
         last = group[names[-1][: -len(".weight")]]
         per_channel = model.feature_dim // old[last]
         features = widths[last] * per_channel
-        heads = model.head.heads if hasattr(model.head, "heads") else [model.head]
-        for head in heads:
+        multi = isinstance(model.head, MultiHead)
+        for head in model.head.heads if multi else [model.head]:
             _resize_layer_(head, head.weight.shape[0], features)
-    if hasattr(model.head, "in_features"):
+    if multi:
         model.head.in_features = features
     model.feature_dim = model.backbone.feature_dim = features
 
