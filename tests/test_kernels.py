@@ -308,6 +308,12 @@ def test_weight_grad_positions_are_read_at_backward_and_cached():
     assert index.wgrad_tables(geom)[1] is not tables
     index.set_weight_grad(subset.clone())     # an equal tensor finds the cached tables
     assert index.wgrad_tables(geom)[1] is tables
+    live = subset.clone()
+    index.set_weight_grad(live)
+    assert index.wgrad_tables(geom)[1] is tables
+    live[0] = ~live[0]                        # written in place after use: seen at the next backward
+    assert index.wgrad_tables(geom)[1] is not tables
+    assert index.wgrad_tables(geom)[0].flat.numel() == int(live.sum())
 
 
 def _run_layer(threads):

@@ -127,10 +127,11 @@ def batch_norm_relu(bn: nn.modules.batchnorm._BatchNorm, yp: torch.Tensor, frame
                                    residual)
 
 
-def dense_pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """An unmasked 1x1 convolution of a batch-last tensor as one matrix product."""
+def dense_pointwise(conv: nn.Conv2d, x: torch.Tensor, *, sampled: bool = False) -> torch.Tensor:
+    """An unmasked 1x1 convolution of a batch-last tensor as one matrix product (``sampled``: ``x``
+    is already the input at the convolution's stride)."""
     s = conv.stride
-    if s != (1, 1):
+    if s != (1, 1) and not sampled:
         x = x[:, :: s[0], :: s[1]]
     c, h, w, n = x.shape
     y = torch.matmul(conv.weight.view(conv.out_channels, c), x.reshape(c, -1)).view(-1, h, w, n)
@@ -291,7 +292,7 @@ def _resnet18(ex: SparseExecution, net: ResNet18, x: torch.Tensor, masks: MaskSe
     for i, block in enumerate(blocks):
         following = blocks[i + 1].conv1.padding if i + 1 < len(blocks) else (0, 0)
         a, frame = _basic_block(ex, block, a, frame, masks, following)
-    return frame.values(a).mean(dim=(1, 2)).t()
+    return kernels.frame_values(a, frame).mean(dim=(1, 2)).t()
 
 
 def _basic_block(ex: SparseExecution, block: BasicBlock, a: torch.Tensor, frame: kernels.Frame, masks: MaskSet,
@@ -301,7 +302,12 @@ def _basic_block(ex: SparseExecution, block: BasicBlock, a: torch.Tensor, frame:
     y, f = ex.layer(block.conv2).framed(*batch_norm_relu(block.bn1, y, f, block.conv2.padding), masks)
     residual = (a, frame)
     if len(block.shortcut):
-        r = batch_norm(block.shortcut[1], ex.conv(block.shortcut[0], frame.values(a), masks))
+        conv, bn = block.shortcut
+        if _is_pointwise(conv) and ex.layer(conv).name not in masks.masks:
+            r = dense_pointwise(conv, kernels.frame_values(a, frame, conv.stride), sampled=True)
+        else:
+            r = ex.conv(conv, kernels.frame_values(a, frame), masks)
+        r = batch_norm(bn, r)
         residual = (r, kernels.Frame.plain(r))
     return batch_norm_relu(block.bn2, y, f, following, residual)
 

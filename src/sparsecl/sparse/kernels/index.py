@@ -248,7 +248,8 @@ class SparseConvIndex:
         self._geometries: dict[tuple[int, int, int], Geometry] = {}
         self._row_geometries: dict[tuple[int, int, int], RowGeometry] = {}
         self._wgrad_positions: torch.Tensor | None = None
-        self._wgrad_cache: list[tuple[torch.Tensor, _Taps, dict]] = []
+        # (positions' copy, taps, tables per geometry, the tensor last given, its version then)
+        self._wgrad_cache: list[tuple[torch.Tensor, _Taps, dict, torch.Tensor, int]] = []
         self._mask_wgrad: tuple[_Taps, dict] = (self.taps, {})
 
     # ------------------------------------------------------------------ mask-only structure
@@ -379,11 +380,13 @@ class SparseConvIndex:
         pos = self._wgrad_positions
         if pos is None:
             return self._mask_wgrad
-        for i, (stored, taps, geoms) in enumerate(self._wgrad_cache):
-            if stored is pos or torch.equal(stored, pos):
-                self._wgrad_cache.insert(0, self._wgrad_cache.pop(i))
+        for i, (stored, taps, geoms, source, version) in enumerate(self._wgrad_cache):
+            # the tensor last seen, not written since (its version counter), is known without a compare
+            if (source is pos and version == pos._version) or torch.equal(stored, pos):
+                self._wgrad_cache.insert(0, (stored, taps, geoms, pos, pos._version))
+                del self._wgrad_cache[i + 1]
                 return taps, geoms
-        entry = (pos.clone(), _Taps(pos, self.groups), {})
+        entry = (pos.clone(), _Taps(pos, self.groups), {}, pos, pos._version)
         self._wgrad_cache = [entry] + self._wgrad_cache[: _MAX_WGRAD_CACHE - 1]
         return entry[1], entry[2]
 

@@ -25,6 +25,28 @@ def into_frame(x: torch.Tensor, frame: Frame) -> torch.Tensor:
     return out
 
 
+class _FrameValues(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, buf: torch.Tensor, frame: Frame, stride: tuple[int, int]) -> torch.Tensor:
+        ctx.frame, ctx.stride, ctx.shape = frame, stride, buf.shape
+        (sh, sw), f = stride, frame
+        return buf[:, f.top:f.top + f.H:sh, f.left:f.left + f.W:sw, :f.N].contiguous()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (sh, sw), f = ctx.stride, ctx.frame
+        out = g.new_zeros(ctx.shape)
+        out[:, f.top:f.top + f.H:sh, f.left:f.left + f.W:sw, :f.N] = g
+        return out, None, None
+
+
+def frame_values(buf: torch.Tensor, frame: Frame, stride: tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """The frame's values at every ``stride``-th row and column, as a contiguous ``[C, H', W', N]``
+    (a strided 1x1 shortcut's input). One autograd node, where slicing would be one per dimension,
+    each zero-filling and copying a whole buffer in the backward."""
+    return _FrameValues.apply(buf, frame, tuple(stride))
+
+
 def _unpad_batch(y: torch.Tensor, N: int) -> torch.Tensor:
     return y if y.shape[-1] == N else y[..., :N].contiguous()
 
