@@ -79,6 +79,32 @@ double channel_sum(int64_t H, int64_t W, int64_t N, F&& f) {
   return s;
 }
 
+// sums over the channel of g and g * (y - mu), g the ReLU-masked output gradient, in one pass.
+void grad_sums(const View& g, const View& o, const View& y, int64_t c, float mu, int64_t H, int64_t W, int64_t N,
+               double& gsum, double& dot) {
+  gsum = dot = 0;
+  for (int64_t h = 0; h < H; ++h) {
+    vf as = {}, ad = {};
+    float ts = 0, td = 0;
+    for (int64_t w = 0; w < W; ++w) {
+      const float *gi = g.at(c, h, w), *oi = o.at(c, h, w), *yi = y.at(c, h, w);
+      int64_t n = 0;
+      for (; n + kLanes <= N; n += kLanes) {
+        const vf gm = load(oi + n) > 0.f ? load(gi + n) : (vf){};
+        as += gm;
+        ad += gm * (load(yi + n) - mu);
+      }
+      for (; n < N; ++n) {
+        const float gm = oi[n] > 0.f ? gi[n] : 0.f;
+        ts += gm;
+        td += gm * (yi[n] - mu);
+      }
+    }
+    gsum += lanes_sum(as) + ts;
+    dot += lanes_sum(ad) + td;
+  }
+}
+
 }  // namespace
 
 void bn_relu_forward(torch::Tensor y, int64_t ytop, int64_t yleft, int64_t H, int64_t W, int64_t N,
@@ -160,27 +186,8 @@ void bn_relu_backward(torch::Tensor gout, torch::Tensor out, int64_t otop, int64
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const float mu = m[c];
-      // the ReLU's gradient: gout where the output is positive (the residual's gradient, too)
-      struct {
-        const View &g, &o;
-        int64_t c;
-        vf vec(int64_t h, int64_t w, int64_t n) const {
-          const vf a = load(o.at(c, h, w) + n);
-          return a > 0.f ? load(g.at(c, h, w) + n) : (vf){};
-        }
-        float one(int64_t h, int64_t w, int64_t n) const {
-          return o.at(c, h, w)[n] > 0.f ? g.at(c, h, w)[n] : 0.f;
-        }
-      } masked{vg, vo, c};
-      struct {
-        decltype(masked)& g;
-        const View& y;
-        int64_t c;
-        float mu;
-        vf vec(int64_t h, int64_t w, int64_t n) const { return g.vec(h, w, n) * (load(y.at(c, h, w) + n) - mu); }
-        float one(int64_t h, int64_t w, int64_t n) const { return g.one(h, w, n) * (y.at(c, h, w)[n] - mu); }
-      } centred{masked, vy, c, mu};
-      const double gsum = channel_sum(H, W, N, masked), dot = channel_sum(H, W, N, centred);
+      double gsum, dot;  // the ReLU's gradient: gout where the output is positive (the residual's, too)
+      grad_sums(vg, vo, vy, c, mu, H, W, N, gsum, dot);
       dg[c] = float(dot * is[c]);
       db[c] = float(gsum);
       const float scale = ga[c] * is[c];
