@@ -245,7 +245,7 @@ def test_batch_norm_relu_needs_batch_statistics_or_running_ones():
     with pytest.raises(SparseCLError):
         batch_norm_relu(y, Frame.plain(y), None, None, None, None, True, 0.1, 1e-5, (0, 0))    # 1 value per channel
     with pytest.raises(SparseCLError):
-        batch_norm_relu(y, Frame.plain(y), None, None, None, None, False, 0.1, 1e-5, (0, 0))   # nothing to normalise with
+        batch_norm_relu(y, Frame.plain(y), None, None, None, None, False, 0.1, 1e-5, (0, 0))   # no statistics at all
 
 
 def test_wide_batch_is_split_into_chunks():

@@ -84,7 +84,8 @@ class KernelLayer:
         op = kernels.sparse_linear if isinstance(m, nn.Linear) else kernels.sparse_conv2d
         return self._hooked(op(x, m.weight, self.index(masks), m.bias), masks)
 
-    def framed(self, xp: torch.Tensor, frame: kernels.Frame, masks: MaskSet | None) -> tuple[torch.Tensor, kernels.Frame]:
+    def framed(self, xp: torch.Tensor, frame: kernels.Frame,
+               masks: MaskSet | None) -> tuple[torch.Tensor, kernels.Frame]:
         """The (bias-free) convolution between frames, :func:`~sparsecl.sparse.kernels.framed_sparse_conv2d`."""
         if self.module.bias is not None:
             raise SparseCLError(f"sparse kernels: {self.name} has a bias; framed convolutions take none")

@@ -14,5 +14,5 @@ from sparsecl.sparse.kernels.index import LANES, Frame, SparseConvIndex
 from sparsecl.sparse.kernels.ops import (frame_values, framed_sparse_conv2d, into_frame, sparse_conv2d,
                                          sparse_linear)
 
-__all__ = ["LANES", "Frame", "SparseConvIndex", "batch_norm_relu", "frame_values", "framed_sparse_conv2d", "into_frame",
-           "kernels_available", "load_extension", "sparse_conv2d", "sparse_linear"]
+__all__ = ["LANES", "Frame", "SparseConvIndex", "batch_norm_relu", "frame_values", "framed_sparse_conv2d",
+           "into_frame", "kernels_available", "load_extension", "sparse_conv2d", "sparse_linear"]

@@ -170,7 +170,6 @@ class Geometry:
     OW: int
     Hp: int            # padded input (forward)
     Wp: int
-    gpad: tuple[int, int, int, int]   # output-gradient padding for the input gradient: top, left, OHp, OWp
     fwd: _Gather
     bwd: _Gather
     in_frame: Frame
@@ -286,9 +285,8 @@ class SparseConvIndex:
         line = line_length(Np)
         in_frame = Frame(H, W, N, ph, pw, Hp, Wp, Np)
         bwd, gpad = self._bwd_tables(H, W, OH, OW, Np, line, Frame(H, W, N, 0, 0, H, W, Np))
-        top, left, OHp, OWp = gpad
-        out_frame = Frame(OH, OW, N, top, left, OHp, OWp, Np)
-        return Geometry(H, W, N, Np, OH, OW, Hp, Wp, gpad,
+        out_frame = Frame(OH, OW, N, *gpad, Np)
+        return Geometry(H, W, N, Np, OH, OW, Hp, Wp,
                         self._fwd_tables(Hp, Wp, Np, line, Frame(OH, OW, N, 0, 0, OH, OW, Np)), bwd,
                         in_frame, out_frame, self._fwd_tables(Hp, Wp, Np, line, out_frame),
                         self._bwd_tables(H, W, OH, OW, Np, line, in_frame)[0])

@@ -138,7 +138,9 @@ class _FramedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xp: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex, g: Geometry) -> torch.Tensor:
         val = weight.detach().reshape(-1)[index.taps.flat].contiguous()
-        y = _gather(load_extension(), xp, val, g.framed_fwd, g.Np, g.out_frame.buffer_shape(index.OC))
+        ext, f = load_extension(), g.out_frame
+        y = _gather(ext, xp, val, g.framed_fwd, g.Np, f.buffer_shape(index.OC))
+        ext.zero_frame_border(y, f.top, f.left, f.H, f.W, f.N)
         ctx.index, ctx.geom, ctx.weight_shape = index, g, weight.shape
         ctx.save_for_backward(xp, val)
         return y
@@ -210,9 +212,9 @@ def framed_sparse_conv2d(xp: torch.Tensor, frame: Frame, weight: torch.Tensor,
     Returns:
         ``(yp, out_frame)``: the output in the frame that the input gradient reads the output gradient
         in, so the op producing that gradient (:func:`~sparsecl.sparse.kernels.batchnorm.batch_norm_relu`)
-        writes it there and nothing is padded in the backward. ``yp``'s border is not zeroed (no op
-        reads it); the gradient it receives must have a zero border. Same gradients as
-        :func:`sparse_conv2d`; the input gradient comes back in the input's frame.
+        writes it there and nothing is padded in the backward; the gradient ``yp`` receives must
+        have a zero border. Same gradients as :func:`sparse_conv2d`; the input gradient comes back
+        in the input's frame.
     """
     if index.linear:
         raise SparseCLError("sparse kernels: this index was built for a linear weight; use sparse_linear")
