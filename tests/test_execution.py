@@ -68,6 +68,9 @@ def test_network_on_kernels_equals_the_masked_dense_network(backbone):
         m = dm.masks.get(n, torch.ones_like(pd, dtype=torch.bool))
         assert close(ps.grad * m, pd.grad * m, 1e-3), n
         assert not bool(ps.grad[~m].any()), n  # no weight gradient outside the mask
+    with torch.no_grad():  # inference: a batch below the vector width (row kernels) and above it
+        for xi in (x, torch.randn(17, *NETS[backbone][0])):
+            assert close(sparse(xi), dense(xi))
     ex.remove()
     assert torch.equal(sparse(x), type(sparse).forward(sparse, x))
 

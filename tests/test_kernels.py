@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from sparsecl import SparseCLError
 from sparsecl.sparse.kernels import index as kernel_index
-from sparsecl.sparse.kernels import (SparseConvIndex, build, kernels_available, load_extension, relu_sparse_conv2d,
-                                     sparse_conv2d, sparse_linear)
+from sparsecl.sparse.kernels import (Frame, SparseConvIndex, batch_norm_relu, build, framed_sparse_conv2d,
+                                     into_frame, kernels_available, load_extension, sparse_conv2d, sparse_linear)
 
 # (name, C, OC, kernel, stride, padding, groups, H, bias)
 CONV_SHAPES = [
@@ -161,32 +161,91 @@ def test_weight_grad_line_by_line(shape, monkeypatch):
     _assert_matches(ref, out, mask)
 
 
+def _border(buf: torch.Tensor, frame: Frame) -> torch.Tensor:
+    """Everything of ``buf`` outside the frame's values."""
+    outside = torch.ones(buf.shape, dtype=torch.bool)
+    frame.values(outside).fill_(False)
+    return buf[outside]
+
+
 @pytest.mark.parametrize("N", [5, 32])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_relu_fused_into_the_conv_equals_relu_then_conv(stride, N):
+def test_framed_conv_equals_the_plain_conv(stride, N):
+    # Between frames: same output and gradients, bitwise, as sparse_conv2d on plain tensors; the
+    # input gradient comes back zero-bordered in the input's frame.
     gen = torch.Generator().manual_seed(stride * N)
     mask = _mask((16, 8, 3, 3), 0.3, gen)
     index = SparseConvIndex(mask, stride=stride, padding=1)
     x, w = torch.randn(8, 9, 9, N, generator=gen), torch.randn(16, 8, 3, 3, generator=gen)
     gy = torch.randn(16, *index.output_size(9, 9), N, generator=gen)
-    ga = torch.randn(x.shape, generator=gen)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = sparse_conv2d(xs, ws, index)
+    y.backward(gy)
+    for frame in (Frame.plain(x).padded((1, 1)), Frame.plain(x).padded((2, 0))):  # the conv's padding, or not
+        xp = into_frame(x, frame).requires_grad_()
+        wf = w.clone().requires_grad_()
+        yp, out_frame = framed_sparse_conv2d(xp, frame, wf, index)
+        assert yp.shape == out_frame.buffer_shape(16) and torch.equal(out_frame.values(yp), y)
+        yp.backward(into_frame(gy, out_frame))
+        assert torch.equal(frame.values(xp.grad), xs.grad) and not _border(xp.grad, frame).any()
+        assert torch.equal(wf.grad, ws.grad)
 
-    def run(fused: bool, shortcut: bool) -> list[torch.Tensor]:
-        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-        if fused:
-            y, a = relu_sparse_conv2d(xs, ws, index)
-        else:
-            a = torch.relu(xs)
-            y = sparse_conv2d(a, ws, index)
-        loss = (y * gy).sum() + ((a * ga).sum() if shortcut else 0)  # ``a`` feeding a shortcut, or not
-        loss.backward()
-        return [y.detach(), a.detach(), xs.grad, ws.grad]
 
-    for shortcut in (True, False):
-        assert all(torch.equal(f, p) for f, p in zip(run(True, shortcut), run(False, shortcut)))
-    with torch.no_grad():  # inference below the vector width takes the row kernels
-        y, a = relu_sparse_conv2d(x[..., :3], w, index)
-        assert torch.equal(a, torch.relu(x[..., :3])) and torch.equal(y, sparse_conv2d(a, w, index))
+def _bn_reference(y, weight, bias, rm, rv, train, residual):
+    out = F.batch_norm(y.reshape(1, y.shape[0], -1), rm, rv, weight, bias, train, 0.1, 1e-5).view_as(y)
+    return F.relu(out if residual is None else out + residual)
+
+
+@pytest.mark.parametrize("N", [3, 17, 32])
+@pytest.mark.parametrize("train", [True, False], ids=["batch-stats", "eval"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_relu_equals_torch_batch_norm_then_relu(N, train, residual, affine):
+    gen = torch.Generator().manual_seed(N)
+    C, H, W = 6, 5, 7
+    y = torch.randn(C, H, W, N, generator=gen) * 3 + 1
+    r = torch.randn(C, H, W, N, generator=gen) if residual else None
+    weight, bias = (torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)) if affine else (None, None)
+    rm, rv = torch.randn(C, generator=gen), torch.rand(C, generator=gen) + 0.5
+    refs = [t.clone().requires_grad_() if t is not None else None for t in (y, weight, bias, r)]
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    ref = _bn_reference(refs[0], refs[1], refs[2], rm_ref, rv_ref, train, refs[3])
+
+    y_frame = Frame(H, W, N, 2, 1, H + 3, W + 2, -(-N // 16) * 16)    # a conv output's frame
+    yp = into_frame(y, y_frame).requires_grad_()
+    ours = [t.clone().requires_grad_() if t is not None else None for t in (weight, bias)]
+    res = None
+    if residual:
+        rp = into_frame(r, Frame.plain(r).padded((1, 1))).requires_grad_()
+        res = (rp, Frame.plain(r).padded((1, 1)))
+    out, frame = batch_norm_relu(yp, y_frame, ours[0], ours[1], rm, rv, train, 0.1, 1e-5, (1, 1), res)
+    assert frame == Frame.plain(y).padded((1, 1)) and out.shape == frame.buffer_shape(C)
+    _close(frame.values(out), ref.detach())
+    assert not _border(out, frame).any()               # the next convolution's zero padding
+    _close(rm, rm_ref)                                 # running statistics updated (or left) alike
+    _close(rv, rv_ref)
+
+    g = torch.randn(ref.shape, generator=gen)
+    ref.backward(g)
+    gp = into_frame(g, frame)
+    gp[:, 0] = 7.0                                     # the border of the incoming gradient is not read
+    out.backward(gp)
+    _close(y_frame.values(yp.grad), refs[0].grad)
+    assert not _border(yp.grad, y_frame).any()        # the producing convolution's padded output gradient
+    if affine:
+        _close(ours[0].grad, refs[1].grad, rel=1e-4)
+        _close(ours[1].grad, refs[2].grad, rel=1e-4)
+    if residual:
+        _close(res[1].values(res[0].grad), refs[3].grad)
+        assert not _border(res[0].grad, res[1]).any()
+
+
+def test_batch_norm_relu_needs_batch_statistics_or_running_ones():
+    y = torch.randn(2, 1, 1, 1)
+    with pytest.raises(SparseCLError):
+        batch_norm_relu(y, Frame.plain(y), None, None, None, None, True, 0.1, 1e-5, (0, 0))    # 1 value per channel
+    with pytest.raises(SparseCLError):
+        batch_norm_relu(y, Frame.plain(y), None, None, None, None, False, 0.1, 1e-5, (0, 0))   # no statistics at all
 
 
 def test_wide_batch_is_split_into_chunks():
@@ -249,6 +308,12 @@ def test_weight_grad_positions_are_read_at_backward_and_cached():
     assert index.wgrad_tables(geom)[1] is not tables
     index.set_weight_grad(subset.clone())     # an equal tensor finds the cached tables
     assert index.wgrad_tables(geom)[1] is tables
+    live = subset.clone()
+    index.set_weight_grad(live)
+    assert index.wgrad_tables(geom)[1] is tables
+    live[0] = ~live[0]                        # written in place after use: seen at the next backward
+    assert index.wgrad_tables(geom)[1] is not tables
+    assert index.wgrad_tables(geom)[0].flat.numel() == int(live.sum())
 
 
 def _run_layer(threads):
@@ -260,7 +325,11 @@ def _run_layer(threads):
     x = torch.randn(32, 16, 16, 40, generator=gen).requires_grad_()
     y = sparse_conv2d(x, w, index)
     y.backward(torch.randn(y.shape, generator=gen))
-    return y.detach(), x.grad, w.grad
+    gamma, beta = torch.rand(32, generator=gen).requires_grad_(), torch.randn(32, generator=gen).requires_grad_()
+    stats = torch.zeros(32), torch.ones(32)
+    out, frame = batch_norm_relu(x, Frame.plain(x), gamma, beta, *stats, True, 0.1, 1e-5, (1, 1), (x, Frame.plain(x)))
+    out.backward(torch.randn(out.shape, generator=gen))
+    return y.detach(), x.grad, w.grad, out.detach(), gamma.grad, beta.grad, *stats
 
 
 def test_bitwise_identical_for_one_and_two_threads():

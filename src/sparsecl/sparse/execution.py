@@ -84,10 +84,13 @@ class KernelLayer:
         op = kernels.sparse_linear if isinstance(m, nn.Linear) else kernels.sparse_conv2d
         return self._hooked(op(x, m.weight, self.index(masks), m.bias), masks)
 
-    def relu_first(self, x: torch.Tensor, masks: MaskSet | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(conv(relu(x)), relu(x))``, the ReLU fused into the convolution's input padding."""
-        y, a = kernels.relu_sparse_conv2d(x, self.module.weight, self.index(masks), self.module.bias)
-        return self._hooked(y, masks), a
+    def framed(self, xp: torch.Tensor, frame: kernels.Frame,
+               masks: MaskSet | None) -> tuple[torch.Tensor, kernels.Frame]:
+        """The (bias-free) convolution between frames, :func:`~sparsecl.sparse.kernels.framed_sparse_conv2d`."""
+        if self.module.bias is not None:
+            raise SparseCLError(f"sparse kernels: {self.name} has a bias; framed convolutions take none")
+        y, out_frame = kernels.framed_sparse_conv2d(xp, frame, self.module.weight, self.index(masks))
+        return self._hooked(y, masks), out_frame
 
     def _hooked(self, y: torch.Tensor, masks: MaskSet | None) -> torch.Tensor:
         if y.requires_grad:  # runs as the backward reaches this layer, before the kernel's backward
@@ -96,23 +99,40 @@ class KernelLayer:
 
 
 # ---------------------------------------------------------------------- batch-last building blocks
-def batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """``bn`` on a batch-last ``[C, ...]`` tensor, with nn.BatchNorm's own running-statistics rules."""
+def _batch_norm_args(bn: nn.modules.batchnorm._BatchNorm) -> tuple:
+    """``(running_mean, running_var, use_batch_stats, momentum)`` for one forward of ``bn``, by
+    nn.BatchNorm's own rules (this counts the batch in ``num_batches_tracked``)."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
     keep = not bn.training or bn.track_running_stats
-    y = F.batch_norm(x.reshape(1, x.shape[0], -1), bn.running_mean if keep else None,
-                     bn.running_var if keep else None, bn.weight, bn.bias, use_batch, factor, bn.eps)
+    return bn.running_mean if keep else None, bn.running_var if keep else None, use_batch, factor
+
+
+def batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """``bn`` on a batch-last ``[C, ...]`` tensor, with nn.BatchNorm's own running-statistics rules."""
+    mean, var, use_batch, factor = _batch_norm_args(bn)
+    y = F.batch_norm(x.reshape(1, x.shape[0], -1), mean, var, bn.weight, bn.bias, use_batch, factor, bn.eps)
     return y.view_as(x)
 
 
-def dense_pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """An unmasked 1x1 convolution of a batch-last tensor as one matrix product."""
+def batch_norm_relu(bn: nn.modules.batchnorm._BatchNorm, yp: torch.Tensor, frame: kernels.Frame,
+                    padding: tuple[int, int],
+                    residual: tuple[torch.Tensor, kernels.Frame] | None = None) -> tuple[torch.Tensor, kernels.Frame]:
+    """``relu(bn(y) + residual)`` of frames into a new frame with a border of ``padding`` (the next
+    convolution's), :func:`~sparsecl.sparse.kernels.batch_norm_relu` with ``bn``'s rules."""
+    mean, var, use_batch, factor = _batch_norm_args(bn)
+    return kernels.batch_norm_relu(yp, frame, bn.weight, bn.bias, mean, var, use_batch, factor, bn.eps, padding,
+                                   residual)
+
+
+def dense_pointwise(conv: nn.Conv2d, x: torch.Tensor, *, sampled: bool = False) -> torch.Tensor:
+    """An unmasked 1x1 convolution of a batch-last tensor as one matrix product (``sampled``: ``x``
+    is already the input at the convolution's stride)."""
     s = conv.stride
-    if s != (1, 1):
+    if s != (1, 1) and not sampled:
         x = x[:, :: s[0], :: s[1]]
     c, h, w, n = x.shape
     y = torch.matmul(conv.weight.view(conv.out_channels, c), x.reshape(c, -1)).view(-1, h, w, n)
@@ -260,23 +280,51 @@ class SparseExecution:
 
 # ---------------------------------------------------------------------- backbones in batch-last layout
 def _resnet18(ex: SparseExecution, net: ResNet18, x: torch.Tensor, masks: MaskSet) -> torch.Tensor:
-    out = x.permute(1, 2, 3, 0).contiguous()
-    pre = batch_norm(net.bn1, ex.conv(net.conv1, out, masks))  # activations travel before their ReLU
+    """ResNet-18 between frames: every BatchNorm + ReLU (with the block's shortcut added) writes the
+    next convolution's padded input, and its backward the convolution's padded output gradient."""
+    if x.shape[0] < kernels.LANES and not torch.is_grad_enabled():
+        return _resnet18_small_batch(ex, net, x, masks)
+    blocks = [b for stage in (net.layer1, net.layer2, net.layer3, net.layer4) for b in stage]
+    stem = ex.layer(net.conv1)
+    xb = x.permute(1, 2, 3, 0)
+    frame = stem.index(masks).geometry(*xb.shape[1:]).in_frame
+    a, frame = batch_norm_relu(net.bn1, *stem.framed(kernels.into_frame(xb, frame), frame, masks),
+                               blocks[0].conv1.padding)
+    for i, block in enumerate(blocks):
+        following = blocks[i + 1].conv1.padding if i + 1 < len(blocks) else (0, 0)
+        a, frame = _basic_block(ex, block, a, frame, masks, following)
+    return kernels.frame_values(a, frame).mean(dim=(1, 2)).t()
+
+
+def _basic_block(ex: SparseExecution, block: BasicBlock, a: torch.Tensor, frame: kernels.Frame, masks: MaskSet,
+                 following: tuple[int, int]) -> tuple[torch.Tensor, kernels.Frame]:
+    """A BasicBlock from its input's frame to its output's, bordered for the following convolution."""
+    y, f = ex.layer(block.conv1).framed(a, frame, masks)
+    y, f = ex.layer(block.conv2).framed(*batch_norm_relu(block.bn1, y, f, block.conv2.padding), masks)
+    residual = (a, frame)
+    if len(block.shortcut):
+        conv, bn = block.shortcut
+        if _is_pointwise(conv) and ex.layer(conv).name not in masks.masks:
+            r = dense_pointwise(conv, kernels.frame_values(a, frame, conv.stride), sampled=True)
+        else:
+            r = ex.conv(conv, kernels.frame_values(a, frame), masks)
+        r = batch_norm(bn, r)
+        residual = (r, kernels.Frame.plain(r))
+    return batch_norm_relu(block.bn2, y, f, following, residual)
+
+
+def _resnet18_small_batch(ex: SparseExecution, net: ResNet18, x: torch.Tensor, masks: MaskSet) -> torch.Tensor:
+    """Inference of a batch below the vector width: the convolutions take the row kernels, which need
+    plain tensors, so BatchNorm and ReLU run as torch ops."""
+    out = F.relu(batch_norm(net.bn1, ex.conv(net.conv1, x.permute(1, 2, 3, 0).contiguous(), masks)))
     for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
         for block in stage:
-            pre = _basic_block(ex, block, pre, masks)
-    return F.relu(pre).mean(dim=(1, 2)).t()
-
-
-def _basic_block(ex: SparseExecution, block: BasicBlock, pre: torch.Tensor, masks: MaskSet) -> torch.Tensor:
-    """A BasicBlock given its input before the ReLU (fused into conv1, as conv2's is), returning its
-    output before the ReLU."""
-    out, x = ex.layer(block.conv1).relu_first(pre, masks)
-    out, _ = ex.layer(block.conv2).relu_first(batch_norm(block.bn1, out), masks)
-    out = batch_norm(block.bn2, out)
-    if len(block.shortcut):
-        x = batch_norm(block.shortcut[1], ex.conv(block.shortcut[0], x, masks))
-    return out + x
+            y = F.relu(batch_norm(block.bn1, ex.conv(block.conv1, out, masks)))
+            y = batch_norm(block.bn2, ex.conv(block.conv2, y, masks))
+            if len(block.shortcut):
+                out = batch_norm(block.shortcut[1], ex.conv(block.shortcut[0], out, masks))
+            out = F.relu(y + out)
+    return out.mean(dim=(1, 2)).t()
 
 
 def _mlp(ex: SparseExecution, net: MLP, x: torch.Tensor, masks: MaskSet) -> torch.Tensor:

@@ -23,7 +23,9 @@ import torch
 
 from sparsecl import SparseCLError
 
-SOURCE = Path(__file__).with_name("csrc") / "sparse_conv.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "sparse_conv.cpp", CSRC / "batch_norm_relu.cpp"]
+HEADERS = [CSRC / "batch_norm_relu.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 LDFLAGS = ["-fopenmp"]
 INSTALL_HINT = "install a C++ compiler such as g++ (e.g. apt-get install g++) and ninja (pip install ninja)"
@@ -50,7 +52,9 @@ def _cpu_flags() -> str:
 
 def build_hash() -> str:
     """Key of a build: source, torch and Python versions, flags, CPU instruction set."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        h.update(path.read_bytes())
     for part in (torch.__version__, sys.version.split()[0], " ".join(CFLAGS + LDFLAGS), platform.machine(), _cpu_flags()):
         h.update(part.encode())
     return h.hexdigest()[:16]
@@ -91,7 +95,7 @@ def _compile(name: str, directory: Path) -> ModuleType:
 
     _find_tools()
     try:
-        return load(name=name, sources=[str(SOURCE)], build_directory=str(directory), extra_cflags=CFLAGS,
+        return load(name=name, sources=[str(p) for p in SOURCES], build_directory=str(directory), extra_cflags=CFLAGS,
                     extra_ldflags=LDFLAGS, verbose=False)
     except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as exc:
         log = directory / "build.log"

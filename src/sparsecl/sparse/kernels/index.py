@@ -117,9 +117,50 @@ class _WGrad:
     sblines: int
 
 
+@dataclass(frozen=True)
+class Frame:
+    """Where a batch-last tensor's values sit in a zero-bordered buffer ``[C, Hb, Wb, Nb]``: rows
+    ``top..top+H``, columns ``left..left+W``, the first ``N`` batch lanes; the rest is zero.
+
+    The kernels read their inputs and output gradients in such buffers (the zero border is the
+    convolution's padding), so an op that writes its result straight into the next one's frame saves
+    a padded copy (see :mod:`sparsecl.sparse.kernels.batchnorm`).
+    """
+
+    H: int
+    W: int
+    N: int
+    top: int
+    left: int
+    Hb: int
+    Wb: int
+    Nb: int
+
+    @staticmethod
+    def plain(x: torch.Tensor) -> "Frame":
+        """The frame of a contiguous ``[C, H, W, N]`` tensor (no border)."""
+        _, H, W, N = x.shape
+        return Frame(H, W, N, 0, 0, H, W, N)
+
+    def padded(self, padding: tuple[int, int]) -> "Frame":
+        """The same values with a border of ``padding`` (rows, columns) and the batch padded to the vector width."""
+        ph, pw = padding
+        return Frame(self.H, self.W, self.N, ph, pw, self.H + 2 * ph, self.W + 2 * pw, padded_batch(self.N))
+
+    def buffer_shape(self, C: int) -> tuple[int, int, int, int]:
+        return C, self.Hb, self.Wb, self.Nb
+
+    def values(self, buf: torch.Tensor) -> torch.Tensor:
+        """The ``[C, H, W, N]`` view of ``buf``'s values."""
+        return buf[:, self.top:self.top + self.H, self.left:self.left + self.W, :self.N]
+
+
 @dataclass
 class Geometry:
-    """Shapes of one input geometry and the kernel tables for it."""
+    """Shapes of one input geometry and the kernel tables for it. ``fwd``/``bwd`` read padded
+    buffers and write plain tensors; ``framed_fwd``/``framed_bwd`` write into the frames
+    ``out_frame`` (the output, laid out as the input gradient reads the output gradient) and
+    ``in_frame`` (the input gradient, laid out as the forward reads the input)."""
 
     H: int
     W: int
@@ -129,9 +170,12 @@ class Geometry:
     OW: int
     Hp: int            # padded input (forward)
     Wp: int
-    gpad: tuple[int, int, int, int]   # output-gradient padding for the input gradient: top, left, OHp, OWp
     fwd: _Gather
     bwd: _Gather
+    in_frame: Frame
+    out_frame: Frame
+    framed_fwd: _Gather
+    framed_bwd: _Gather
 
 
 @dataclass
@@ -203,7 +247,8 @@ class SparseConvIndex:
         self._geometries: dict[tuple[int, int, int], Geometry] = {}
         self._row_geometries: dict[tuple[int, int, int], RowGeometry] = {}
         self._wgrad_positions: torch.Tensor | None = None
-        self._wgrad_cache: list[tuple[torch.Tensor, _Taps, dict]] = []
+        # (positions' copy, taps, tables per geometry, the tensor last given, its version then)
+        self._wgrad_cache: list[tuple[torch.Tensor, _Taps, dict, torch.Tensor, int]] = []
         self._mask_wgrad: tuple[_Taps, dict] = (self.taps, {})
 
     # ------------------------------------------------------------------ mask-only structure
@@ -237,18 +282,27 @@ class SparseConvIndex:
         OH, OW = self.output_size(H, W)
         Np = padded_batch(N)
         Hp, Wp = H + 2 * ph, W + 2 * pw
-        t = self.taps
-        # forward: row = oc; tap k reads xp[ci, oh*sh + kh, ow*sw + kw]
-        oh = torch.arange(OH)
         line = line_length(Np)
-        flines = _lines(oh * sh * Wp, oh * OW, torch.full((OH,), OW), torch.zeros(OH, dtype=torch.long), 1, sw, Np, 1,
-                        line)
+        in_frame = Frame(H, W, N, ph, pw, Hp, Wp, Np)
+        bwd, gpad = self._bwd_tables(H, W, OH, OW, Np, line, Frame(H, W, N, 0, 0, H, W, Np))
+        out_frame = Frame(OH, OW, N, *gpad, Np)
+        return Geometry(H, W, N, Np, OH, OW, Hp, Wp,
+                        self._fwd_tables(Hp, Wp, Np, line, Frame(OH, OW, N, 0, 0, OH, OW, Np)), bwd,
+                        in_frame, out_frame, self._fwd_tables(Hp, Wp, Np, line, out_frame),
+                        self._bwd_tables(H, W, OH, OW, Np, line, in_frame)[0])
+
+    def _fwd_tables(self, Hp: int, Wp: int, Np: int, line: int, out: Frame) -> _Gather:
+        """Forward gather from the padded input into the output's frame ``out``."""
+        sh, sw = self.stride
+        t = self.taps
+        # row = oc; tap k reads xp[ci, oh*sh + kh, ow*sw + kw]
+        oh = torch.arange(out.H)
+        flines = _lines(oh * sh * Wp, (oh + out.top) * out.Wb + out.left, torch.full((out.H,), out.W),
+                        torch.zeros(out.H, dtype=torch.long), 1, sw, Np, 1, line)
         fnoff = _i32(((t.ci * Hp + t.kh) * Wp + t.kw) * Np)
         fptr, fnb = _blocks(t.oc, t.local_ci, self.OC, self.Cg)
-        fwd = _Gather(fnoff, fptr, fnb, torch.zeros(self.OC, dtype=I32),
-                      torch.arange(self.OC, dtype=torch.int64) * (OH * OW * Np), flines, 1)
-        bwd, gpad = self._bwd_tables(H, W, OH, OW, Np, line)
-        return Geometry(H, W, N, Np, OH, OW, Hp, Wp, gpad, fwd, bwd)
+        return _Gather(fnoff, fptr, fnb, torch.zeros(self.OC, dtype=I32),
+                       torch.arange(self.OC, dtype=torch.int64) * (out.Hb * out.Wb * Np), flines, 1)
 
     def row_geometry(self, H: int, W: int, N: int) -> RowGeometry:
         """Small-batch inference tables for an input ``[C, H, W, N]`` (built once, then cached)."""
@@ -273,9 +327,10 @@ class SparseConvIndex:
                       torch.arange(self.OC, dtype=torch.int64) * (OH * row), lines, 1)
         return RowGeometry(H, W, N, OH, OW, Hp, Wq, row, fwd)
 
-    def _bwd_tables(self, H: int, W: int, OH: int, OW: int, Np: int,
-                    line: int) -> tuple[_Gather, tuple[int, int, int, int]]:
-        """Input-gradient gather: rows (ci, class), reduction over (oc, kh, kw) of the padded output grad."""
+    def _bwd_tables(self, H: int, W: int, OH: int, OW: int, Np: int, line: int,
+                    out: Frame) -> tuple[_Gather, tuple[int, int, int, int]]:
+        """Input-gradient gather: rows (ci, class), reduction over (oc, kh, kw) of the padded output
+        grad, written into the input gradient's frame ``out``."""
         (sh, sw), (ph, pw) = self.stride, self.padding
         # class (ry, rx) holds input pixels y = sh*a + ry - ph; tap kh = ry + sh*dh reads output row a - dh.
         top, left = (self.KH - 1) // sh, (self.KW - 1) // sw
@@ -289,7 +344,7 @@ class SparseConvIndex:
                 if b1 <= b0:
                     a = a[:0]
                 pins.append(a * OWp + b0)
-                pouts.append((a * sh + ry - ph) * W + (b0 * sw + rx - pw))
+                pouts.append((a * sh + ry - ph + out.top) * out.Wb + (b0 * sw + rx - pw + out.left))
                 lens.append(torch.full((a.numel(),), b1 - b0))
                 classes.append(torch.full((a.numel(),), ry * sw + rx))
         t, order = self.taps, self._bwd_order
@@ -300,7 +355,7 @@ class SparseConvIndex:
         # reduction channel of a tap within its group's output channels
         ocg = self.OC // self.groups
         ptr, nb = _blocks(row, oc % ocg, self.C * ncls, ocg)
-        rowbase = (torch.arange(self.C, dtype=torch.int64) * (H * W * Np)).repeat_interleave(ncls)
+        rowbase = (torch.arange(self.C, dtype=torch.int64) * (out.Hb * out.Wb * Np)).repeat_interleave(ncls)
         lines = _lines(torch.cat(pins), torch.cat(pouts), torch.cat(lens), torch.cat(classes), ncls, 1, Np, sw, line)
         bwd = _Gather(noff, ptr, nb, torch.arange(ncls, dtype=I32).repeat(self.C), rowbase, lines, 1)
         return bwd, (top, left, OHp, OWp)
@@ -323,22 +378,26 @@ class SparseConvIndex:
         pos = self._wgrad_positions
         if pos is None:
             return self._mask_wgrad
-        for i, (stored, taps, geoms) in enumerate(self._wgrad_cache):
-            if stored is pos or torch.equal(stored, pos):
-                self._wgrad_cache.insert(0, self._wgrad_cache.pop(i))
+        for i, (stored, taps, geoms, source, version) in enumerate(self._wgrad_cache):
+            # the tensor last seen, not written since (its version counter), is known without a compare
+            if (source is pos and version == pos._version) or torch.equal(stored, pos):
+                self._wgrad_cache.insert(0, (stored, taps, geoms, pos, pos._version))
+                del self._wgrad_cache[i + 1]
                 return taps, geoms
-        entry = (pos.clone(), _Taps(pos, self.groups), {})
+        entry = (pos.clone(), _Taps(pos, self.groups), {}, pos, pos._version)
         self._wgrad_cache = [entry] + self._wgrad_cache[: _MAX_WGRAD_CACHE - 1]
         return entry[1], entry[2]
 
-    def wgrad_tables(self, geom: Geometry) -> tuple[_Taps, _WGrad]:
-        """Weight-gradient taps at the current positions and their tables for ``geom`` (cached)."""
+    def wgrad_tables(self, geom: Geometry, framed: bool = False) -> tuple[_Taps, _WGrad]:
+        """Weight-gradient taps at the current positions and their tables for ``geom`` (cached);
+        ``framed``: the output gradient is in ``geom.out_frame``, else a plain ``[OC, OH, OW, Np]``."""
         taps, geoms = self._wgrad_taps()
-        key = (geom.H, geom.W, geom.N)
+        key = (geom.H, geom.W, geom.N, framed)
         if key not in geoms:
             noff = _i32(((taps.ci * geom.Hp + taps.kh) * geom.Wp + taps.kw) * geom.Np)
             ptr, nb = _blocks(taps.oc, taps.local_ci, self.OC, self.Cg)
             slab = -(-self.Cg // nb) * geom.Hp * geom.Wp * geom.Np * 4
             nlines = int(geom.fwd.lines.len.numel())
-            geoms[key] = _WGrad(noff, ptr, nb, geom.fwd.lines, nlines if slab <= WGRAD_SLAB_BYTES else 1)
+            lines = (geom.framed_fwd if framed else geom.fwd).lines
+            geoms[key] = _WGrad(noff, ptr, nb, lines, nlines if slab <= WGRAD_SLAB_BYTES else 1)
         return taps, geoms[key]

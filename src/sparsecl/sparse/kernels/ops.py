@@ -10,27 +10,41 @@ import torch
 
 from sparsecl import SparseCLError
 from sparsecl.sparse.kernels.build import load_extension
-from sparsecl.sparse.kernels.index import LANES, Geometry, RowGeometry, SparseConvIndex
+from sparsecl.sparse.kernels.index import LANES, Frame, Geometry, RowGeometry, SparseConvIndex
 
 
-def _pad(x: torch.Tensor, top: int, left: int, Hp: int, Wp: int, Np: int, *, relu: bool = False) -> torch.Tensor:
-    """``x [C, H, W, N]`` (with ``relu``: ``relu(x)``) placed at (top, left) in zeros of
-    ``[C, Hp, Wp, Np]`` (no copy when it already fits and no ReLU is asked for)."""
+def into_frame(x: torch.Tensor, frame: Frame) -> torch.Tensor:
+    """``x [C, H, W, N]`` placed in a new zero-bordered buffer of ``frame`` (``x`` itself, made
+    contiguous, when the frame has no border). Differentiable in ``x``."""
     C, H, W, N = x.shape
-    if (H, W, N) == (Hp, Wp, Np) and not relu:
+    if (frame.top, frame.left, frame.Hb, frame.Wb, frame.Nb) == (0, 0, H, W, N):
         return x.contiguous()
-    out = x.new_empty(C, Hp, Wp, Np)
-    out[:, :top].zero_()                        # zero only the border: the copy fills the rest
-    out[:, top + H:].zero_()
-    out[:, top:top + H, :left].zero_()
-    out[:, top:top + H, left + W:].zero_()
-    out[:, top:top + H, left:left + W, N:].zero_()
-    inner = out[:, top:top + H, left:left + W, :N]
-    if relu:  # the ReLU's one pass writes the padded input: no separate activation, no copy
-        torch.clamp(x, min=0, out=inner)
-    else:
-        inner.copy_(x)
+    out = x.new_empty(frame.buffer_shape(C))
+    load_extension().zero_frame_border(out, frame.top, frame.left, H, W, N)   # the border only
+    frame.values(out).copy_(x)
     return out
+
+
+class _FrameValues(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, buf: torch.Tensor, frame: Frame, stride: tuple[int, int]) -> torch.Tensor:
+        ctx.frame, ctx.stride, ctx.shape = frame, stride, buf.shape
+        (sh, sw), f = stride, frame
+        return buf[:, f.top:f.top + f.H:sh, f.left:f.left + f.W:sw, :f.N].contiguous()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (sh, sw), f = ctx.stride, ctx.frame
+        out = g.new_zeros(ctx.shape)
+        out[:, f.top:f.top + f.H:sh, f.left:f.left + f.W:sw, :f.N] = g
+        return out, None, None
+
+
+def frame_values(buf: torch.Tensor, frame: Frame, stride: tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """The frame's values at every ``stride``-th row and column, as a contiguous ``[C, H', W', N]``
+    (a strided 1x1 shortcut's input). One autograd node, where slicing would be one per dimension,
+    each zero-filling and copying a whole buffer in the backward."""
+    return _FrameValues.apply(buf, frame, tuple(stride))
 
 
 def _unpad_batch(y: torch.Tensor, N: int) -> torch.Tensor:
@@ -69,81 +83,80 @@ def _row_forward(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex,
     return y if bias is None else y + bias.detach().view(-1, 1, 1, 1)
 
 
-def _conv_forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: SparseConvIndex,
-                  relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward of both autograd functions: ``(y, xp)``, xp the padded (ReLU'd) input it saves."""
-    C, H, W, N = x.shape
-    g = index.geometry(H, W, N)
-    ph, pw = index.padding
-    xp = _pad(x.detach(), ph, pw, g.Hp, g.Wp, g.Np, relu=relu)
-    val = weight.detach().reshape(-1)[index.taps.flat].contiguous()
-    y = _unpad_batch(_gather(load_extension(), xp, val, g.fwd, g.Np, (index.OC, g.OH, g.OW, g.Np)), N)
-    if bias is not None:
-        y.add_(bias.detach().view(-1, 1, 1, 1))
-    ctx.index, ctx.geom, ctx.has_bias, ctx.weight_shape = index, g, bias is not None, weight.shape
-    ctx.save_for_backward(xp, val)
-    return y, xp
-
-
-def _conv_backward(ctx, gy: torch.Tensor, input_grad: bool):
-    """Input (unpadded), weight and bias gradients of :func:`_conv_forward`'s convolution."""
-    ext = load_extension()
+def _weight_grad(ctx, xp: torch.Tensor, gy: torch.Tensor, framed: bool) -> torch.Tensor:
+    """The weight gradient at the index's weight-gradient positions (dense-shaped, zero elsewhere) from
+    the padded input and the output gradient (plain ``[OC, OH, OW, Np]``, or in the output's frame)."""
     index: SparseConvIndex = ctx.index
     g: Geometry = ctx.geom
-    xp, val = ctx.saved_tensors
-    gy = gy.contiguous()
-    gx = gw = gb = None
-    if input_grad:
-        top, left, OHp, OWp = g.gpad
-        gyp = _pad(gy, top, left, OHp, OWp, g.Np)
-        bval = val[index._bwd_order].contiguous()
-        gx = _unpad_batch(_gather(ext, gyp, bval, g.bwd, g.Np, (index.C, g.H, g.W, g.Np)), g.N)
-    if ctx.needs_input_grad[1]:
-        taps, tables = index.wgrad_tables(g)
-        gyn = _pad(gy, 0, 0, g.OH, g.OW, g.Np)
-        dw = gy.new_empty(taps.flat.numel())
-        ln = tables.lines
-        ext.wgrad(xp, gyn, tables.noff, tables.blkptr, tables.nblk, ln.pin, ln.pout, ln.len, g.Np, ln.step,
-                  tables.sblines, dw)
-        gw = dw.new_zeros(ctx.weight_shape.numel()).index_put_((taps.flat,), dw).view(ctx.weight_shape)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        gb = gy.sum(dim=(1, 2, 3))
-    return gx, gw, gb
+    taps, tables = index.wgrad_tables(g, framed)
+    dw = gy.new_empty(taps.flat.numel())
+    ln = tables.lines
+    load_extension().wgrad(xp, gy, tables.noff, tables.blkptr, tables.nblk, ln.pin, ln.pout, ln.len, g.Np, ln.step,
+                           tables.sblines, dw)
+    return dw.new_zeros(ctx.weight_shape.numel()).index_put_((taps.flat,), dw).view(ctx.weight_shape)
+
+
+def _input_grad(ctx, gyp: torch.Tensor, tables, out_shape: tuple[int, ...]) -> torch.Tensor:
+    """The input-gradient gather of the padded output gradient ``gyp`` (the output gradient's frame)."""
+    val = ctx.saved_tensors[1]
+    return _gather(load_extension(), gyp, val[ctx.index._bwd_order].contiguous(), tables, ctx.geom.Np, out_shape)
 
 
 class _SparseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 index: SparseConvIndex) -> torch.Tensor:
-        return _conv_forward(ctx, x, weight, bias, index, relu=False)[0]
+        C, H, W, N = x.shape
+        g = index.geometry(H, W, N)
+        xp = into_frame(x.detach(), g.in_frame)
+        val = weight.detach().reshape(-1)[index.taps.flat].contiguous()
+        y = _unpad_batch(_gather(load_extension(), xp, val, g.fwd, g.Np, (index.OC, g.OH, g.OW, g.Np)), N)
+        if bias is not None:
+            y.add_(bias.detach().view(-1, 1, 1, 1))
+        ctx.index, ctx.geom, ctx.has_bias, ctx.weight_shape = index, g, bias is not None, weight.shape
+        ctx.save_for_backward(xp, val)
+        return y
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
-        return *_conv_backward(ctx, gy, ctx.needs_input_grad[0]), None
-
-
-class _ReluSparseConv(torch.autograd.Function):
-    """``a = relu(x)`` and ``conv(a)`` in one: the ReLU writes the conv's padded input, which is the
-    only tensor kept for the backward (it also holds ReLU's mask); ``a`` is a view of it."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                index: SparseConvIndex) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.set_materialize_grads(False)
-        y, xp = _conv_forward(ctx, x, weight, bias, index, relu=True)
-        (ph, pw), (_, H, W, N) = index.padding, x.shape
-        return y, xp[:, ph:ph + H, pw:pw + W, :N]
-
-    @staticmethod
-    def backward(ctx, gy: torch.Tensor | None, ga: torch.Tensor | None):
-        gx, gw, gb = _conv_backward(ctx, gy, ctx.needs_input_grad[0]) if gy is not None else (None, None, None)
+        g: Geometry = ctx.geom
+        gy = gy.contiguous()
+        gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = ga if gx is None else gx if ga is None else gx + ga
-            if gx is not None:
-                (ph, pw), g = ctx.index.padding, ctx.geom
-                active = ctx.saved_tensors[0][:, ph:ph + g.H, pw:pw + g.W, :g.N] > 0
-                gx = gx * active
+            gyp = into_frame(gy, g.out_frame)
+            gx = _unpad_batch(_input_grad(ctx, gyp, g.bwd, (ctx.index.C, g.H, g.W, g.Np)), g.N)
+        if ctx.needs_input_grad[1]:
+            gw = _weight_grad(ctx, ctx.saved_tensors[0], into_frame(gy, Frame.plain(gy).padded((0, 0))), False)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum(dim=(1, 2, 3))
         return gx, gw, gb, None
+
+
+class _FramedConv(torch.autograd.Function):
+    """A bias-free convolution from the input's frame to the output's (see :func:`framed_sparse_conv2d`)."""
+
+    @staticmethod
+    def forward(ctx, xp: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex, g: Geometry) -> torch.Tensor:
+        val = weight.detach().reshape(-1)[index.taps.flat].contiguous()
+        ext, f = load_extension(), g.out_frame
+        y = _gather(ext, xp, val, g.framed_fwd, g.Np, f.buffer_shape(index.OC))
+        ext.zero_frame_border(y, f.top, f.left, f.H, f.W, f.N)
+        ctx.index, ctx.geom, ctx.weight_shape = index, g, weight.shape
+        ctx.save_for_backward(xp, val)
+        return y
+
+    @staticmethod
+    def backward(ctx, gyp: torch.Tensor):
+        g: Geometry = ctx.geom
+        gyp = gyp.contiguous()
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            f = g.in_frame
+            gx = _input_grad(ctx, gyp, g.framed_bwd, f.buffer_shape(ctx.index.C))
+            load_extension().zero_frame_border(gx, f.top, f.left, f.H, f.W, f.N)
+        if ctx.needs_input_grad[1]:
+            gw = _weight_grad(ctx, ctx.saved_tensors[0], gyp, True)
+        return gx, gw, None, None
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex, dims: int, channels: int) -> None:
@@ -187,16 +200,29 @@ def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex,
     return _SparseConv.apply(x, weight, bias, index)
 
 
-def relu_sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex,
-                       bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sparse_conv2d(relu(x)), relu(x))`` in one pass over ``x`` and one saved tensor: the ReLU
-    writes the convolution's zero-padded input directly (``relu(x)`` is returned as a view of it, for
-    a shortcut), so the activation is neither copied nor kept twice. Same arguments and gradients
-    as :func:`sparse_conv2d` after :func:`torch.relu`."""
-    if _row_inference(x, weight, index, bias):
-        a = torch.relu(x)
-        return _row_forward(a, weight, index, bias), a
-    return _ReluSparseConv.apply(x, weight, bias, index)
+def framed_sparse_conv2d(xp: torch.Tensor, frame: Frame, weight: torch.Tensor,
+                         index: SparseConvIndex) -> tuple[torch.Tensor, Frame]:
+    """Bias-free sparse convolution between frames (see :class:`~sparsecl.sparse.kernels.index.Frame`).
+
+    Args:
+        xp: the input's zero-bordered buffer; ``frame`` says where its values are. When it is not the
+            frame the convolution reads (its padding), the values are copied into one first.
+        weight, index: as for :func:`sparse_conv2d`.
+
+    Returns:
+        ``(yp, out_frame)``: the output in the frame that the input gradient reads the output gradient
+        in, so the op producing that gradient (:func:`~sparsecl.sparse.kernels.batchnorm.batch_norm_relu`)
+        writes it there and nothing is padded in the backward; the gradient ``yp`` receives must
+        have a zero border. Same gradients as :func:`sparse_conv2d`; the input gradient comes back
+        in the input's frame.
+    """
+    if index.linear:
+        raise SparseCLError("sparse kernels: this index was built for a linear weight; use sparse_linear")
+    _check(xp, weight, index, 4, index.C)
+    g = index.geometry(frame.H, frame.W, frame.N)
+    if frame != g.in_frame:
+        xp = into_frame(frame.values(xp), g.in_frame)
+    return _FramedConv.apply(xp, weight, index, g), g.out_frame
 
 
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, index: SparseConvIndex,

@@ -20,6 +20,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "batch_norm_relu.h"
+
 #include <algorithm>
 #include <vector>
 
@@ -313,4 +315,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsecl direct sparse convolution kernels (batch-last layout)";
   m.def("gather", &gather, "sparse gather convolution (forward and input gradient)");
   m.def("wgrad", &wgrad, "weight gradient at the index's nonzeros only");
+  m.def("bn_relu_forward", &bn_relu_forward, "BatchNorm (+ residual) + ReLU into a zero-bordered frame");
+  m.def("bn_relu_backward", &bn_relu_backward, "backward of bn_relu_forward into zero-bordered frames");
+  m.def("zero_frame_border", &zero_frame_border, "zero a frame's buffer outside its values");
 }
