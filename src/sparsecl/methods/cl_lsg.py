@@ -306,8 +306,9 @@ class CLLSG(TaskValidation, TaskSubnetworks, ContinualMethod):
         self.mask_optimizer = torch.optim.Adam(list(self.gates.kernel.parameters()), lr=self.options.mask_lr)
         self.channel_optimizer = None
         if self._plan[0][0] == GROW_ONLY:
-            self._start_growth()
-        self._gates_changed()
+            self._start_growth()  # tells the gates' change itself
+        else:
+            self._gates_changed()
 
     def _start_growth(self) -> None:
         for g in self.gates.groups:  # the reserve only once the designed channels are all open

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -48,30 +49,27 @@ def widen_(model: ContinualNet, factor: float, seed: int) -> None:
         raise SparseCLError(f"the allocated width must be at least the network's (factor >= 1), got {factor}")
     if model.allocation:
         raise SparseCLError("this model is widened already")
-    modules = dict(model.named_modules())
-    designed = {n[: -len(".weight")]: modules[n[: -len(".weight")]].weight.shape[0] for n in backbone_weights(model)}
-    group = layer_graph(model, backbone_weights(model))[0]
-    widths = {g: math.ceil(factor * designed[g]) for g in set(group.values())}
-    _resize_(model, widths, seed)
-    model.allocation = designed
+    model.allocation = _resize_(model, lambda group, width: math.ceil(factor * width), seed)
 
 
 def narrow(model: ContinualNet) -> ContinualNet:
     """A copy of a widened model at its designed widths (``model.allocation``), reserve removed."""
     out = copy.deepcopy(model)
     if model.allocation:
-        group = layer_graph(out, backbone_weights(out))[0]
-        _resize_(out, {g: model.allocation[g] for g in set(group.values())}, seed=None)
+        _resize_(out, lambda group, width: model.allocation[group], seed=None)
         out.allocation = {}
     return out
 
 
-def _resize_(model: ContinualNet, widths: dict[str, int], seed: int | None) -> None:
-    """Give each channel group ``widths[g]`` output channels (prefixes kept, the rest new)."""
+def _resize_(model: ContinualNet, new_width: Callable[[str, int], int], seed: int | None) -> dict[str, int]:
+    """Give each channel group ``new_width(group, width)`` output channels (prefixes kept, the rest
+    new); returns every layer's output width before (layer name -> channels)."""
     names = backbone_weights(model)
     modules = dict(model.named_modules())
     group, source, unit = layer_graph(model, names)
-    old = {g: modules[g].weight.shape[0] for g in widths}
+    before = {n[: -len(".weight")]: modules[n[: -len(".weight")]].weight.shape[0] for n in names}
+    old = {g: before[g] for g in set(group.values())}
+    widths = {g: new_width(g, w) for g, w in old.items()}
     with torch.random.fork_rng(devices=[]):  # the reserve's draws leave the run's RNG as it was
         if seed is not None:
             torch.manual_seed(seed)
@@ -91,6 +89,7 @@ def _resize_(model: ContinualNet, widths: dict[str, int], seed: int | None) -> N
     if multi:
         model.head.in_features = features
     model.feature_dim = model.backbone.feature_dim = features
+    return before
 
 
 def _resize_layer_(m: nn.Module, rows: int, cols: int) -> None:
